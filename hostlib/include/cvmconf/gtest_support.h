@@ -1,0 +1,106 @@
+// GoogleTest support shared by every suite binary:
+//  - CVM_TEST / CVM_TEST_F / CVM_TEST_P: a test that names the catalogue requirements it checks
+//    (suites/requirements.yaml). The IDs are recorded as the test property "requirements" and
+//    can be listed without running anything (--cvm_list_requirements).
+//  - a kernel-log listener: a splat in /dev/kmsg during a test fails that test, lines attached.
+//  - guest-event assertions: a guest GUEST_ASSERT becomes a failure at the guest's file:line.
+//  - main(): flags for stress budgets (--cvm_duration, --cvm_seed, --cvm_iterations).
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstdint>
+#include <initializer_list>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cvmconf/guest.h"
+
+namespace cvm::testing {
+
+// Registers the requirement IDs of the test `suite.name` (the unparameterised names).
+struct Covers {
+  Covers(const char* suite, const char* name, std::initializer_list<const char*> ids);
+};
+// Requirement IDs of a (possibly parameterised) test; empty when it names none.
+std::vector<std::string> requirements_of(const ::testing::TestInfo& info);
+
+// Skip-reason prefixes the runner understands (the text after them travels into reports).
+inline constexpr const char* kCapabilityAbsent = "capability absent: ";
+inline constexpr const char* kNotApplicable = "not applicable: ";
+inline constexpr const char* kNotImplemented = "not implemented: ";
+
+// Stress budget for race and soak tests, from --cvm_duration / --cvm_iterations / --cvm_seed
+// (or CVMCONF_DURATION / CVMCONF_ITERATIONS / CVMCONF_SEED).
+struct StressBudget {
+  std::chrono::milliseconds duration{0};  // 0: use the test's default
+  uint64_t iterations = 0;                // 0: use the test's default
+  std::optional<uint64_t> seed;           // fixed seed for replay
+};
+const StressBudget& stress_budget();
+
+// Reports ev as a failure unless it is of `kind` (and, for SYNC, at `stage`). A guest assertion
+// is reported at the guest's file:line. Returns whether ev was as expected.
+bool check_event(const UcallEvent& ev, UcallEvent::Kind kind, std::optional<uint64_t> stage,
+                 const char* file, int line, bool fatal);
+
+// Reports ev as a failure (at the guest's file:line for a guest assertion).
+void report_event(const UcallEvent& ev, const char* what, const char* file, int line, bool fatal);
+
+int main(int argc, char** argv);
+
+}  // namespace cvm::testing
+
+#define CVM_CAT_(a, b) a##b
+#define CVM_CAT(a, b) CVM_CAT_(a, b)
+
+// A test that checks catalogue requirements: CVM_TEST_P(Fixture, Name, "REQ-ID", ...) { body }
+#define CVM_TEST(suite, name, ...)                                                        \
+  static const ::cvm::testing::Covers CVM_CAT(cvm_covers_, CVM_CAT(suite, CVM_CAT(_, name)))( \
+      #suite, #name, {__VA_ARGS__});                                                      \
+  TEST(suite, name)
+#define CVM_TEST_F(suite, name, ...)                                                      \
+  static const ::cvm::testing::Covers CVM_CAT(cvm_covers_, CVM_CAT(suite, CVM_CAT(_, name)))( \
+      #suite, #name, {__VA_ARGS__});                                                      \
+  TEST_F(suite, name)
+#define CVM_TEST_P(suite, name, ...)                                                      \
+  static const ::cvm::testing::Covers CVM_CAT(cvm_covers_, CVM_CAT(suite, CVM_CAT(_, name)))( \
+      #suite, #name, {__VA_ARGS__});                                                      \
+  TEST_P(suite, name)
+
+// Guest-event assertions (fatal: return from the test on failure).
+#define CVM_ASSERT_SYNC(ev, stage)                                                       \
+  do {                                                                                   \
+    if (!::cvm::testing::check_event((ev), ::cvm::UcallEvent::Kind::Sync, (stage), __FILE__, \
+                                     __LINE__, true))                                    \
+      return;                                                                            \
+  } while (0)
+#define CVM_ASSERT_DONE(ev)                                                                 \
+  do {                                                                                      \
+    if (!::cvm::testing::check_event((ev), ::cvm::UcallEvent::Kind::Done, std::nullopt,     \
+                                     __FILE__, __LINE__, true))                             \
+      return;                                                                               \
+  } while (0)
+#define CVM_EXPECT_SYNC(ev, stage)                                                           \
+  ::cvm::testing::check_event((ev), ::cvm::UcallEvent::Kind::Sync, (stage), __FILE__, __LINE__, \
+                              false)
+
+// GuestCmd outcome assertion: evaluates to nothing, returns from the test if the guest did not
+// complete the operation.
+#define CVM_ASSERT_CMD(outcome)                                                             \
+  do {                                                                                      \
+    const auto& cvm_o_ = (outcome);                                                         \
+    if (!cvm_o_.ok) {                                                                       \
+      ::cvm::testing::report_event(cvm_o_.event, "guest command failed", __FILE__, __LINE__, \
+                                   true);                                                   \
+      return;                                                                               \
+    }                                                                                       \
+  } while (0)
+
+// Skips the test when reason holds a value.
+#define CVM_SKIP_IF(reason_opt)                       \
+  do {                                                \
+    if (auto cvm_r_ = (reason_opt)) GTEST_SKIP() << *cvm_r_; \
+  } while (0)

@@ -1,0 +1,238 @@
+// The project's only list of kernel constants and structures that the system headers
+// (Debian 12: linux-libc-dev 6.1) lack: guest_memfd, memory attributes, VM types, new exits,
+// and the out-of-tree conversion ABIs. The classic KVM API that 6.1 already has (KVM_CREATE_VM,
+// KVM_RUN, struct kvm_run, regs/sregs, KVM_CHECK_EXTENSION, ...) comes from <linux/kvm.h>.
+//
+// Every item names the kernel version or series it comes from. Source of the numbers:
+// ../shared/reference/kernel-uapi-facts.md (sections cited as "facts §N").
+//
+// Names live in namespace cvm::uapi and are deliberately NOT the kernel's macro names, so a
+// newer system header that does define KVM_CAP_GUEST_MEMFD etc. cannot collide with them.
+//
+// Capability numbers of UNMERGED series move between versions (facts §3.6): they are listed
+// here for documentation and unit tests only; feature detection is by behaviour (probe.h).
+#pragma once
+
+#include <linux/ioctl.h>
+#include <linux/kvm.h>
+#include <linux/types.h>
+
+#include <cstdint>
+
+namespace cvm::uapi {
+
+inline constexpr unsigned kKvmIo = 0xAE;  // KVMIO, all versions
+
+// ---------------------------------------------------------------------------------------------
+// Capabilities (mainline; facts §1)
+namespace cap {
+inline constexpr long kExitHypercall = 201;        // KVM_CAP_EXIT_HYPERCALL, 5.18; bitmask of nrs
+inline constexpr long kUserMemory2 = 231;          // KVM_CAP_USER_MEMORY2, 6.8
+inline constexpr long kMemoryFaultInfo = 232;      // KVM_CAP_MEMORY_FAULT_INFO, 6.8
+inline constexpr long kMemoryAttributes = 233;     // KVM_CAP_MEMORY_ATTRIBUTES, 6.8; attr mask
+inline constexpr long kGuestMemfd = 234;           // KVM_CAP_GUEST_MEMFD, 6.8
+inline constexpr long kVmTypes = 235;              // KVM_CAP_VM_TYPES, 6.8; bit N = type N
+inline constexpr long kPreFaultMemory = 236;       // KVM_CAP_PRE_FAULT_MEMORY, 6.10
+inline constexpr long kGuestMemfdFlags = 244;      // KVM_CAP_GUEST_MEMFD_FLAGS, 6.18 (was ..._MMAP)
+inline constexpr long kCheckExtensionVm = 105;     // KVM_CAP_CHECK_EXTENSION_VM, 4.0
+inline constexpr long kMaxVcpus = 66;              // KVM_CAP_MAX_VCPUS
+// Out-of-tree numbers, documentation only (never probe with them; facts §3.2, §3.3, §3.5):
+inline constexpr long kDocOnlyGmemMemoryAttributesV8 = 250;   // in-place conversion v8
+inline constexpr long kDocOnlyGmemConversionRfcV2 = 241;      // RFC v2; = mainline ARM_EL2_E2H0
+}  // namespace cap
+
+// ---------------------------------------------------------------------------------------------
+// guest_memfd creation (6.8; flags 6.18; facts §1.1)
+struct kvm_create_guest_memfd {
+  __u64 size;
+  __u64 flags;
+  __u64 reserved[6];
+};
+static_assert(sizeof(kvm_create_guest_memfd) == 64);
+
+inline constexpr __u64 kGmemFlagMmap = 1ULL << 0;        // GUEST_MEMFD_FLAG_MMAP, 6.18
+inline constexpr __u64 kGmemFlagInitShared = 1ULL << 1;  // GUEST_MEMFD_FLAG_INIT_SHARED, 6.18
+// RFC v2 (1G hugetlb + conversion, May 2025) gave bit 1 the OPPOSITE meaning (facts §3.6):
+inline constexpr __u64 kRfcV2GmemFlagSupportShared = 1ULL << 0;  // GUEST_MEMFD_FLAG_SUPPORT_SHARED
+inline constexpr __u64 kRfcV2GmemFlagInitPrivate = 1ULL << 1;    // GUEST_MEMFD_FLAG_INIT_PRIVATE
+
+inline constexpr unsigned long kCreateGuestMemfd =
+    _IOWR(kKvmIo, 0xd4, kvm_create_guest_memfd);  // KVM_CREATE_GUEST_MEMFD, 6.8
+static_assert(kCreateGuestMemfd == 0xC040AED4UL);
+
+// ---------------------------------------------------------------------------------------------
+// Memslots (6.8; facts §1.2)
+struct kvm_userspace_memory_region2 {
+  __u32 slot;
+  __u32 flags;
+  __u64 guest_phys_addr;
+  __u64 memory_size;
+  __u64 userspace_addr;
+  __u64 guest_memfd_offset;
+  __u32 guest_memfd;
+  __u32 pad1;
+  __u64 pad2[14];
+};
+static_assert(sizeof(kvm_userspace_memory_region2) == 160);
+
+inline constexpr __u32 kMemLogDirtyPages = 1U << 0;  // KVM_MEM_LOG_DIRTY_PAGES
+inline constexpr __u32 kMemReadonly = 1U << 1;       // KVM_MEM_READONLY
+inline constexpr __u32 kMemGuestMemfd = 1U << 2;     // KVM_MEM_GUEST_MEMFD, 6.8
+
+inline constexpr unsigned long kSetUserMemoryRegion2 =
+    _IOW(kKvmIo, 0x49, kvm_userspace_memory_region2);  // KVM_SET_USER_MEMORY_REGION2, 6.8
+static_assert(kSetUserMemoryRegion2 == 0x40A0AE49UL);
+
+// ---------------------------------------------------------------------------------------------
+// Per-VM memory attributes (6.8; facts §1.3)
+struct kvm_memory_attributes {
+  __u64 address;
+  __u64 size;
+  __u64 attributes;
+  __u64 flags;
+};
+static_assert(sizeof(kvm_memory_attributes) == 32);
+inline constexpr __u64 kMemoryAttributePrivate = 1ULL << 3;  // KVM_MEMORY_ATTRIBUTE_PRIVATE
+inline constexpr unsigned long kSetMemoryAttributes =
+    _IOW(kKvmIo, 0xd2, kvm_memory_attributes);  // KVM_SET_MEMORY_ATTRIBUTES, 6.8 (VM ioctl)
+static_assert(kSetMemoryAttributes == 0x4020AED2UL);
+
+// In-place conversion series v8 (2026-06-18; facts §3.2): guest_memfd ioctl.
+struct kvm_memory_attributes2 {
+  union {
+    __u64 address;
+    __u64 offset;
+  };
+  __u64 size;
+  __u64 attributes;
+  __u64 flags;
+  __u64 error_offset;  // out, written only on error
+  __u64 reserved[11];
+};
+static_assert(sizeof(kvm_memory_attributes2) == 128);
+inline constexpr unsigned long kSetMemoryAttributes2 =
+    _IOWR(kKvmIo, 0xd2, kvm_memory_attributes2);  // KVM_SET_MEMORY_ATTRIBUTES2, v8 (gmem fd)
+static_assert(kSetMemoryAttributes2 == 0xC080AED2UL);
+// RFC v4/v5 content modes in flags (superseded by v8, which has none; facts §3.3):
+inline constexpr __u64 kRfcV4Attr2ModeZero = 1ULL << 0;
+inline constexpr __u64 kRfcV4Attr2ModePreserve = 1ULL << 1;
+
+// RFC v2 (May 2025) conversion ioctls on the guest_memfd fd (facts §3.5).
+inline constexpr unsigned kGmemIo = 0xAF;  // KVM_GMEM_IO, RFC v2
+struct kvm_gmem_convert {
+  __u64 offset;
+  __u64 size;
+  __u64 error_offset;
+  __u64 reserved[5];
+};
+static_assert(sizeof(kvm_gmem_convert) == 64);
+inline constexpr unsigned long kGmemConvertShared = _IOWR(kGmemIo, 0x41, kvm_gmem_convert);
+inline constexpr unsigned long kGmemConvertPrivate = _IOWR(kGmemIo, 0x42, kvm_gmem_convert);
+static_assert(kGmemConvertShared == 0xC040AF41UL);
+static_assert(kGmemConvertPrivate == 0xC040AF42UL);
+
+// ---------------------------------------------------------------------------------------------
+// Pre-fault (6.10; facts §1.7)
+struct kvm_pre_fault_memory {
+  __u64 gpa;
+  __u64 size;
+  __u64 flags;
+  __u64 padding[5];
+};
+static_assert(sizeof(kvm_pre_fault_memory) == 64);
+inline constexpr unsigned long kPreFaultMemory = _IOWR(kKvmIo, 0xd5, kvm_pre_fault_memory);
+static_assert(kPreFaultMemory == 0xC040AED5UL);
+
+// ---------------------------------------------------------------------------------------------
+// VM types (facts §1.4)
+namespace vmtype {
+inline constexpr unsigned long kX86Default = 0;      // KVM_X86_DEFAULT_VM
+inline constexpr unsigned long kX86SwProtected = 1;  // KVM_X86_SW_PROTECTED_VM, 6.8
+inline constexpr unsigned long kX86Sev = 2;          // KVM_X86_SEV_VM, 6.10
+inline constexpr unsigned long kX86SevEs = 3;        // KVM_X86_SEV_ES_VM, 6.10
+inline constexpr unsigned long kX86Snp = 4;          // KVM_X86_SNP_VM, 6.11
+inline constexpr unsigned long kX86Tdx = 5;          // KVM_X86_TDX_VM, 6.16
+inline constexpr unsigned long kArmIpaSizeMask = 0xff;  // KVM_VM_TYPE_ARM_IPA_SIZE_MASK
+// Not mainline (facts §6): Android Common Kernel's protected-VM bit, and the 2022 posting's.
+inline constexpr unsigned long kArmProtectedAndroid = 1UL << 31;  // ACK downstream ABI
+inline constexpr unsigned long kArmProtected2022 = 1UL << 8;      // never merged
+}  // namespace vmtype
+
+// ---------------------------------------------------------------------------------------------
+// Exits (facts §1.5)
+inline constexpr __u32 kExitHypercall = 3;      // KVM_EXIT_HYPERCALL
+inline constexpr __u32 kExitMemoryFault = 39;   // KVM_EXIT_MEMORY_FAULT, 6.8
+inline constexpr __u32 kExitTdx = 40;           // KVM_EXIT_TDX, 6.16
+inline constexpr __u64 kMemoryExitFlagPrivate = 1ULL << 3;  // KVM_MEMORY_EXIT_FLAG_PRIVATE
+inline constexpr __u64 kExitHypercallLongMode = 1ULL << 0;  // KVM_EXIT_HYPERCALL_LONG_MODE
+
+// kvm_run.memory_fault (6.8) lives in the exit union, which 6.1's struct kvm_run lacks by name.
+struct kvm_run_memory_fault {
+  __u64 flags;
+  __u64 gpa;
+  __u64 size;
+};
+// Offset of the exit union inside struct kvm_run (unchanged since the union was introduced).
+inline constexpr unsigned kKvmRunExitUnionOffset = 32;
+
+// ---------------------------------------------------------------------------------------------
+// KVM_HC_MAP_GPA_RANGE (5.13; facts §1.6)
+inline constexpr __u64 kHcMapGpaRange = 12;                // KVM_HC_MAP_GPA_RANGE
+inline constexpr __u64 kMapGpaRangePageSz4K = 0;           // KVM_MAP_GPA_RANGE_PAGE_SZ_4K
+inline constexpr __u64 kMapGpaRangePageSz2M = 1ULL << 0;   // KVM_MAP_GPA_RANGE_PAGE_SZ_2M
+inline constexpr __u64 kMapGpaRangePageSz1G = 1ULL << 1;   // KVM_MAP_GPA_RANGE_PAGE_SZ_1G
+inline constexpr __u64 kMapGpaRangeEncrypted = 1ULL << 4;  // KVM_MAP_GPA_RANGE_ENCRYPTED
+inline constexpr __u64 kMapGpaRangeDecrypted = 0;          // KVM_MAP_GPA_RANGE_DECRYPTED
+inline constexpr unsigned kFeatureHcMapGpaRangeBit = 16;   // CPUID 0x40000001 bit
+
+// ---------------------------------------------------------------------------------------------
+// SEV / SNP (facts §5.2). KVM_MEMORY_ENCRYPT_OP and struct kvm_sev_cmd are in 6.1's header.
+namespace sev {
+inline constexpr __u32 kCmdInit2 = 22;            // KVM_SEV_INIT2, 6.10
+inline constexpr __u32 kCmdSnpLaunchStart = 100;  // KVM_SEV_SNP_LAUNCH_START, 6.11
+inline constexpr __u32 kCmdSnpLaunchUpdate = 101;
+inline constexpr __u32 kCmdSnpLaunchFinish = 102;
+struct kvm_sev_init {                             // 6.10
+  __u64 vmsa_features;
+  __u32 flags;
+  __u16 ghcb_version;
+  __u16 pad1;
+  __u32 pad2[8];
+};
+static_assert(sizeof(kvm_sev_init) == 48);
+}  // namespace sev
+
+// TDX (facts §5.1): commands through KVM_MEMORY_ENCRYPT_OP with struct kvm_tdx_cmd, 6.16.
+namespace tdx {
+struct kvm_tdx_cmd {
+  __u32 id;
+  __u32 flags;
+  __u64 data;
+  __u64 hw_error;
+};
+static_assert(sizeof(kvm_tdx_cmd) == 24);
+inline constexpr __u32 kCmdCapabilities = 0;  // KVM_TDX_CAPABILITIES
+inline constexpr __u32 kCmdInitVm = 1;        // KVM_TDX_INIT_VM
+inline constexpr __u32 kCmdInitVcpu = 2;
+inline constexpr __u32 kCmdInitMemRegion = 3;
+inline constexpr __u32 kCmdFinalizeVm = 4;
+}  // namespace tdx
+
+// ---------------------------------------------------------------------------------------------
+// gup_test debugfs interface (mm/gup_test.h, CONFIG_GUP_TEST; facts §7.1)
+struct pin_longterm_test {
+  __u64 addr;
+  __u64 size;
+  __u32 flags;
+};
+static_assert(sizeof(pin_longterm_test) == 24);
+inline constexpr __u32 kPinLongtermTestFlagUseWrite = 1;
+inline constexpr __u32 kPinLongtermTestFlagUseFast = 2;
+inline constexpr unsigned long kPinLongtermTestStart = _IOW('g', 7, pin_longterm_test);
+inline constexpr unsigned long kPinLongtermTestStop = _IO('g', 8);
+inline constexpr unsigned long kPinLongtermTestRead = _IOW('g', 9, __u64);
+static_assert(kPinLongtermTestStart == 0x40186707UL);
+static_assert(kPinLongtermTestStop == 0x6708UL);
+static_assert(kPinLongtermTestRead == 0x40086709UL);
+
+}  // namespace cvm::uapi

@@ -1,0 +1,231 @@
+#include "cvmconf/gtest_support.h"
+
+#include <gmock/gmock.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "cvmconf/kmsg.h"
+
+namespace cvm::testing {
+namespace {
+
+std::map<std::string, std::vector<std::string>>& registry() {
+  static std::map<std::string, std::vector<std::string>> r;
+  return r;
+}
+
+StressBudget& mutable_budget() {
+  static StressBudget b;
+  return b;
+}
+
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  std::string cur;
+  for (char c : s) {
+    if (c == sep) {
+      out.push_back(cur);
+      cur.clear();
+    } else {
+      cur.push_back(c);
+    }
+  }
+  out.push_back(cur);
+  return out;
+}
+
+std::string join(const std::vector<std::string>& v, const char* sep) {
+  std::string s;
+  for (size_t i = 0; i < v.size(); i++) s += (i ? sep : "") + v[i];
+  return s;
+}
+
+// Records the requirement IDs of every test as the property "requirements".
+class RequirementListener : public ::testing::EmptyTestEventListener {
+  void OnTestStart(const ::testing::TestInfo& info) override {
+    auto ids = requirements_of(info);
+    if (!ids.empty()) ::testing::Test::RecordProperty("requirements", join(ids, " "));
+  }
+};
+
+// Fails a test during which the kernel logged a splat; attaches the kernel-log lines.
+class KmsgListener : public ::testing::EmptyTestEventListener {
+ public:
+  KmsgListener() {
+    auto w = KmsgWatcher::open();
+    if (w)
+      watcher_ = std::make_unique<KmsgWatcher>(std::move(w.value()));
+    else
+      error_ = w.error().message();
+  }
+
+ private:
+  void OnTestStart(const ::testing::TestInfo&) override {
+    if (watcher_) watcher_->start();
+  }
+  void OnTestEnd(const ::testing::TestInfo&) override {
+    if (!watcher_) {
+      ::testing::Test::RecordProperty("kmsg_watch", "unavailable: " + error_);
+      return;
+    }
+    auto recs = watcher_->drain();
+    if (watcher_->lost())
+      ::testing::Test::RecordProperty("kmsg_lost", std::to_string(watcher_->lost()));
+    if (recs.empty()) return;
+    std::vector<std::string> lines, splats;
+    constexpr size_t kMaxLines = 200;
+    for (const auto& r : recs) {
+      std::string line = "[" + std::to_string(r.usec / 1000000) + "." +
+                         std::to_string(r.usec % 1000000 / 1000) + "] " + r.text;
+      if (!r.splat.empty()) splats.push_back(r.splat + ": " + r.text);
+      if (lines.size() < kMaxLines) lines.push_back(line);
+    }
+    ::testing::Test::RecordProperty("kernel_log", join(lines, "\n"));
+    if (!splats.empty()) {
+      ::testing::Test::RecordProperty("kernel_splats", join(splats, "\n"));
+      ADD_FAILURE() << "kernel log splat during this test (" << splats.size()
+                    << " line(s)):\n  " << join(splats, "\n  ") << "\nkernel log during the test:\n  "
+                    << join(lines, "\n  ");
+    }
+  }
+
+  std::unique_ptr<KmsgWatcher> watcher_;
+  std::string error_;
+};
+
+void list_requirements_json() {
+  nlohmann::json tests = nlohmann::json::array();
+  const auto* ut = ::testing::UnitTest::GetInstance();
+  for (int i = 0; i < ut->total_test_suite_count(); i++) {
+    const auto* suite = ut->GetTestSuite(i);
+    for (int j = 0; j < suite->total_test_count(); j++) {
+      const auto* info = suite->GetTestInfo(j);
+      nlohmann::json t;
+      t["name"] = std::string(info->test_suite_name()) + "." + info->name();
+      t["requirements"] = requirements_of(*info);
+      t["file"] = info->file();
+      t["line"] = info->line();
+      if (info->value_param()) t["value_param"] = info->value_param();
+      tests.push_back(t);
+    }
+  }
+  std::cout << nlohmann::json{{"tests", tests}}.dump(1) << std::endl;
+}
+
+bool parse_u64(const char* s, uint64_t& out) {
+  char* end = nullptr;
+  errno = 0;
+  unsigned long long v = std::strtoull(s, &end, 0);
+  if (errno || !end || *end || end == s) return false;
+  out = v;
+  return true;
+}
+
+}  // namespace
+
+Covers::Covers(const char* suite, const char* name, std::initializer_list<const char*> ids) {
+  auto& v = registry()[std::string(suite) + "." + name];
+  for (const char* id : ids) v.emplace_back(id);
+}
+
+std::vector<std::string> requirements_of(const ::testing::TestInfo& info) {
+  // Parameterised names: "Prefix/Suite" + "Name/param"; typed: "Suite/0" or "Prefix/Suite/0".
+  std::string base_name = split(info.name(), '/').front();
+  for (const auto& part : split(info.test_suite_name(), '/')) {
+    auto it = registry().find(part + "." + base_name);
+    if (it != registry().end()) return it->second;
+  }
+  return {};
+}
+
+const StressBudget& stress_budget() { return mutable_budget(); }
+
+void report_event(const UcallEvent& ev, const char* what, const char* file, int line,
+                  bool fatal) {
+  auto type = fatal ? ::testing::TestPartResult::kFatalFailure
+                    : ::testing::TestPartResult::kNonFatalFailure;
+  if (ev.kind == UcallEvent::Kind::Assert && !ev.file.empty()) {
+    std::ostringstream os;
+    os << "guest assertion failed: " << ev.text;
+    if (ev.args.size() == 2)
+      os << " (left 0x" << std::hex << ev.args[0] << ", right 0x" << ev.args[1] << std::dec
+         << ")";
+    os << "\n  (" << what << ", host side at " << file << ":" << line << ")";
+    GTEST_MESSAGE_AT_(ev.file.c_str(), static_cast<int>(ev.line), os.str().c_str(), type);
+    return;
+  }
+  std::string msg = std::string(what) + ": guest reported " + ev.describe();
+  GTEST_MESSAGE_AT_(file, line, msg.c_str(), type);
+}
+
+bool check_event(const UcallEvent& ev, UcallEvent::Kind kind, std::optional<uint64_t> stage,
+                 const char* file, int line, bool fatal) {
+  if (ev.kind == kind && (!stage || kind != UcallEvent::Kind::Sync || ev.stage() == *stage))
+    return true;
+  std::string what = std::string("expected ") + ucall_kind_name(kind);
+  if (stage && kind == UcallEvent::Kind::Sync) what += " at stage " + std::to_string(*stage);
+  report_event(ev, what.c_str(), file, line, fatal);
+  return false;
+}
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleMock(&argc, argv);
+  bool list_reqs = false;
+  auto& b = mutable_budget();
+  auto env_u64 = [](const char* name, uint64_t& out) {
+    const char* v = std::getenv(name);
+    return v && *v && parse_u64(v, out);
+  };
+  uint64_t v;
+  if (env_u64("CVMCONF_DURATION", v)) b.duration = std::chrono::seconds(v);
+  if (env_u64("CVMCONF_ITERATIONS", v)) b.iterations = v;
+  if (env_u64("CVMCONF_SEED", v)) b.seed = v;
+  for (int i = 1; i < argc; i++) {
+    std::string a = argv[i];
+    auto value = [&](const char* flag) -> const char* {
+      size_t n = std::strlen(flag);
+      return a.compare(0, n, flag) == 0 && a.size() > n && a[n] == '=' ? argv[i] + n + 1 : nullptr;
+    };
+    if (a == "--cvm_list_requirements") {
+      list_reqs = true;
+    } else if (const char* d = value("--cvm_duration")) {
+      if (!parse_u64(d, v)) {
+        std::cerr << "cvmconf: --cvm_duration expects seconds, got '" << d << "'\n";
+        return 2;
+      }
+      b.duration = std::chrono::seconds(v);
+    } else if (const char* it = value("--cvm_iterations")) {
+      if (!parse_u64(it, v)) {
+        std::cerr << "cvmconf: --cvm_iterations expects a number, got '" << it << "'\n";
+        return 2;
+      }
+      b.iterations = v;
+    } else if (const char* s = value("--cvm_seed")) {
+      if (!parse_u64(s, v)) {
+        std::cerr << "cvmconf: --cvm_seed expects a number, got '" << s << "'\n";
+        return 2;
+      }
+      b.seed = v;
+    } else if (a.rfind("--cvm_", 0) == 0) {
+      std::cerr << "cvmconf: unknown flag " << a << "\n";
+      return 2;
+    }
+  }
+  if (list_reqs) {
+    list_requirements_json();
+    return 0;
+  }
+  auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
+  listeners.Append(new RequirementListener);
+  listeners.Append(new KmsgListener);
+  return RUN_ALL_TESTS();
+}
+
+}  // namespace cvm::testing

@@ -1,0 +1,197 @@
+#include "cvmconf/probe.h"
+
+#include <sys/utsname.h>
+
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "cvmconf/kvm.h"
+#include "cvmconf/uapi.h"
+
+namespace cvm {
+namespace {
+
+std::string read_first_line(const char* path) {
+  std::ifstream f(path);
+  std::string s;
+  if (f) std::getline(f, s);
+  return s;
+}
+
+// VM types worth probing on this architecture, beyond what KVM_CAP_VM_TYPES reports.
+std::vector<unsigned long> candidate_types() {
+#if defined(__x86_64__)
+  return {uapi::vmtype::kX86Default, uapi::vmtype::kX86SwProtected, uapi::vmtype::kX86Sev,
+          uapi::vmtype::kX86SevEs,   uapi::vmtype::kX86Snp,         uapi::vmtype::kX86Tdx};
+#elif defined(__aarch64__)
+  // arm64 has no KVM_CAP_VM_TYPES: types are probed by creating them. Type 0 is the default
+  // VM; bit 31 is Android's protected-VM type (not mainline; facts §6).
+  return {0, uapi::vmtype::kArmProtectedAndroid};
+#else
+  return {0};
+#endif
+}
+
+// Whether KVM_CAP_VM_TYPES is how this architecture advertises VM types.
+constexpr bool kHasVmTypesCap =
+#if defined(__x86_64__)
+    true;
+#else
+    false;
+#endif
+
+void fill_vm_caps(const Vm& vm, VmTypeCaps& c) {
+  c.guest_memfd = vm.check_extension(uapi::cap::kGuestMemfd);
+  c.guest_memfd_flags = vm.check_extension(uapi::cap::kGuestMemfdFlags);
+  c.memory_attributes = vm.check_extension(uapi::cap::kMemoryAttributes);
+  c.exit_hypercall = vm.check_extension(uapi::cap::kExitHypercall);
+  c.pre_fault_memory = vm.check_extension(uapi::cap::kPreFaultMemory);
+  c.memory_fault_info = vm.check_extension(uapi::cap::kMemoryFaultInfo);
+  c.user_memory2 = vm.check_extension(uapi::cap::kUserMemory2);
+}
+
+}  // namespace
+
+std::string hexval(long v) {
+  char b[32];
+  if (v < 0)
+    std::snprintf(b, sizeof b, "-%s", errno_name(static_cast<int>(-v)));
+  else
+    std::snprintf(b, sizeof b, "%#lx", static_cast<unsigned long>(v));
+  return b;
+}
+
+std::string vm_type_name(unsigned long type) {
+#if defined(__x86_64__)
+  switch (type) {
+    case uapi::vmtype::kX86Default: return "x86-default";
+    case uapi::vmtype::kX86SwProtected: return "x86-sw-protected";
+    case uapi::vmtype::kX86Sev: return "x86-sev";
+    case uapi::vmtype::kX86SevEs: return "x86-sev-es";
+    case uapi::vmtype::kX86Snp: return "x86-snp";
+    case uapi::vmtype::kX86Tdx: return "x86-tdx";
+  }
+#elif defined(__aarch64__)
+  if (type == 0) return "arm64-default";
+  if (type == uapi::vmtype::kArmProtectedAndroid) return "arm64-pkvm-protected";
+#endif
+  return "type-" + std::to_string(type);
+}
+
+const VmTypeCaps* Capabilities::vm(unsigned long type) const {
+  for (const auto& v : per_type)
+    if (v.type == type) return &v;
+  return nullptr;
+}
+
+Capabilities probe_capabilities() {
+  Capabilities c;
+  struct utsname u {};
+  uname(&u);
+  c.arch = u.machine;
+  c.kvm_device = kvm_device_path();
+  c.kvm_amd_sev_snp = read_first_line("/sys/module/kvm_amd/parameters/sev_snp");
+  c.kvm_intel_tdx = read_first_line("/sys/module/kvm_intel/parameters/tdx");
+#if defined(__aarch64__)
+  {
+    std::string cmdline = read_first_line("/proc/cmdline");
+    auto pos = cmdline.find("kvm-arm.mode=");
+    if (pos != std::string::npos) {
+      auto end = cmdline.find(' ', pos);
+      c.arm64_kvm_mode = cmdline.substr(pos + 13, end == std::string::npos ? end : end - pos - 13);
+    }
+  }
+#endif
+  auto kvm = Kvm::open();
+  if (!kvm) {
+    c.kvm_error = kvm.error().message();
+    c.kvm_errno = kvm.error().err;
+    return c;
+  }
+  c.kvm_available = true;
+  if (auto v = kvm->api_version()) c.api_version = v.value();
+  c.guest_memfd = kvm->check_extension(uapi::cap::kGuestMemfd);
+  c.guest_memfd_flags = kvm->check_extension(uapi::cap::kGuestMemfdFlags);
+  c.memory_attributes = kvm->check_extension(uapi::cap::kMemoryAttributes);
+  c.exit_hypercall = kvm->check_extension(uapi::cap::kExitHypercall);
+  c.pre_fault_memory = kvm->check_extension(uapi::cap::kPreFaultMemory);
+  c.memory_fault_info = kvm->check_extension(uapi::cap::kMemoryFaultInfo);
+  c.user_memory2 = kvm->check_extension(uapi::cap::kUserMemory2);
+  c.vm_types_cap = kvm->check_extension(uapi::cap::kVmTypes);
+
+  // A kernel without KVM_CAP_VM_TYPES (or reporting 0) still creates the default type.
+  uint64_t advertised = c.vm_types_cap > 0 ? static_cast<uint64_t>(c.vm_types_cap) : 1;
+  for (unsigned long t : candidate_types()) {
+    VmTypeCaps vc;
+    vc.type = t;
+    vc.name = vm_type_name(t);
+    bool adv = !kHasVmTypesCap || ((advertised >> t) & 1);
+    if (!adv) {
+      vc.create_error = "not advertised in KVM_CAP_VM_TYPES (" + hexval(c.vm_types_cap) + ")";
+      c.per_type.push_back(vc);
+      continue;
+    }
+    auto vm = kvm->create_vm(t);
+    if (!vm) {
+      vc.create_error = vm.error().message();
+    } else {
+      vc.creatable = true;
+      c.vm_types |= 1ULL << t;
+      fill_vm_caps(vm.value(), vc);
+    }
+    c.per_type.push_back(vc);
+  }
+  return c;
+}
+
+const Capabilities& cached_capabilities() {
+  static const Capabilities c = probe_capabilities();
+  return c;
+}
+
+nlohmann::json Capabilities::to_json() const {
+  nlohmann::json j;
+  j["kvm_available"] = kvm_available;
+  j["kvm_device"] = kvm_device;
+  if (!kvm_available) {
+    j["kvm_error"] = kvm_error;
+    j["kvm_errno"] = errno_name(kvm_errno);
+  }
+  j["arch"] = arch;
+  j["api_version"] = api_version;
+  j["system"] = {{"KVM_CAP_VM_TYPES", vm_types_cap},
+                 {"KVM_CAP_GUEST_MEMFD", guest_memfd},
+                 {"KVM_CAP_GUEST_MEMFD_FLAGS", guest_memfd_flags},
+                 {"KVM_CAP_MEMORY_ATTRIBUTES", memory_attributes},
+                 {"KVM_CAP_EXIT_HYPERCALL", exit_hypercall},
+                 {"KVM_CAP_PRE_FAULT_MEMORY", pre_fault_memory},
+                 {"KVM_CAP_MEMORY_FAULT_INFO", memory_fault_info},
+                 {"KVM_CAP_USER_MEMORY2", user_memory2}};
+  j["vm_types_creatable"] = nlohmann::json::array();
+  auto types = nlohmann::json::array();
+  for (const auto& v : per_type) {
+    nlohmann::json t = {{"type", v.type}, {"name", v.name}, {"creatable", v.creatable}};
+    if (v.creatable) {
+      j["vm_types_creatable"].push_back(v.name);
+      t["caps"] = {{"KVM_CAP_GUEST_MEMFD", v.guest_memfd},
+                   {"KVM_CAP_GUEST_MEMFD_FLAGS", v.guest_memfd_flags},
+                   {"KVM_CAP_MEMORY_ATTRIBUTES", v.memory_attributes},
+                   {"KVM_CAP_EXIT_HYPERCALL", v.exit_hypercall},
+                   {"KVM_CAP_PRE_FAULT_MEMORY", v.pre_fault_memory},
+                   {"KVM_CAP_MEMORY_FAULT_INFO", v.memory_fault_info},
+                   {"KVM_CAP_USER_MEMORY2", v.user_memory2}};
+    } else {
+      t["create_error"] = v.create_error;
+    }
+    types.push_back(t);
+  }
+  j["vm_types"] = types;
+  j["host_hints"] = {{"kvm_amd.sev_snp", kvm_amd_sev_snp},
+                     {"kvm_intel.tdx", kvm_intel_tdx},
+                     {"kvm-arm.mode", arm64_kvm_mode}};
+  return j;
+}
+
+}  // namespace cvm
