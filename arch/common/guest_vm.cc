@@ -144,6 +144,7 @@ UcallEvent GuestVm::run(int i, std::optional<std::chrono::milliseconds> timeout)
 #endif
       return ev;
     }
+    if (e.kind == ExitKind::Interrupted && !v.last_run_kicked()) continue;  // spurious EINTR
     if (exit_handler_ && exit_handler_(i, v, e)) continue;
     UcallEvent ev;
     ev.kind = UcallEvent::Kind::Exit;

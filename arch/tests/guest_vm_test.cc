@@ -116,7 +116,7 @@ TEST_P(GuestVmTest, CommandLoopReadsAndWritesGuestMemory) {
   ASSERT_TRUE(g);
   auto c = GuestCmd::start(*g, 0);
   ASSERT_TRUE(c.ok()) << c.error();
-  const uint64_t gpa = CVM_STACK_GPA - 0x10000;  // unused boot-region page
+  const uint64_t gpa = CVM_SCRATCH_GPA;
   std::memset(g->boot_hva(gpa), 0x5a, 64);
   auto r = c->read8(gpa + 3);
   ASSERT_TRUE(r.ok) << r.event.describe();

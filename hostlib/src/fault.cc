@@ -10,6 +10,7 @@
 
 #include <cstring>
 #include <mutex>
+#include <utility>
 
 namespace cvm {
 namespace {
@@ -150,16 +151,15 @@ std::string ChildOutcome::describe() const {
   return "?";
 }
 
-ChildOutcome run_in_child(const std::function<int(const ChildReport&)>& fn,
-                          std::chrono::milliseconds timeout) {
-  ChildOutcome out;
+ChildProcess ChildProcess::spawn(const std::function<int(const ChildReport&)>& fn) {
+  ChildProcess c;
   int pfd[2];
-  if (pipe2(pfd, O_CLOEXEC) < 0) return out;
+  if (pipe2(pfd, O_CLOEXEC) < 0) return c;
   pid_t pid = fork();
   if (pid < 0) {
     close(pfd[0]);
     close(pfd[1]);
-    return out;
+    return c;
   }
   if (pid == 0) {
     close(pfd[0]);
@@ -169,43 +169,57 @@ ChildOutcome run_in_child(const std::function<int(const ChildReport&)>& fn,
     _exit(rc);
   }
   close(pfd[1]);
-  int pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
+  c.pid_ = pid;
+  c.report_fd_ = pfd[0];
+  return c;
+}
+
+ChildProcess::ChildProcess(ChildProcess&& o) noexcept
+    : pid_(std::exchange(o.pid_, -1)),
+      report_fd_(std::exchange(o.report_fd_, -1)),
+      reaped_(std::exchange(o.reaped_, true)) {}
+
+ChildProcess::~ChildProcess() {
+  if (pid_ > 0 && !reaped_) {
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+  }
+  if (report_fd_ >= 0) close(report_fd_);
+}
+
+ChildOutcome ChildProcess::wait(std::chrono::milliseconds timeout) {
+  ChildOutcome out;
+  if (pid_ <= 0 || reaped_) return out;  // ForkFailed
+  int pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid_, 0));
   auto deadline = std::chrono::steady_clock::now() + timeout;
-  bool reaped = false;
   int status = 0;
   bool pipe_open = true;
   char buf[4096];
-  while (!reaped) {
+  while (!reaped_) {
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
                     deadline - std::chrono::steady_clock::now())
                     .count();
     if (left <= 0) {
-      kill(pid, SIGKILL);
-      waitpid(pid, &status, 0);
+      kill(pid_, SIGKILL);
+      waitpid(pid_, &status, 0);
       out.kind = ChildOutcome::TimedOut;
-      reaped = true;
+      reaped_ = true;
       break;
     }
-    struct pollfd fds[2] = {{pfd[0], POLLIN, 0}, {pidfd, POLLIN, 0}};
-    int nfds = pipe_open ? 2 : 1;
-    struct pollfd* base = pipe_open ? fds : fds + 1;
-    if (pidfd < 0) {
-      // No pidfd (very old kernel): poll the pipe and waitpid(WNOHANG) in small steps.
-      int r = poll(fds, pipe_open ? 1 : 0, 20);
-      (void)r;
-    } else {
-      poll(base, nfds, static_cast<int>(left > 1000 ? 1000 : left));
-    }
+    struct pollfd fds[2];
+    int n = 0;
+    if (pipe_open) fds[n++] = {report_fd_, POLLIN, 0};
+    if (pidfd >= 0) fds[n++] = {pidfd, POLLIN, 0};
+    poll(fds, static_cast<nfds_t>(n), pidfd >= 0 ? static_cast<int>(left > 1000 ? 1000 : left) : 20);
     if (pipe_open && (fds[0].revents & (POLLIN | POLLHUP))) {
-      ssize_t n = read(pfd[0], buf, sizeof buf);
-      if (n > 0)
-        out.output.append(buf, static_cast<size_t>(n));
+      ssize_t r = read(report_fd_, buf, sizeof buf);
+      if (r > 0)
+        out.output.append(buf, static_cast<size_t>(r));
       else
         pipe_open = false;
     }
-    pid_t w = waitpid(pid, &status, WNOHANG);
-    if (w == pid) {
-      reaped = true;
+    if (waitpid(pid_, &status, WNOHANG) == pid_) {
+      reaped_ = true;
       if (WIFEXITED(status)) {
         out.kind = ChildOutcome::Exited;
         out.code = WEXITSTATUS(status);
@@ -215,16 +229,19 @@ ChildOutcome run_in_child(const std::function<int(const ChildReport&)>& fn,
       }
     }
   }
-  // Collect whatever is left in the pipe.
-  fcntl(pfd[0], F_SETFL, O_NONBLOCK);
+  fcntl(report_fd_, F_SETFL, O_NONBLOCK);
   for (;;) {
-    ssize_t n = read(pfd[0], buf, sizeof buf);
-    if (n <= 0) break;
-    out.output.append(buf, static_cast<size_t>(n));
+    ssize_t r = read(report_fd_, buf, sizeof buf);
+    if (r <= 0) break;
+    out.output.append(buf, static_cast<size_t>(r));
   }
-  close(pfd[0]);
   if (pidfd >= 0) close(pidfd);
   return out;
+}
+
+ChildOutcome run_in_child(const std::function<int(const ChildReport&)>& fn,
+                          std::chrono::milliseconds timeout) {
+  return ChildProcess::spawn(fn).wait(timeout);
 }
 
 }  // namespace cvm

@@ -21,6 +21,19 @@ std::map<std::string, std::vector<std::string>>& registry() {
   return r;
 }
 
+std::mutex expected_mu;
+std::vector<std::string>& expected_lines() {
+  static std::vector<std::string> v;
+  return v;
+}
+
+bool is_expected(const std::string& text) {
+  std::lock_guard<std::mutex> g(expected_mu);
+  for (const auto& s : expected_lines())
+    if (text.find(s) != std::string::npos) return true;
+  return false;
+}
+
 StressBudget& mutable_budget() {
   static StressBudget b;
   return b;
@@ -47,12 +60,22 @@ std::string join(const std::vector<std::string>& v, const char* sep) {
   return s;
 }
 
-// Records the requirement IDs of every test as the property "requirements".
-class RequirementListener : public ::testing::EmptyTestEventListener {
+// Records the requirement IDs of every test as the property "requirements", and the GTEST_SKIP
+// message as "skip_reason" (GoogleTest 1.12's JSON report does not carry it).
+class PropertiesListener : public ::testing::EmptyTestEventListener {
   void OnTestStart(const ::testing::TestInfo& info) override {
     auto ids = requirements_of(info);
     if (!ids.empty()) ::testing::Test::RecordProperty("requirements", join(ids, " "));
   }
+  // Called with GoogleTest's own lock held: only remember the message here.
+  void OnTestPartResult(const ::testing::TestPartResult& r) override {
+    if (r.skipped() && skip_reason_.empty()) skip_reason_ = r.message();
+  }
+  void OnTestEnd(const ::testing::TestInfo&) override {
+    if (!skip_reason_.empty()) ::testing::Test::RecordProperty("skip_reason", skip_reason_);
+    skip_reason_.clear();
+  }
+  std::string skip_reason_;
 };
 
 // Fails a test during which the kernel logged a splat; attaches the kernel-log lines.
@@ -68,6 +91,10 @@ class KmsgListener : public ::testing::EmptyTestEventListener {
 
  private:
   void OnTestStart(const ::testing::TestInfo&) override {
+    {
+      std::lock_guard<std::mutex> g(expected_mu);
+      expected_lines().clear();
+    }
     if (watcher_) watcher_->start();
   }
   void OnTestEnd(const ::testing::TestInfo&) override {
@@ -84,7 +111,7 @@ class KmsgListener : public ::testing::EmptyTestEventListener {
     for (const auto& r : recs) {
       std::string line = "[" + std::to_string(r.usec / 1000000) + "." +
                          std::to_string(r.usec % 1000000 / 1000) + "] " + r.text;
-      if (!r.splat.empty()) splats.push_back(r.splat + ": " + r.text);
+      if (!r.splat.empty() && !is_expected(r.text)) splats.push_back("[" + r.splat + "] " + r.text);
       if (lines.size() < kMaxLines) lines.push_back(line);
     }
     ::testing::Test::RecordProperty("kernel_log", join(lines, "\n"));
@@ -146,6 +173,11 @@ std::vector<std::string> requirements_of(const ::testing::TestInfo& info) {
 }
 
 const StressBudget& stress_budget() { return mutable_budget(); }
+
+void expect_kernel_log(const std::string& substring) {
+  std::lock_guard<std::mutex> g(expected_mu);
+  expected_lines().push_back(substring);
+}
 
 void report_event(const UcallEvent& ev, const char* what, const char* file, int line,
                   bool fatal) {
@@ -223,7 +255,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-  listeners.Append(new RequirementListener);
+  listeners.Append(new PropertiesListener);
   listeners.Append(new KmsgListener);
   return RUN_ALL_TESTS();
 }

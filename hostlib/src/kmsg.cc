@@ -149,7 +149,11 @@ Result<void> kmsg_write(const std::string& line) {
   int fd = ::open(kmsg_path(), O_WRONLY | O_CLOEXEC);
   if (fd < 0) return last_error(std::string("open ") + kmsg_path() + " for writing");
   UniqueFd ufd(fd);
-  if (::write(fd, line.data(), line.size()) < 0) return last_error("write /dev/kmsg");
+  // A record without a trailing newline stays open for continuation and readers do not see it
+  // until the next record arrives, so always terminate the line.
+  std::string rec = line;
+  if (rec.empty() || rec.back() != '\n') rec.push_back('\n');
+  if (::write(fd, rec.data(), rec.size()) < 0) return last_error("write /dev/kmsg");
   return {};
 }
 

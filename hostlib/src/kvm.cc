@@ -373,6 +373,7 @@ std::string ExitInfo::describe() const {
 struct Vcpu::RunState {
   std::mutex mu;
   bool running = false;
+  bool kick_pending = false;
   pthread_t thread{};
 };
 
@@ -387,6 +388,7 @@ ExitInfo Vcpu::run(std::optional<std::chrono::milliseconds> timeout) {
   install_kick_handler();
   struct kvm_run* r = run_struct();
   timed_out_ = false;
+  kicked_ = false;
   tl_watchdog_fired = 0;
 
   timer_t timer{};
@@ -419,6 +421,8 @@ ExitInfo Vcpu::run(std::optional<std::chrono::milliseconds> timeout) {
   {
     std::lock_guard<std::mutex> g(state_->mu);
     state_->running = false;
+    kicked_ = state_->kick_pending;
+    state_->kick_pending = false;
   }
   if (have_timer) timer_delete(timer);
   ExitInfo e = decode_exit(*r, rc, err);
@@ -434,6 +438,7 @@ ExitInfo Vcpu::run(std::optional<std::chrono::milliseconds> timeout) {
 void Vcpu::kick() {
   install_kick_handler();
   std::lock_guard<std::mutex> g(state_->mu);
+  state_->kick_pending = true;
   run_struct()->immediate_exit = 1;
   if (state_->running) pthread_kill(state_->thread, kick_signal());
 }

@@ -53,6 +53,7 @@ TEST_F(KvmObjects, KickBeforeRunMakesRunReturnAtOnce) {
   ExitInfo e = v->run(std::chrono::seconds(5));
   EXPECT_EQ(e.kind, ExitKind::Interrupted) << e.describe();
   EXPECT_FALSE(v->last_run_timed_out());
+  EXPECT_TRUE(v->last_run_kicked());
   EXPECT_EQ(v->run_struct()->immediate_exit, 0) << "immediate_exit must be cleared after use";
 }
 

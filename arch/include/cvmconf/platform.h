@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <ostream>
 #include <span>
 #include <string>
 #include <string_view>
@@ -47,6 +48,9 @@ class Platform {
   virtual uint32_t ucall_transport() const { return CVM_TRANSPORT_PIO; }
   virtual uint32_t boot_flags() const { return 0; }
 };
+
+// GoogleTest prints parameters of type const Platform* with this (instead of an address).
+inline void PrintTo(const Platform* p, std::ostream* os) { *os << (p ? p->id() : "null"); }
 
 // All platforms of the architecture this binary was built for, in a fixed order (test names
 // are stable across machines: a platform the kernel lacks is listed and its tests SKIP).

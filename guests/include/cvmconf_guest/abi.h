@@ -30,6 +30,8 @@
 #define CVM_BOOTINFO_STRIDE 0x100ull
 #define CVM_COMM_GPA 0x60000ull         /* comm region: one 4 KiB ucall slot per vCPU */
 #define CVM_COMM_STRIDE 0x1000ull
+#define CVM_SCRATCH_GPA 0x80000ull      /* free for tests: [0x80000, 0x100000) */
+#define CVM_SCRATCH_SIZE 0x80000ull
 #define CVM_IMAGE_GPA 0x100000ull       /* guest image load address */
 #define CVM_IMAGE_MAX 0x100000ull       /* image incl. bss must fit in 1 MiB */
 #define CVM_STACK_GPA 0x200000ull       /* vCPU i's stack: [base + i*size, base + (i+1)*size) */

@@ -58,9 +58,26 @@ struct ChildReport {
   void write(const std::string& s) const;  // async-signal-safe enough: plain write(2)
 };
 
-// Runs fn in a forked child; fn's return value is the exit status. The child's SIGBUS/SIGSEGV
-// are reset to default so a fault kills it visibly. The parent waits at most timeout, then
-// kills the child (TimedOut).
+// A forked child running fn; fn's return value is its exit status. The child's SIGBUS/SIGSEGV
+// are reset to default so a fault kills it visibly. Destroying a running child kills it.
+class ChildProcess {
+ public:
+  static ChildProcess spawn(const std::function<int(const ChildReport&)>& fn);
+  ChildProcess(ChildProcess&& o) noexcept;
+  ChildProcess& operator=(ChildProcess&&) = delete;
+  ~ChildProcess();
+  pid_t pid() const { return pid_; }
+  // Waits at most timeout, then kills the child (TimedOut). Collects its report.
+  ChildOutcome wait(std::chrono::milliseconds timeout = std::chrono::seconds(30));
+
+ private:
+  ChildProcess() = default;
+  pid_t pid_ = -1;
+  int report_fd_ = -1;
+  bool reaped_ = false;
+};
+
+// spawn + wait: runs fn in a child and waits for it.
 ChildOutcome run_in_child(const std::function<int(const ChildReport&)>& fn,
                           std::chrono::milliseconds timeout = std::chrono::seconds(30));
 

@@ -41,6 +41,10 @@ struct StressBudget {
 };
 const StressBudget& stress_budget();
 
+// Declares that kernel-log lines containing `substring` are provoked on purpose by the current
+// test: they are recorded but do not fail it. Cleared when the next test starts.
+void expect_kernel_log(const std::string& substring);
+
 // Reports ev as a failure unless it is of `kind` (and, for SYNC, at `stage`). A guest assertion
 // is reported at the guest's file:line. Returns whether ev was as expected.
 bool check_event(const UcallEvent& ev, UcallEvent::Kind kind, std::optional<uint64_t> stage,

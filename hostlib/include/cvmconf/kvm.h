@@ -193,6 +193,9 @@ class Vcpu {
   // exit in time: the result is then ExitKind::Interrupted and last_run_timed_out() is true.
   ExitInfo run(std::optional<std::chrono::milliseconds> timeout = std::nullopt);
   bool last_run_timed_out() const { return timed_out_; }
+  // True when the last run was interrupted by kick(). An Interrupted exit that is neither a
+  // timeout nor a kick is spurious (another signal, io_uring task_work): just run again.
+  bool last_run_kicked() const { return kicked_; }
   // Makes the KVM_RUN in progress on another thread (or the next one) return EINTR.
   // Thread-safe; used to stop guest loops in race tests.
   void kick();
@@ -211,6 +214,7 @@ class Vcpu {
   int id_ = 0;
   Mapping run_map_;
   bool timed_out_ = false;
+  bool kicked_ = false;
   std::unique_ptr<RunState> state_;  // thread running KVM_RUN, for kick()
 };
 

@@ -1,0 +1,5 @@
+import sys
+
+from cvmconf.cli import main
+
+sys.exit(main())

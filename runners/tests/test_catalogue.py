@@ -1,0 +1,99 @@
+"""The requirement catalogue: the real one loads and agrees with the suites; malformed ones are
+rejected with one clear line."""
+import textwrap
+
+import pytest
+
+from cvmconf import catalogue, gtest
+from cvmconf.errors import UsageError
+
+HEADER = textwrap.dedent("""\
+    version: 1
+    platforms: {x86-default: d, host: h}
+    capabilities: {kvm: k}
+    families: {gmem-mmap: {title: t, suite: s}}
+    requirements:
+    """)
+
+GOOD = textwrap.dedent("""\
+      - id: MMAP-001
+        family: gmem-mmap
+        level: MUST
+        statement: something holds
+        seeds: [000_x.txt]
+        platforms: [x86-default]
+        needs: [kvm]
+        tests: ["*Suite.Test*"]
+    """)
+
+
+def write(tmp_path, text):
+    p = tmp_path / "req.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_real_catalogue_loads():
+    cat = catalogue.load()
+    ids = [r.id for r in cat.requirements]
+    assert len(ids) == len(set(ids))
+    assert {r.family for r in cat.requirements} == set(cat.families)
+    assert all(r.seeds for r in cat.requirements)
+
+
+def test_real_catalogue_agrees_with_suites(build_dir):
+    cat = catalogue.load()
+    declared = {}
+    for b in gtest.suite_binaries(build_dir):
+        declared.update(gtest.list_requirements(b))
+    assert declared, "no tests declared by the suites"
+    assert catalogue.cross_check(cat, declared) == []
+
+
+def test_minimal_catalogue_loads(tmp_path):
+    cat = catalogue.load(write(tmp_path, HEADER + GOOD))
+    assert cat.requirements[0].matches("P/Suite.Test/x")
+
+
+@pytest.mark.parametrize("mutation, message", [
+    (("level: MUST", "level: MAYBE"), "level must be one of"),
+    (("family: gmem-mmap", "family: nope"), "unknown family"),
+    (("seeds: [000_x.txt]", "seeds: []"), "cites no seed"),
+    (("platforms: [x86-default]", "platforms: [mars]"), "unknown platform"),
+    (("needs: [kvm]", "needs: [warp]"), "unknown capability"),
+    (('tests: ["*Suite.Test*"]', "tests: []"), "needs tests or an untested_reason"),
+    (("id: MMAP-001", "id: mmap1"), "FAMILY-NNN"),
+    (("statement: something holds", "statement: something holds\n  colour: blue"), "unknown key"),
+])
+def test_malformed_entries_are_rejected(tmp_path, mutation, message):
+    old, new = mutation
+    with pytest.raises(UsageError, match=message):
+        catalogue.load(write(tmp_path, HEADER + GOOD.replace(old, new)))
+
+
+def test_duplicate_ids_rejected(tmp_path):
+    with pytest.raises(UsageError, match="duplicate id"):
+        catalogue.load(write(tmp_path, HEADER + GOOD + GOOD))
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    with pytest.raises(UsageError, match="not valid YAML"):
+        catalogue.load(write(tmp_path, "a: [unclosed"))
+    with pytest.raises(UsageError, match="not found"):
+        catalogue.load(str(tmp_path / "absent.yaml"))
+
+
+def test_cross_check_reports_each_kind_of_disagreement(tmp_path):
+    cat = catalogue.load(write(tmp_path, HEADER + GOOD))
+    assert catalogue.cross_check(cat, {"P/Suite.Test/x": ["MMAP-001"]}) == []
+    problems = catalogue.cross_check(cat, {
+        "P/Suite.Test/x": ["MMAP-001", "MMAP-999"],   # unknown ID
+        "P/Other.Test/x": ["MMAP-001"],               # not listed under MMAP-001
+        "P/Bare.Test/x": [],                          # names nothing
+    })
+    text = "\n".join(problems)
+    assert "unknown requirement MMAP-999" in text
+    assert "P/Other.Test/x: names MMAP-001" in text
+    assert "P/Bare.Test/x: names no requirement" in text
+    problems = catalogue.cross_check(cat, {"P/Else.Test/x": ["MMAP-001"]})
+    assert any("matches no test" in p for p in problems)
