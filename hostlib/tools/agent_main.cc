@@ -9,7 +9,8 @@
 //                  {"id": N, "done": true, "exit": code|null, "signal": sig|null,
 //                   "timed_out": bool, "output_tail": "...", "report": "<file>"|null}
 //   host -> guest  {"op": "read", "id": N, "path": "..."}  ->  {"id": N, "content": ...|null}
-//   host -> guest  {"op": "poweroff"}                       ->  powers the guest off
+//   host -> guest  {"op": "poweroff"}  ->  {"bye": 1}; the agent exits, init reports its exit
+//                  status on the "cvmconf.status" port and powers the guest off
 //
 // Events are forwarded as they are written, so when the guest kernel panics the host already
 // knows which test was running. The agent never interprets test results: the host runner does.
@@ -17,7 +18,6 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
-#include <sys/reboot.h>
 #include <sys/stat.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
@@ -226,8 +226,10 @@ int main() {
         auto c = read_file(cmd.value("path", std::string()));
         send({{"id", cmd.value("id", int64_t{0})}, {"content", c ? json(*c) : json(nullptr)}});
       } else if (op == "poweroff") {
+        // Exit; init reports the status on the status port and powers the guest off.
+        send({{"bye", 1}});
         sync();
-        reboot(RB_POWER_OFF);
+        return 0;
       } else {
         send({{"id", cmd.value("id", int64_t{0})}, {"error", "unknown op " + op}});
       }

@@ -76,7 +76,7 @@ def choose_accel(arch: str, requested: str | None = None) -> str:
 def qemu_command(arch: str, image: Path, initrd: Path, agent_sock: Path, status_file: Path,
                  console_file: Path, accel: str, append: str = "", pkvm: bool = False,
                  memory_mb: int = 2048, smp: int = 2) -> list[str]:
-    common_append = "panic=-1 loglevel=6 printk.devkmsg=on"
+    common_append = "panic=-1 loglevel=7 printk.devkmsg=on"
     if arch == "x86_64":
         cmd = ["qemu-system-x86_64", "-accel", accel,
                "-cpu", "host" if accel == "kvm" else "max",  # max: SVM for nested KVM
@@ -223,6 +223,7 @@ class QemuVm:
         if self.conn:
             try:
                 self._send({"op": "poweroff"})
+                self._recv(time.monotonic() + timeout)  # {"bye": 1}
             except OSError:
                 pass
         if self.proc:
