@@ -520,7 +520,6 @@ std::string PinRequest::describe() const {
   if (longterm) s += *longterm ? "long-term " : "short-term ";
   s += foll_pin ? (*foll_pin ? "FOLL_PIN pin" : "page reference") : "pin";
   if (flavour) s += std::string(" via ") + gup_flavour_name(*flavour);
-  if (reads_through && *reads_through) s += " that can be read through";
   return s;
 }
 
@@ -565,7 +564,9 @@ Result<const PinProvider*> find_pin_provider(const PinRequest& req) {
     why += (why.empty() ? "" : "; ") + p->name() + ": " + r;
   }
   if (why.empty()) why = "this build has no provider of that kind";
-  return SysError{0, "capability absent: no " + req.describe() + " provider (" + why + ")"};
+  std::string what = req.describe() + " provider";
+  if (req.reads_through && *req.reads_through) what += " that can read through the pin";
+  return SysError{0, "capability absent: no " + what + " (" + why + ")"};
 }
 
 }  // namespace cvm
