@@ -349,12 +349,17 @@ std::string param_safe(std::string s) {
   return s;
 }
 
-std::map<size_t, long> locked_hugetlb_pool_sizes() {
-  auto lock = SystemLock::acquire("hugetlb", std::chrono::seconds(120));
-  EXPECT_TRUE(lock.ok()) << lock.error();
-  auto sizes = hugetlb_pool_sizes();
-  EXPECT_TRUE(sizes.ok()) << sizes.error();
-  return sizes.ok() ? *sizes : std::map<size_t, long>{};
+void restore_pool_or_fail(std::optional<HugetlbPool>& pool) {
+  if (!pool) return;
+  auto r = pool->restore();
+  EXPECT_TRUE(r.ok()) << "the hugetlb pool was not put back: " << r.error();
+  pool.reset();
+}
+
+CowRegion::~CowRegion() {
+  raw.reset();
+  fd.reset();
+  restore_pool_or_fail(pool);
 }
 
 }  // namespace cvm::suites::pins

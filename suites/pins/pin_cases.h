@@ -47,9 +47,15 @@ struct AnonBacking {
   std::string name() const;  // "shared_after_fork_thp"
 };
 
-// A private writable mapping prepared as one backing. Members are destroyed in reverse order:
-// the mapping goes before the file and the hugetlb pool is restored last.
+// A private writable mapping prepared as one backing. Destruction unmaps, closes the file and
+// then restores the hugetlb pool, failing the test if nr_hugepages did not go back (pins must be
+// released before: declare them after the region).
 struct CowRegion {
+  CowRegion() = default;
+  CowRegion(const CowRegion&) = delete;
+  CowRegion& operator=(const CowRegion&) = delete;
+  ~CowRegion();
+
   std::optional<HugetlbPool> pool;
   UniqueFd fd;
   Mapping raw;           // what mmap returned (larger than the region when aligned for THP)
@@ -106,8 +112,7 @@ std::vector<const PinProvider*> rw_longterm_providers();
 // GoogleTest parameter names: only [A-Za-z0-9_].
 std::string param_safe(std::string s);
 
-// hugetlb pool sizes read under the system lock "hugetlb" (no cvmconf user holds a grown pool
-// while they are read).
-std::map<size_t, long> locked_hugetlb_pool_sizes();
+// Restores a hugetlb pool now, failing the test when nr_hugepages does not go back.
+void restore_pool_or_fail(std::optional<HugetlbPool>& pool);
 
 }  // namespace cvm::suites::pins

@@ -113,6 +113,13 @@ class Pinnability : public ::testing::TestWithParam<MatrixCase> {
       FAIL() << "fallocate on " << fs_ << ": " << strerror(errno);
   }
 
+  // Unmaps, closes, and puts the hugetlb pool back (failing the test if it does not go back).
+  void TearDown() override {
+    map_.reset();
+    fd_.reset();
+    restore_pool_or_fail(pool_);
+  }
+
   // Members in destruction order: the mapping goes first, the pool is restored last.
   std::optional<HugetlbPool> pool_;
   UniqueFd fd_;

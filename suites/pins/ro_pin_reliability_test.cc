@@ -3,12 +3,14 @@
 // through the pin: the pin must see the modification, for every backing and for GUP and
 // GUP-fast. And its consequence: R/O long-term pinning populates an exclusive anonymous page
 // instead of pinning the shared zeropage.
-// Requirements: PIN-001 (non-anonymous backings), PIN-002 (anonymous), PIN-003 (zeropage).
+// Requirements: PIN-001 (non-anonymous backings), PIN-002 (anonymous), PIN-003 (zeropage);
+// PIN-005 (INFO) records what a short-term R/O reference (vmsplice) sees instead.
 //
 // These need a R/O long-term pinner that can be read through: gup_test (CONFIG_GUP_TEST). io_uring
 // only takes R/W pins (rw_pin_reliability_test.cc), vmsplice takes short-term references.
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "pin_cases.h"
@@ -64,6 +66,9 @@ struct NonAnonCase {
   NonAnonBacking backing;
   GupFlavour flavour;
 };
+}  // namespace
+std::ostream& operator<<(std::ostream& os, const NonAnonBacking& b) { return os << b.name(); }
+namespace {
 std::ostream& operator<<(std::ostream& os, const NonAnonCase& c) {
   return os << c.backing.name() << " " << gup_flavour_name(c.flavour);
 }
@@ -197,6 +202,39 @@ INSTANTIATE_TEST_SUITE_P(Cases, RoPinZeropage,
                            return std::string(i.param.huge ? "huge_zeropage_" : "shared_zeropage_") +
                                   flavour_tag(i.param.flavour);
                          });
+
+// --- PIN-005 (INFO): a short-term R/O reference may keep a snapshot ---------------------------
+// vmsplice takes plain R/O page references (no FOLL_LONGTERM): the same procedure records whether
+// the reference still shows the replaced page (snapshot semantics) or the later write. Either is
+// allowed; a mix of both within one page is not.
+class ShortTermReference : public ::testing::TestWithParam<NonAnonBacking> {};
+
+CVM_TEST_P(ShortTermReference, SnapshotOrLaterWriteRecorded, "PIN-005") {
+  const NonAnonBacking& b = GetParam();
+  const PinProvider* p = pin_provider_by_name("vmsplice");
+  ASSERT_NE(p, nullptr);
+  record_case(p, b.name());
+  CVM_SKIP_IF(p->unavailable());
+  CowRegion r;
+  prepare_non_anon(b, r);
+  if (IsSkipped() || HasFatalFailure()) return;
+  RecordProperty("backing_verified", r.verified);
+  const size_t len = std::min<size_t>(r.size, 64 << 10);  // what an undrained pipe holds
+  auto pin = p->pin(r.data, len);
+  ASSERT_TRUE(pin.ok()) << "vmsplice of a private mapping: " << pin.error();
+  std::memset(r.data, kModified, r.size);
+  auto d = pin.value()->read_through(0, len);
+  ASSERT_TRUE(d.ok()) << d.error();
+  const bool old_page = check_bytes(d->data(), len, r.initial, "the reference").empty();
+  const bool new_page = check_bytes(d->data(), len, kModified, "the reference").empty();
+  EXPECT_TRUE(old_page || new_page)
+      << "the reference shows neither the page before the write nor after it, nor all of one";
+  RecordProperty("observation", old_page ? "snapshot: the reference kept the replaced page"
+                                         : "the reference observed the later write");
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, ShortTermReference, ::testing::ValuesIn(non_anon_backings()),
+                         [](const auto& i) { return param_safe(i.param.name() + "_vmsplice"); });
 
 }  // namespace
 }  // namespace cvm::suites::pins
