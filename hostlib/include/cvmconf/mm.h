@@ -57,7 +57,8 @@ Result<HugetlbCounters> hugetlb_counters(size_t bytes, const std::string& sysfs_
 // when needed); destruction (or restore()) writes the original nr_hugepages back. Holds the
 // system lock "hugetlb" all the while, so concurrent cvmconf users never see each other's pages
 // and every restore puts back the value from before any of them. Unmap everything that uses
-// the pool before it is destroyed.
+// the pool before it is destroyed. One pool per process at a time: a second reserve() in the
+// same process waits for its own lock and fails with EBUSY after lock_timeout.
 class HugetlbPool {
  public:
   HugetlbPool() = default;
