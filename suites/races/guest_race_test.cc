@@ -140,7 +140,7 @@ CVM_TEST_P(PunchRace, GuestAccesses, "RACE-002") {
   while (race.next_iteration()) {
     const uint64_t it = race.iteration();
     store(ctl->iteration, it);
-    if (Race::chance(rng, 1, 2)) {
+    if (it == 0 || Race::chance(rng, 1, 2)) {  // the first punch is always a checked one
       const int v = static_cast<int>(Race::pick(rng, 0, kVcpus - 1));
       const uint64_t zf = Race::pick(rng, 0, kPagesPerVcpu - 1);
       const uint64_t zn = Race::pick(rng, 1, std::min<uint64_t>(3, kPagesPerVcpu - zf));
@@ -207,12 +207,14 @@ CVM_TEST_P(PunchRace, GuestAccesses, "RACE-002") {
   RaceSummary s = race.finish();
   record("checked_punches", checked);
   record("hot_punches", hot);
-  for (int v = 0; v < kVcpus; v++) {
+  for (int v = 0; v < kVcpus; v++)
     record(("guest_passes_vcpu" + std::to_string(v)).c_str(), final_passes[v]);
-    EXPECT_GT(final_passes[v], 0u) << "vCPU " << v << " made no pass over its memory";
-  }
   EXPECT_GT(s.iterations, 0u);
   EXPECT_GT(checked, 0u) << "no checked punch ran";
+  if (coverage_expected(s, 4)) {
+    for (int v = 0; v < kVcpus; v++)
+      EXPECT_GT(final_passes[v], 0u) << "vCPU " << v << " made no pass over its memory";
+  }
 }
 
 }  // namespace

@@ -198,6 +198,15 @@ bool PageModel::verify_zero(const uint8_t* view, uint64_t p, const char* view_na
   return true;
 }
 
+void PageModel::publish_zero(uint64_t first, uint64_t n, uint64_t hold_us) {
+  const uint64_t e = epoch_.fetch_add(1) + 1;
+  for (uint64_t p = first; p < first + n; p++) st_[p].zero_epoch.store(e);
+  if (hold_us) {
+    auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(hold_us);
+    while (std::chrono::steady_clock::now() < until) std::this_thread::yield();
+  }
+}
+
 bool PageModel::checked_punch(const GuestMemfd& gmem, uint64_t first, uint64_t n,
                               const std::vector<const uint8_t*>& views, uint64_t hold_us,
                               const std::string& actor, uint64_t it) {
@@ -209,14 +218,7 @@ bool PageModel::checked_punch(const GuestMemfd& gmem, uint64_t first, uint64_t n
     const char* name = v == 0 ? "the racing mapping" : "a second mapping";
     for (uint64_t p = first; ok && p < first + n; p++) ok = verify_zero(views[v], p, name, actor, it);
   }
-  if (ok) {
-    const uint64_t e = epoch_.fetch_add(1) + 1;
-    for (uint64_t p = first; p < first + n; p++) st_[p].zero_epoch.store(e);
-    if (hold_us) {
-      auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(hold_us);
-      while (std::chrono::steady_clock::now() < until) std::this_thread::yield();
-    }
-  }
+  if (ok) publish_zero(first, n, hold_us);
   unfreeze(first, n);
   return ok;
 }

@@ -62,6 +62,9 @@ class PageModel {
                      const std::vector<const uint8_t*>& views, uint64_t hold_us,
                      const std::string& actor, uint64_t it);
 
+  // Declares that frozen pages [first, first+n) must read zeroes for hold_us microseconds (the
+  // readers check it), then returns; unfreeze() ends it.
+  void publish_zero(uint64_t first, uint64_t n, uint64_t hold_us);
   // Freeze/unfreeze without punching (for races that do other things to frozen pages).
   bool freeze(uint64_t first, uint64_t n, const std::string& actor, uint64_t it);
   void unfreeze(uint64_t first, uint64_t n);

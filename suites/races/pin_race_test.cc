@@ -218,7 +218,9 @@ CVM_TEST_P(PunchRace, PinsLongTerm, "RACE-003") {
   record_counters(c, *provider.value());
   EXPECT_GT(s.iterations, 0u);
   EXPECT_GT(c.pins, 0u) << "no pin was taken";
-  EXPECT_GT(c.punched_while_pinned, 0u) << "no punch completed while a pin was held";
+  if (coverage_expected(s)) {
+    EXPECT_GT(c.punched_while_pinned, 0u) << "no punch completed while a pin was held";
+  }
 }
 
 CVM_TEST_P(PunchRace, Vmsplice, "RACE-003") {
@@ -241,7 +243,9 @@ CVM_TEST_P(PunchRace, Vmsplice, "RACE-003") {
   record_counters(c, *vmsplice);
   EXPECT_GT(s.iterations, 0u);
   EXPECT_GT(c.pins, 0u) << "no vmsplice reference was taken";
-  EXPECT_GT(c.punched_while_pinned, 0u) << "no punch completed while a reference was held";
+  if (coverage_expected(s)) {
+    EXPECT_GT(c.punched_while_pinned, 0u) << "no punch completed while a reference was held";
+  }
 }
 
 }  // namespace

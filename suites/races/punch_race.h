@@ -31,6 +31,14 @@ class PunchRace : public PlatformTest {
     EXPECT_TRUE(m.ok()) << m.error();
     return m.ok() ? std::move(m.value()) : Mapping();
   }
+  // Whether the race ran long enough that each of its checks must have been exercised (a
+  // replay of a few iterations need not have made, say, a checked punch). Records why not.
+  static bool coverage_expected(const RaceSummary& s, uint64_t min_iterations = 20) {
+    if (s.iterations >= min_iterations && s.duration_ms >= 100) return true;
+    ::testing::Test::RecordProperty("coverage_checks", "skipped: only " + std::to_string(s.iterations) +
+                                                           " iterations in " + std::to_string(s.duration_ms) + " ms");
+    return false;
+  }
   // Records a counter of the race as a GoogleTest property.
   static void record(const char* key, uint64_t v) {
     ::testing::Test::RecordProperty(key, std::to_string(v));
