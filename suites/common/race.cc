@@ -166,7 +166,7 @@ void Race::spawn(std::string name, std::function<void(RaceWorker&)> fn) {
 }
 
 void Race::join() {
-  stop("duration");
+  stop("the driver");
   std::vector<std::thread> ts;
   {
     std::lock_guard<std::mutex> g(mu_);

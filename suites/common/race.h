@@ -63,7 +63,7 @@ struct RaceSummary {
   uint64_t duration_ms = 0;
   uint64_t violations = 0;
   std::vector<RaceViolation> kept;
-  std::string stopped_by;  // "duration", "iterations", "time cap", "violations", "stop()"
+  std::string stopped_by;  // "duration", "iterations", "time cap", "violations", "the driver"
   std::string replay;      // command line replaying this seed (set when there were violations)
   std::optional<uint64_t> injected_stale_at;
 };
