@@ -295,6 +295,11 @@ bool check_event(const UcallEvent& ev, UcallEvent::Kind kind, std::optional<uint
 }
 
 int main(int argc, char** argv) {
+  // A "threadsafe" death test re-executes this binary for one test: that child must not write
+  // into the parent's event stream (InitGoogleMock removes the flag from argv, so look first).
+  bool death_test_child = false;
+  for (int i = 1; i < argc; i++)
+    if (std::strncmp(argv[i], "--gtest_internal_run_death_test", 31) == 0) death_test_child = true;
   ::testing::InitGoogleMock(&argc, argv);
   bool list_reqs = false;
   auto& b = mutable_budget();
@@ -342,7 +347,8 @@ int main(int argc, char** argv) {
     return 0;
   }
   auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-  if (auto* events = EventStreamListener::from_env()) listeners.Append(events);  // first: see above
+  if (!death_test_child)
+    if (auto* events = EventStreamListener::from_env()) listeners.Append(events);  // first: see above
   listeners.Append(new PropertiesListener);
   listeners.Append(new KmsgListener);
   return RUN_ALL_TESTS();

@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -276,12 +277,18 @@ def cmd_run(args) -> int:
     plugin.progress = progress
     interrupted = False
     rc = None
+
+    def stop(signum, frame):   # SIGTERM/SIGHUP (a CI timeout): stop like Ctrl-C, kill batches
+        raise KeyboardInterrupt
+    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         rc = _pytest_session(args, plugin, suite_dir, binaries, collect_only=False)
         interrupted = rc == 2
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
         if interrupted:
             executor.interrupt()
         executor.shutdown(cancel=interrupted)

@@ -139,7 +139,7 @@ def view(run: dict) -> dict:
         "failing": [r for r in req_rows if r["outcome"] in BAD], "orphans": orphans,
         "not_exercised": [r for r in req_rows if not r["exercised"]],
         "seeds": [{"file": sd, "tag": seed_tag(sd), "title": titles.get(sd, "")}
-                  for sd in seeds_cited],
+                  for sd in sorted(seeds_cited)],
         "stress": stress, "problems": run.get("problems", []), "summary": s,
         "flaky": [test_view(t) for t in run["tests"] if t.get("flaky")],
         "outcomes": list(ORDER),

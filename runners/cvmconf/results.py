@@ -18,7 +18,7 @@ from pathlib import Path
 from cvmconf import gtest
 from cvmconf.errors import UsageError
 from cvmconf.gtest import ERROR, FAIL, PASS, SKIP, TIMEOUT, TestResult
-from cvmconf.rollup import NOT_RUN, RequirementResult
+from cvmconf.rollup import NOT_RUN, ORDER, RequirementResult
 
 FORMAT = "cvmconf-run"
 FORMAT_VERSION = 1
@@ -146,12 +146,14 @@ def summary(reqs: list[RequirementResult], tests: list[dict]) -> dict:
     req_outcomes: dict[str, int] = {}
     for r in reqs:
         req_outcomes[r.outcome] = req_outcomes.get(r.outcome, 0) + 1
+    def ordered(d: dict[str, int]) -> dict[str, int]:
+        return {k: d[k] for k in sorted(d, key=lambda o: ORDER.index(o) if o in ORDER else 99)}
     return {
         "requirements": len(reqs),
         "requirements_exercised": sum(1 for r in reqs if r.exercised),
-        "requirement_outcomes": req_outcomes,
+        "requirement_outcomes": ordered(req_outcomes),
         "tests": len(tests),
-        "test_outcomes": by_outcome,
+        "test_outcomes": ordered(by_outcome),
         "flaky": sum(1 for t in tests if t.get("flaky")),
     }
 

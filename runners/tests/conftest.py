@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "runners"))
 
+# Hypothesis caches Unicode tables in its storage directory (./.hypothesis by default): keep the
+# source tree clean.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY",
+                      os.path.join(tempfile.gettempdir(), "cvmconf-hypothesis"))
 try:
     from hypothesis import HealthCheck, settings
     # No example database on disk (the tests run from a read-only or shared tree); no deadline

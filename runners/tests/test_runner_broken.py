@@ -190,7 +190,8 @@ def test_hang_outside_any_test_hits_the_idle_timeout(build_dir, broken_dir, tmp_
     assert "no test running for 1 s" in t["evidence"]["exit"]
 
 
-def test_interrupted_run_is_marked_incomplete(build_dir, broken_dir, tmp_path):
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_interrupted_run_is_marked_incomplete(build_dir, broken_dir, tmp_path, signame):
     """While a run is going, run.json says it is incomplete (a runner killed outright leaves it
     so); an interrupted run kills its batch and says what did not run."""
     import signal
@@ -210,7 +211,7 @@ def test_interrupted_run_is_marked_incomplete(build_dir, broken_dir, tmp_path):
     early = json.loads((run_dir / "run.json").read_text())
     assert early["complete"] is False and "did not finish" in early["incomplete_reason"]
     time.sleep(2.0)                       # the Hangs test is running now (60 s timeout)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(getattr(signal, signame))
     out, err = p.communicate(timeout=60)
     assert p.returncode == 3, out[-2000:] + err[-2000:]
     data = json.loads((run_dir / "run.json").read_text())
