@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cvmconf import catalogue, gtest
+from cvmconf import catalogue, gtest, pincoverage
 from cvmconf.errors import (EXIT_HARNESS, EXIT_NONCONFORMANCE, EXIT_OK, CvmconfError, HarnessError,
                             UsageError)
 
@@ -354,6 +354,10 @@ def cmd_run(args) -> int:
         "batches": [rec.__dict__ for rec in executor.batches], "problems": problems,
     })
     _write_outputs(run, run_dir)
+    coverage = pincoverage.format_pin_coverage(pincoverage.pin_coverage(run_results))
+    if coverage:
+        print("\npin coverage (per backing and GUP flavour):")
+        print(coverage)
     _print_summary(run, run_dir)
     return exit_code
 

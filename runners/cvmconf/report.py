@@ -8,7 +8,7 @@ from pathlib import Path
 
 import jinja2
 
-from cvmconf import gtest
+from cvmconf import gtest, pincoverage
 from cvmconf.progress import printable
 from cvmconf.rollup import ORDER
 
@@ -102,6 +102,12 @@ def environment(run: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def pin_coverage(run: dict) -> list:
+    """The pin suites' coverage rows (requirement x backing x GUP flavour), from run.json."""
+    results = [gtest.TestResult.from_dict(t) for t in run["tests"]]
+    return pincoverage.pin_coverage(results)
+
+
 def view(run: dict) -> dict:
     tests = {f"{t['binary']}:{t['name']}": t for t in run["tests"]}
     reqs = sorted(run["requirements"], key=lambda r: (ORDER.index(r["outcome"])
@@ -142,6 +148,8 @@ def view(run: dict) -> dict:
                   for sd in sorted(seeds_cited)],
         "stress": stress, "problems": run.get("problems", []), "summary": s,
         "flaky": [test_view(t) for t in run["tests"] if t.get("flaky")],
+        "pin_rows": pin_coverage(run),
+        "pin_table": pincoverage.format_pin_coverage(pin_coverage(run)),
         "outcomes": list(ORDER),
     }
 
