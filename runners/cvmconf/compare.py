@@ -10,7 +10,8 @@ patch series), per test and per requirement.
   added / removed   tests present on one side only (and not counted above)
 
 A test marked flaky in NEW (it failed, then passed on a retry) stays a regression, marked flaky.
-The exit status is 1 when there is any regression (test or requirement), else 0.
+The exit status is 1 when there is a regression (of a test, or of a MUST/SHOULD requirement's
+roll-up), else 0; a test that names only INFO requirements is listed but does not count.
 """
 from __future__ import annotations
 
@@ -58,6 +59,12 @@ def _message(t: dict | None) -> str:
 def compare(base: dict, new: dict) -> dict:
     bt = {_key(t): t for t in base["tests"]}
     nt = {_key(t): t for t in new["tests"]}
+    levels = {r["id"]: r.get("level") for r in base["requirements"]}
+    levels.update({r["id"]: r.get("level") for r in new["requirements"]})
+
+    def info_only(t: dict) -> bool:
+        ids = t.get("requirements") or []
+        return bool(ids) and all(levels.get(i) == "INFO" for i in ids)
     out = {k: [] for k in ("regressions", "fixes", "newly_exercised", "newly_skipped",
                            "changed_evidence", "added", "removed")}
     for key in sorted(set(bt) | set(nt)):
@@ -65,6 +72,7 @@ def compare(base: dict, new: dict) -> dict:
         bo = b["outcome"] if b else None
         no = n["outcome"] if n else None
         e = _entry(key, b, n)
+        e["info_only"] = info_only(n or b)
         if n is None:
             out["removed"].append(e)
             continue
@@ -125,7 +133,9 @@ def compare(base: dict, new: dict) -> dict:
         if not out[s]["complete"]:
             notes.append(f"{s.upper()} run is incomplete: {out[s]['incomplete_reason']}")
     out["notes"] = notes
-    out["regression"] = bool(out["regressions"] or req_regressions)
+    # INFO requirements never count towards conformance: their tests are listed, not counted.
+    out["regression"] = bool([e for e in out["regressions"] if not e["info_only"]]
+                             or req_regressions)
     out["counts"] = {k: len(out[k]) for k in ("regressions", "fixes", "newly_exercised",
                                               "newly_skipped", "changed_evidence", "added",
                                               "removed")}
