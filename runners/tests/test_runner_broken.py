@@ -221,3 +221,20 @@ def test_interrupted_run_is_marked_incomplete(build_dir, broken_dir, tmp_path, s
     assert outcomes["Broken.Hangs"] == "NOT RUN"
     assert "INCOMPLETE RUN" in (run_dir / "report.md").read_text()
     assert "INCOMPLETE RUN" in out
+
+
+def test_a_binary_that_cannot_list_its_tests_leaves_the_run_incomplete(build_dir, broken_dir,
+                                                                       tmp_path):
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    (suites / "cvm_suite_broken").symlink_to(broken_dir / "cvm_suite_broken")
+    bad = suites / "cvm_suite_garbage"
+    bad.write_text("#!/bin/sh\necho 'this is not a test list'\n")
+    bad.chmod(0o755)
+    r, _, data = run_broken(build_dir, suites, tmp_path, "garbage", "-k", "Passes1")
+    assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert data["complete"] is False
+    assert "could not be listed" in data["incomplete_reason"]
+    assert "cvm_suite_garbage" in data["incomplete_reason"]
+    assert [(t["name"], t["outcome"]) for t in data["tests"]] == [("Broken.Passes1", "PASS")]
