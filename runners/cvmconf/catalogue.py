@@ -43,6 +43,7 @@ class Catalogue:
     families: dict[str, dict]
     platforms: dict[str, str]
     capabilities: dict[str, str]
+    seed_titles: dict[str, str] = dataclasses.field(default_factory=dict)  # file -> thread title
 
     def by_id(self) -> dict[str, Requirement]:
         return {r.id: r for r in self.requirements}
@@ -77,6 +78,10 @@ def load(path: str | None = None, seeds_dir: str | None = None) -> Catalogue:
         raise UsageError(f"requirement catalogue {path}: platforms/capabilities/families must be mappings")
     if not isinstance(data["requirements"], list):
         raise UsageError(f"requirement catalogue {path}: 'requirements' must be a list")
+    seed_titles = data.get("seeds", {})
+    if not isinstance(seed_titles, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in seed_titles.items()):
+        raise UsageError(f"requirement catalogue {path}: 'seeds' must map seed files to titles")
     reqs: list[Requirement] = []
     seen: set[str] = set()
     for i, raw in enumerate(data["requirements"]):
@@ -108,6 +113,9 @@ def load(path: str | None = None, seeds_dir: str | None = None) -> Catalogue:
                 raise UsageError(f"{where}: '{key}' must be a list of strings")
         if not raw["seeds"]:
             raise UsageError(f"{where}: cites no seed thread")
+        for sd in raw["seeds"]:
+            if seed_titles and sd not in seed_titles:
+                raise UsageError(f"{where}: seed {sd} is not listed under 'seeds'")
         for p in raw["platforms"]:
             if p not in platforms:
                 raise UsageError(f"{where}: unknown platform '{p}'")
@@ -131,7 +139,7 @@ def load(path: str | None = None, seeds_dir: str | None = None) -> Catalogue:
             platforms=tuple(raw["platforms"]), needs=tuple(raw["needs"]),
             tests=tuple(raw["tests"]), untested_reason=reason))
     return Catalogue(path=path, requirements=reqs, families=families, platforms=platforms,
-                     capabilities=capabilities)
+                     capabilities=capabilities, seed_titles=dict(seed_titles))
 
 
 def cross_check(cat: Catalogue, declared: dict[str, list[str]]) -> list[str]:

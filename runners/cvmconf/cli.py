@@ -1,15 +1,34 @@
-"""cvmconf command line (called by the ./cvmconf script after it installed and built)."""
+"""cvmconf command line (called by the ./cvmconf script after it installed and built).
+
+  run               run the conformance suites through pytest, write results/<run-id>/
+  list              list the tests and requirements (with the same filters) without running
+  check-catalogue   check that the catalogue and the tests' requirement IDs agree
+  compare BASE NEW  regressions, fixes, newly exercised/skipped, changed evidence
+  export --kcidb    KernelCI KCIDB v5 JSON of a run
+
+Exit codes: 0 every exercised requirement conforms (or: success), 1 non-conformance (compare:
+a regression), 2 usage or environment error, 3 harness error (a test crashed or timed out, a batch
+broke, the run is incomplete).
+"""
 from __future__ import annotations
 
 import argparse
+import datetime
+import hashlib
+import json
 import os
+import re
+import secrets
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from cvmconf import catalogue, gtest, rollup
-from cvmconf.errors import EXIT_HARNESS, EXIT_NONCONFORMANCE, EXIT_OK, CvmconfError, HarnessError
+from cvmconf import catalogue, gtest, pincoverage
+from cvmconf.errors import (EXIT_HARNESS, EXIT_NONCONFORMANCE, EXIT_OK, CvmconfError, HarnessError,
+                            UsageError)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -18,10 +37,17 @@ def _build_dir(args) -> Path:
     return Path(args.build_dir or os.environ.get("CVMCONF_BUILD_DIR") or REPO / "build")
 
 
+def _suite_dir(args) -> Path:
+    return Path(args.suite_dir) if args.suite_dir else _build_dir(args) / "suites"
+
+
+# ---------------------------------------------------------------------------------------------
+# check-catalogue
+
 def cmd_check_catalogue(args) -> int:
     cat = catalogue.load(args.catalogue, seeds_dir=args.seeds_dir)
     declared: dict[str, list[str]] = {}
-    for b in gtest.suite_binaries(_build_dir(args)):
+    for b in gtest.suite_binaries_in(_suite_dir(args)):
         declared.update(gtest.list_requirements(b))
     problems = catalogue.cross_check(cat, declared)
     for p in problems:
@@ -32,73 +58,443 @@ def cmd_check_catalogue(args) -> int:
     return EXIT_NONCONFORMANCE if problems else EXIT_OK
 
 
+# ---------------------------------------------------------------------------------------------
+# collection through pytest (run and list)
+
+def _validate_filters(args, cat: catalogue.Catalogue) -> None:
+    ids = cat.by_id()
+    for rid in args.requirement or []:
+        if rid not in ids:
+            raise UsageError(f"--requirement {rid}: no such requirement in {cat.path}")
+    for fam in args.family or []:
+        if fam not in cat.families:
+            raise UsageError(f"--family {fam}: no such family (known: {', '.join(cat.families)})")
+    if args.k:
+        try:
+            from _pytest.mark.expression import Expression, ParseError
+        except ImportError:
+            return
+        try:
+            Expression.compile(args.k)
+        except ParseError as e:
+            raise UsageError(f"-k {args.k!r}: not a valid expression ({e})") from None
+
+
+def _selection_text(args) -> str:
+    parts = []
+    if args.k:
+        parts.append(f"-k {args.k!r}")
+    for rid in args.requirement or []:
+        parts.append(f"--requirement {rid}")
+    for fam in args.family or []:
+        parts.append(f"--family {fam}")
+    if args.filter:
+        parts.append(f"--filter {args.filter!r}")
+    return " ".join(parts)
+
+
+def _pytest_session(args, plugin, suite_dir: Path, binaries, collect_only: bool) -> int:
+    import pytest
+    os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    with tempfile.TemporaryDirectory(prefix="cvmconf-pytest-") as tmp:
+        ini = Path(tmp) / "pytest.ini"
+        ini.write_text("[pytest]\n")
+        pargs = [str(b.host_path) for b in binaries] + [
+            "-p", "no:terminal", "-p", "no:cacheprovider", "-p", "no:stepwise",
+            "--capture=no", "--noconftest", "-c", str(ini), "--rootdir", str(suite_dir),
+            "-W", "ignore::pytest.PytestAssertRewriteWarning"]
+        if args.k:
+            pargs += ["-k", args.k]
+        if collect_only:
+            pargs.append("--collect-only")
+        return int(pytest.main(pargs, plugins=[plugin]))
+
+
+def _collect(args, cat, target, executor=None):
+    from cvmconf.plugin import CvmconfPlugin
+    from cvmconf.targets.base import SuiteBinary
+    suite_dir = _suite_dir(args)
+    binaries = [SuiteBinary(p.name, p.resolve()) for p in gtest.suite_binaries_in(suite_dir)]
+    fam_of = {r.id: r.family for r in cat.requirements}
+    plugin = CvmconfPlugin(target, binaries, fam_of, executor, args.requirement, args.family,
+                           args.filter)
+    return suite_dir, binaries, plugin
+
+
+# ---------------------------------------------------------------------------------------------
+# list
+
 def cmd_list(args) -> int:
+    from cvmconf import targets
     cat = catalogue.load(args.catalogue)
-    by_id = cat.by_id()
-    for b in gtest.suite_binaries(_build_dir(args)):
-        for name, ids in sorted(gtest.list_requirements(b).items()):
-            print(f"{b.name}  {name}  [{' '.join(ids)}]")
-    print()
+    _validate_filters(args, cat)
+    target = targets.create(args.target, build_dir=_build_dir(args))
+    suite_dir, binaries, plugin = _collect(args, cat, target)
+    rc = _pytest_session(args, plugin, suite_dir, binaries, collect_only=True)
+    if plugin.errors:
+        raise HarnessError("; ".join(plugin.errors))
+    if rc not in (0, 5):
+        raise HarnessError(f"collecting the tests failed (pytest exit status {rc})")
+    selected = [i for items in plugin.selected.values() for i in items]
+    per_req: dict[str, int] = {}
+    print("Tests (binary, test, requirements):")
+    for it in selected:
+        print(f"  {it.binary.name}  {it.test}  [{' '.join(it.requirements)}]")
+        for rid in it.requirements:
+            per_req[rid] = per_req.get(rid, 0) + 1
+    print(f"\n{len(selected)} test(s) selected, {len(plugin.deselected)} deselected"
+          + (f" by {_selection_text(args)}" if _selection_text(args) else ""))
+    print("\nRequirements (ID, level, family, selected tests, statement):")
     for r in cat.requirements:
-        print(f"{r.id:11} {r.level:6} {r.family:24} {r.statement}")
-    del by_id
+        n = per_req.get(r.id, 0)
+        note = "" if n or not r.untested_reason else f"  (untested: {r.untested_reason})"
+        print(f"  {r.id:11} {r.level:6} {r.family:24} {n:4}  {r.statement}{note}")
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------------------------------
+# run
+
+def _harness_version() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=10, check=False)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def _file_sha256(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return ""
+
+
+def _run_id(fp: dict) -> str:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    rel = re.sub(r"[^A-Za-z0-9._-]", "_", fp.get("kernel", {}).get("release") or "unknown")
+    return f"{stamp}-{rel}-{secrets.token_hex(2)}"
+
+
+def _saver(run_dir: Path):
+    from cvmconf import results
+
+    def save(out, rec) -> None:
+        d = run_dir / "batches" / rec.label
+        d.mkdir(parents=True, exist_ok=True)
+        if out.report_json is not None:
+            (d / "report.json").write_text(out.report_json, encoding="utf-8")
+        if out.events:
+            (d / "events.jsonl").write_text(out.events, encoding="utf-8")
+        (d / "output.txt").write_text(out.output, encoding="utf-8")
+        (d / "kernel.log").write_text("".join(l.render() + "\n" for l in out.kernel_log),
+                                      encoding="utf-8")
+        results.write_json(d / "batch.json", {**rec.__dict__, "kernel_log_error":
+                                              out.kernel_log_error,
+                                              "kernel_log_lost": out.kernel_log_lost,
+                                              "premature_exit": out.premature_exit})
+    return save
+
+
+def _write_outputs(run: dict, run_dir: Path) -> None:
+    from cvmconf import junit, ktap, report, results
+    results.write_json(run_dir / "run.json", run)
+    junit.write(run, run_dir / "junit.xml")
+    (run_dir / "results.ktap").write_text(ktap.from_run(run), encoding="utf-8")
+    report.write(run, run_dir)
+
+
 def cmd_run(args) -> int:
+    from cvmconf import executor as ex
+    from cvmconf import results, rollup, targets
+    from cvmconf.progress import Progress
+
     cat = catalogue.load(args.catalogue)
-    build = _build_dir(args)
-    caps = gtest.probe(build)
-    gtest.require_kvm(caps)
-    results: list[gtest.TestResult] = []
-    with tempfile.TemporaryDirectory(prefix="cvmconf-run-") as tmp:
-        for b in gtest.suite_binaries(build):
-            report = Path(tmp) / f"{b.name}.json"
-            cmd = [str(b), f"--gtest_output=json:{report}"]
-            if args.filter:
-                cmd.append(f"--gtest_filter={args.filter}")
-            try:
-                subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               timeout=args.timeout, check=False)
-            except subprocess.TimeoutExpired:
-                raise HarnessError(f"{b.name} did not finish within {args.timeout} s") from None
-            try:
-                results += gtest.parse_report(report, b.name)
-            except gtest.ReportError as e:
-                raise HarnessError(f"{b.name}: {e}") from None
-    reqs = rollup.requirement_results(cat, results)
-    print(f"kernel: {os.uname().release}  arch: {caps.get('arch')}  "
-          f"VM types: {', '.join(caps.get('vm_types_creatable', []))}")
-    print(f"{'requirement':11} {'level':6} {'outcome':8} {'exercised':9} tests  reason")
-    for r in reqs:
-        print(f"{r.id:11} {r.level:6} {r.outcome:8} {'yes' if r.exercised else 'no':9} "
-              f"{len(r.tests):5}  {r.reason}")
-    counted = [r for r in reqs if r.level != "INFO" and r.exercised]
-    bad = [r for r in counted if r.outcome in (gtest.FAIL,)]
-    broken = [r for r in reqs if r.outcome in (gtest.ERROR, gtest.TIMEOUT)]
-    print(f"\n{len(counted)} MUST/SHOULD requirements exercised, {len(bad)} do not conform, "
-          f"{len(broken)} with harness errors, "
-          f"{sum(1 for r in reqs if not r.exercised)} not exercised")
-    if broken:
-        return EXIT_HARNESS
-    return EXIT_NONCONFORMANCE if bad else EXIT_OK
+    _validate_filters(args, cat)
+    for name in ("duration", "test_timeout", "idle_timeout"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive")
+    if args.retry_failed < 0 or args.batch_size < 1 or args.jobs < 1:
+        raise UsageError("--retry-failed must be >= 0, --batch-size and --jobs >= 1")
+    if args.origin and not results.ORIGIN_RE.match(args.origin):
+        raise UsageError(f"--origin {args.origin!r}: must match [a-z0-9_]+ (KCIDB origin)")
+    source = {"message_id": args.message_id, "tree_name": args.tree_name,
+              "git_repository_url": args.git_url, "git_commit_hash": args.git_commit,
+              "git_repository_branch": args.git_branch, "patch_files": args.patch or []}
+    source["patchset_hash"] = results.patchset_hash(source["patch_files"])
+    duration = args.duration
+    if duration is None and os.environ.get("CVMCONF_DURATION", "").isdigit():
+        duration = int(os.environ["CVMCONF_DURATION"])
+
+    target = targets.create(args.target, build_dir=_build_dir(args))
+    target.check()                      # no KVM: one line, exit 2, nothing written
+    suite_dir, binaries, _ = _collect(args, cat, target)
+    fp = target.fingerprint()
+    started = results.now_iso()
+    run_id = args.run_id or _run_id(fp)
+    if not re.match(r"^[A-Za-z0-9._-]+$", run_id):
+        raise UsageError(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-'")
+    results_root = Path(args.results_dir) if args.results_dir else REPO / "results"
+    run_dir = results_root / run_id
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:
+        raise UsageError(f"{run_dir} already exists") from None
+    except OSError as e:
+        raise UsageError(f"cannot create {run_dir}: {e.strerror}") from None
+
+    origin = args.origin or results.DEFAULT_ORIGIN
+    checkout, build = results.checkout_and_build(fp, origin, source, started)
+    options = {"k": args.k, "requirement": args.requirement or [], "family": args.family or [],
+               "filter": args.filter, "duration": duration, "test_timeout": args.test_timeout,
+               "idle_timeout": args.idle_timeout, "retry_failed": args.retry_failed,
+               "batch_size": args.batch_size, "jobs": args.jobs, "target": args.target,
+               "suite_dir": str(suite_dir), "selection": _selection_text(args)}
+    base = {
+        "format": results.FORMAT, "format_version": results.FORMAT_VERSION, "run_id": run_id,
+        "complete": False,
+        "incomplete_reason": "the run did not finish (still running, or the runner was killed)",
+        "started": started, "finished": None, "command": sys.argv, "options": options,
+        "target": target.describe(), "fingerprint": fp, "checkout": checkout, "build": build,
+        "harness": {"version": _harness_version(), "catalogue": cat.path,
+                    "catalogue_sha256": _file_sha256(cat.path)},
+        "seeds": cat.seed_titles, "summary": {}, "requirements": [], "tests": [],
+        "batches": [], "problems": [],
+    }
+    results.write_json(run_dir / "run.json", base)   # marks the directory incomplete until the end
+
+    progress = Progress()
+    if not fp.get("kmsg", {}).get("readable"):
+        progress.note(f"cvmconf: kernel log not watched: {fp.get('kmsg', {}).get('error')}")
+    opts = ex.Options(test_timeout=args.test_timeout, idle_timeout=args.idle_timeout,
+                      duration=duration, batch_size=args.batch_size,
+                      retry_failed=args.retry_failed, jobs=args.jobs)
+    executor = ex.Executor(target, opts, progress, record=_saver(run_dir))
+    _, _, plugin = _collect(args, cat, target, executor)
+    plugin.progress = progress
+    interrupted = False
+    rc = None
+
+    def stop(signum, frame):   # SIGTERM/SIGHUP (a CI timeout): stop like Ctrl-C, kill batches
+        raise KeyboardInterrupt
+    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        rc = _pytest_session(args, plugin, suite_dir, binaries, collect_only=False)
+        interrupted = rc == 2
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if interrupted:
+            executor.interrupt()
+        executor.shutdown(cancel=interrupted)
+        progress.close()
+        target.close()
+
+    selected = {name: [i.test for i in items] for name, items in plugin.selected.items()}
+    if rc == 5 and not plugin.errors and not any(selected.values()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise UsageError("no test matches the filters" +
+                         (f" ({_selection_text(args)})" if _selection_text(args) else ""))
+
+    problems = list(executor.problems)
+    for e in plugin.errors:
+        problems.append({"batch": "-", "binary": e.split(":", 1)[0], "problem": e})
+    if rc not in (0, 1, 2, 5):
+        problems.append({"batch": "-", "binary": "-",
+                         "problem": f"pytest session ended with status {rc}"})
+    got = plugin.all_results()
+    run_results: list[gtest.TestResult] = []
+    entries: list[dict] = []
+    not_run = 0
+    not_run_reason = "the run was interrupted" if interrupted else "its batch never ran"
+    for b in binaries:
+        tests_here, reqs_here = plugin.listings.get(b.name, ([], {}))
+        res = got.get(b.name, {})
+        for t in selected.get(b.name, []):
+            r = res.get(t)
+            if r is None:
+                not_run += 1
+                entries.append(results.not_run_entry(b.name, t, reqs_here.get(t, []),
+                                                      f"not run: {not_run_reason}"))
+            else:
+                run_results.append(r)
+                entries.append(results.test_entry(r))
+    available: dict[str, list[str]] = {}
+    for name, (tests_here, reqs_here) in plugin.listings.items():
+        for t in tests_here:
+            for rid in reqs_here.get(t, []):
+                available.setdefault(rid, []).append(t)
+    sel_names = {t for ts in selected.values() for t in ts}
+    reqs = rollup.requirement_results(cat, run_results, available, sel_names,
+                                      not_run_reason if not_run else "")
+    complete = not interrupted and not plugin.errors and not_run == 0 and rc in (0, 1)
+    reasons = []
+    if interrupted:
+        reasons.append("interrupted")
+    if plugin.errors:
+        reasons.append("tests of some binaries could not be listed: " + "; ".join(plugin.errors))
+    if not_run:
+        reasons.append(f"{not_run} selected test(s) did not run")
+    if rc not in (0, 1, 2, 5):
+        reasons.append(f"the pytest session failed (status {rc})")
+    exit_code, verdict = results.verdict(reqs, entries, complete, problems)
+    summary = results.summary(reqs, entries)
+    summary.update({"verdict": verdict, "exit_code": exit_code,
+                    "exit_meaning": results.EXIT_MEANING[exit_code]})
+    run = dict(base)
+    run.update({
+        "complete": complete, "incomplete_reason": "; ".join(reasons) if not complete else None,
+        "finished": results.now_iso(), "summary": summary,
+        "requirements": [r.to_dict() for r in reqs], "tests": entries,
+        "batches": [rec.__dict__ for rec in executor.batches], "problems": problems,
+    })
+    _write_outputs(run, run_dir)
+    coverage = pincoverage.format_pin_coverage(pincoverage.pin_coverage(run_results))
+    if coverage:
+        print("\npin coverage (per backing and GUP flavour):")
+        print(coverage)
+    _print_summary(run, run_dir)
+    return exit_code
+
+
+def _print_summary(run: dict, run_dir: Path) -> None:
+    s = run["summary"]
+    print()
+    if not run["complete"]:
+        print(f"cvmconf: INCOMPLETE RUN: {run['incomplete_reason']}")
+    print(f"cvmconf: {s['verdict']}")
+    ro = ", ".join(f"{v} {k}" for k, v in s["requirement_outcomes"].items())
+    print(f"  requirements: {s['requirements']} ({ro}); {s['requirements_exercised']} exercised")
+    to = ", ".join(f"{v} {k}" for k, v in s["test_outcomes"].items())
+    print(f"  tests: {s['tests']} ({to})" + (f", {s['flaky']} flaky" if s["flaky"] else ""))
+    for t in run["tests"]:
+        p = t.get("properties") or {}
+        if "ops_per_sec" in p:
+            print(f"  throughput: {t['name']}: {p['ops_per_sec']} ops/s"
+                  + (f" over {p['iterations']} iterations" if p.get("iterations") else ""))
+    for p in run["problems"]:
+        print(f"  harness problem: {p['batch']} {p['binary']}: {p['problem']}")
+    try:
+        shown = run_dir.relative_to(Path.cwd())
+    except ValueError:
+        shown = run_dir
+    print(f"  results: {shown}/ (run.json, junit.xml, results.ktap, report.md, report.html)")
+
+
+# ---------------------------------------------------------------------------------------------
+# compare, export
+
+def cmd_compare(args) -> int:
+    from cvmconf import compare, results
+    base = results.load(args.base)
+    new = results.load(args.new)
+    diff = compare.compare(base, new)
+    compare.write(diff, args.markdown, args.json)
+    if args.format == "json":
+        sys.stdout.write(compare.render_json(diff))
+    else:
+        sys.stdout.write(compare.render_markdown(diff))
+    return EXIT_NONCONFORMANCE if diff["regression"] else EXIT_OK
+
+
+def cmd_export(args) -> int:
+    from cvmconf import kcidb, results
+    if not args.kcidb:
+        raise UsageError("export: say which format (--kcidb)")
+    run = results.load(args.run_dir)
+    try:
+        data = kcidb.export(run, args.origin)
+    except kcidb.KcidbError as e:
+        raise UsageError(f"KCIDB export: {e}") from None
+    text = json.dumps(data, indent=1) + "\n"
+    if args.output == "-":
+        sys.stdout.write(text)
+        return EXIT_OK
+    out = Path(args.output) if args.output else Path(args.run_dir) / "kcidb.json"
+    out.write_text(text, encoding="utf-8")
+    print(f"cvmconf: wrote {out} ({len(data['tests'])} tests, KCIDB v{data['version']['major']}."
+          f"{data['version']['minor']})")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _add_selection(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-k", metavar="EXPR",
+                   help="pytest keyword expression over test names, requirement IDs and families")
+    p.add_argument("--requirement", action="append", metavar="ID",
+                   help="only tests that check this requirement (repeatable)")
+    p.add_argument("--family", action="append", metavar="NAME",
+                   help="only tests of this catalogue family (repeatable)")
+    p.add_argument("--filter", metavar="GTEST_FILTER",
+                   help="GoogleTest-style filter on test names ('POS:POS-NEG:NEG')")
+    p.add_argument("--target", default="local", help="where the suites run (default: local)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cvmconf", description=__doc__)
+    p = argparse.ArgumentParser(prog="cvmconf", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--build-dir", help="build tree (default: ./build or $CVMCONF_BUILD_DIR)")
     p.add_argument("--catalogue", help="requirement catalogue (default: suites/requirements.yaml)")
+    p.add_argument("--suite-dir", help="directory of cvm_suite_* binaries (default: BUILD/suites)")
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run the conformance suites on this host")
-    r.add_argument("--filter", help="GoogleTest filter")
-    r.add_argument("--timeout", type=int, default=1800, help="seconds per suite binary")
+
+    r = sub.add_parser("run", help="run the conformance suites and write results/<run-id>/")
+    _add_selection(r)
+    r.add_argument("--duration", type=int, metavar="S",
+                   help="stress budget in seconds for stress tests (CVMCONF_DURATION)")
+    r.add_argument("--test-timeout", type=float, default=300.0, metavar="S",
+                   help="seconds one test may run, plus 2x --duration (default 300)")
+    r.add_argument("--idle-timeout", type=float, default=120.0, metavar="S",
+                   help="seconds a binary may run with no test running (default 120)")
+    r.add_argument("--retry-failed", type=int, default=0, metavar="N",
+                   help="re-run failing tests up to N times to mark flaky ones")
+    r.add_argument("--batch-size", type=int, default=256, metavar="N",
+                   help="tests per batch before a binary is sharded (default 256)")
+    r.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="batches run at the same time (default 1: kernel-log lines stay "
+                        "attributable to one test)")
+    r.add_argument("--results-dir", help="where run directories go (default: results/)")
+    r.add_argument("--run-id", help="name of the run directory (default: time-kernel-random)")
+    r.add_argument("--message-id", help="Message-ID of the patch series under test (KCIDB)")
+    r.add_argument("--patch", action="append", metavar="FILE",
+                   help="a patch of the series, in order (for KCIDB's patchset_hash)")
+    r.add_argument("--tree-name", help="kernel tree name, e.g. mainline, kvm-next (KCIDB)")
+    r.add_argument("--git-url", help="kernel git repository URL (KCIDB)")
+    r.add_argument("--git-commit", help="kernel commit hash (KCIDB)")
+    r.add_argument("--git-branch", help="kernel branch (KCIDB)")
+    r.add_argument("--origin", help="KCIDB origin (default: cvmconf)")
     r.set_defaults(func=cmd_run)
+
     l = sub.add_parser("list", help="list tests and requirements without running anything")
+    _add_selection(l)
     l.set_defaults(func=cmd_list)
+
     c = sub.add_parser("check-catalogue",
                        help="check that the catalogue and the tests' requirement IDs agree")
     c.add_argument("--seeds-dir", help="also check that cited seed files exist there")
     c.set_defaults(func=cmd_check_catalogue)
+
+    cp = sub.add_parser("compare", help="compare two result directories (BASE, NEW)")
+    cp.add_argument("base", help="results/<run-id> of the baseline run")
+    cp.add_argument("new", help="results/<run-id> of the run to judge")
+    cp.add_argument("--format", choices=("markdown", "json"), default="markdown",
+                    help="what to print on stdout (default markdown)")
+    cp.add_argument("--markdown", metavar="FILE", help="also write the Markdown here")
+    cp.add_argument("--json", metavar="FILE", help="also write the JSON here")
+    cp.set_defaults(func=cmd_compare)
+
+    e = sub.add_parser("export", help="export a run (KCIDB)")
+    e.add_argument("--kcidb", action="store_true", help="KernelCI KCIDB v5 JSON")
+    e.add_argument("run_dir", help="results/<run-id>")
+    e.add_argument("-o", "--output", help="output file (default RUN_DIR/kcidb.json; '-' = stdout)")
+    e.add_argument("--origin", help="KCIDB origin (default: the run's, cvmconf)")
+    e.set_defaults(func=cmd_export)
     return p
 
 
@@ -113,3 +509,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cvmconf: interrupted", file=sys.stderr)
         return EXIT_HARNESS
+    except BrokenPipeError:
+        return EXIT_OK

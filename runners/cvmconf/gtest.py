@@ -1,10 +1,13 @@
-"""GoogleTest suite binaries: discovery, the requirement listing (--cvm_list_requirements), and
-the JSON report (--gtest_output=json) turned into per-test results."""
+"""GoogleTest suite binaries: discovery, the test list (--gtest_list_tests), the requirement
+listing (--cvm_list_requirements), and the JSON report (--gtest_output=json) turned into per-test
+results. Every parser here raises ReportError with one line on input it cannot understand."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -14,6 +17,7 @@ SUITE_PREFIX = "cvm_suite_"
 
 PASS, FAIL, ERROR, TIMEOUT, SKIP = "PASS", "FAIL", "ERROR", "TIMEOUT", "SKIP"
 OUTCOMES = (PASS, FAIL, ERROR, TIMEOUT, SKIP)
+BROKEN = (ERROR, TIMEOUT)
 
 
 @dataclasses.dataclass
@@ -27,52 +31,183 @@ class TestResult:
     skip_reason: str = ""
     kernel_log: list[str] = dataclasses.field(default_factory=list)
     properties: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Added by the runner:
+    evidence: dict[str, str] = dataclasses.field(default_factory=dict)  # exit status, output tail...
+    start_time: str = ""       # ISO 8601 wall clock, when known
+    batch: str = ""            # label of the batch that produced this result
+    attempts: list[dict] = dataclasses.field(default_factory=list)  # --retry-failed re-runs
+    flaky: bool = False        # failed, then passed on a retry
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TestResult":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+
+class ReportError(ValueError):
+    """Output of a suite binary (test list, requirement list, JSON report) that cannot be
+    understood. The message is one line."""
 
 
 def suite_binaries(build_dir: str | os.PathLike) -> list[Path]:
-    d = Path(build_dir) / "suites"
+    """The conformance suites of a build tree (build/suites/cvm_suite_*)."""
+    return suite_binaries_in(Path(build_dir) / "suites")
+
+
+def suite_binaries_in(suite_dir: str | os.PathLike) -> list[Path]:
+    d = Path(suite_dir)
     if not d.is_dir():
         raise HarnessError(f"no suite binaries: {d} does not exist (build first: ./cvmconf build)")
     bins = sorted(p for p in d.iterdir()
                   if p.name.startswith(SUITE_PREFIX) and p.is_file() and os.access(p, os.X_OK))
     if not bins:
-        raise HarnessError(f"no suite binaries in {d}")
+        raise HarnessError(f"no suite binaries ({SUITE_PREFIX}*) in {d}")
     return bins
+
+
+def family_of(binary: str) -> str:
+    """cvm_suite_gmem_mmap -> gmem_mmap"""
+    return binary[len(SUITE_PREFIX):] if binary.startswith(SUITE_PREFIX) else binary
+
+
+# ---------------------------------------------------------------------------------------------
+# --gtest_list_tests
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_/]+$")
+
+
+def parse_test_list(text: str) -> list[str]:
+    """Parses `--gtest_list_tests` output into full test names, in execution order.
+
+    The format is a suite line ("Prefix/Suite." optionally followed by "  # TypeParam = ...")
+    followed by indented test lines ("  Name/param" optionally followed by "  # GetParam() = ...").
+    DISABLED_ tests are left out (they do not run)."""
+    if not isinstance(text, str):
+        raise ReportError("test list is not text")
+    names: list[str] = []
+    seen: set[str] = set()
+    suite: str | None = None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.startswith("  "):
+            name = line[2:].split("  #", 1)[0].strip()
+            if suite is None:
+                raise ReportError(f"test list line {n}: test name before any test suite")
+            if not _NAME_RE.match(name):
+                raise ReportError(f"test list line {n}: not a GoogleTest test name: {name[:80]!r}")
+            full = f"{suite}.{name}"
+            if full in seen:
+                raise ReportError(f"test list line {n}: test {full[:120]} listed twice")
+            seen.add(full)
+            if not any(p.startswith("DISABLED_") for p in [*suite.split("/"), name]):
+                names.append(full)
+        else:
+            s = line.split("  #", 1)[0].strip()
+            if not s.endswith(".") or not _NAME_RE.match(s[:-1]):
+                raise ReportError(f"test list line {n}: not a GoogleTest suite line: {s[:80]!r}")
+            suite = s[:-1]
+    return names
+
+
+def list_tests(binary: str | os.PathLike) -> list[str]:
+    out = _run_listing(binary, ["--gtest_list_tests"])
+    try:
+        return parse_test_list(out)
+    except ReportError as e:
+        raise HarnessError(f"{Path(binary).name}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# --cvm_list_requirements
+
+def parse_requirement_list(text: str) -> dict[str, list[str]]:
+    """Parses `--cvm_list_requirements` output: {"tests": [{"name": ..., "requirements": [...]}]}."""
+    try:
+        data = json.loads(text)
+    except (ValueError, TypeError):
+        raise ReportError("requirement list is not JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("tests"), list):
+        raise ReportError("requirement list has no 'tests' list")
+    out: dict[str, list[str]] = {}
+    for i, t in enumerate(data["tests"]):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or \
+                not isinstance(t.get("requirements"), list) or \
+                not all(isinstance(r, str) for r in t["requirements"]):
+            raise ReportError(f"requirement list entry {i + 1} is malformed")
+        out[t["name"]] = list(t["requirements"])
+    return out
+
+
+def _run_listing(binary: str | os.PathLike, args: list[str]) -> str:
+    try:
+        out = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=60,
+                             check=False, errors="replace")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise HarnessError(f"{binary}: cannot list tests: {e}") from None
+    if out.returncode != 0:
+        raise HarnessError(f"{binary}: {' '.join(args)} exited {out.returncode}")
+    return out.stdout
 
 
 def list_requirements(binary: str | os.PathLike) -> dict[str, list[str]]:
     """Test full name -> requirement IDs, from the binary itself (nothing runs)."""
+    out = _run_listing(binary, ["--cvm_list_requirements"])
     try:
-        out = subprocess.run([str(binary), "--cvm_list_requirements"], capture_output=True,
-                             text=True, timeout=60, check=False)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise HarnessError(f"{binary}: cannot list tests: {e}") from None
-    if out.returncode != 0:
-        raise HarnessError(f"{binary}: --cvm_list_requirements exited {out.returncode}")
-    try:
-        data = json.loads(out.stdout)
-        return {t["name"]: list(t["requirements"]) for t in data["tests"]}
-    except (ValueError, KeyError, TypeError):
+        return parse_requirement_list(out)
+    except ReportError:
         raise HarnessError(f"{binary}: --cvm_list_requirements printed malformed JSON") from None
 
 
-class ReportError(ValueError):
-    """A GoogleTest JSON report that cannot be understood."""
-
+# ---------------------------------------------------------------------------------------------
+# --gtest_output=json
 
 def _seconds(value) -> float:
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str) and value.endswith("s"):
+    v = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        v = float(value)
+    elif isinstance(value, str) and value.endswith("s"):
         try:
-            return float(value[:-1])
+            v = float(value[:-1])
         except ValueError:
-            pass
-    raise ReportError(f"bad time value {value!r}")
+            v = None
+    if v is None or not math.isfinite(v) or v < 0:
+        raise ReportError(f"bad time value {str(value)[:40]!r}")
+    return v
 
 
 STANDARD_KEYS = {"name", "file", "line", "status", "result", "timestamp", "time", "classname",
                  "failures", "skipped", "value_param", "type_param"}
+
+
+def outcome_of(failures: list[str], skipped: bool) -> str:
+    """The one rule that turns GoogleTest's view of a test into an outcome (shared by the JSON
+    report and the event stream): any failure is FAIL, then SKIP, else PASS."""
+    if failures:
+        return FAIL
+    return SKIP if skipped else PASS
+
+
+def split_properties(props: dict[str, str]) -> dict:
+    """Separates the properties every suite records from the test-specific ones."""
+    props = dict(props)
+    return {
+        "requirements": props.pop("requirements", "").split(),
+        "skip_reason": props.pop("skip_reason", ""),
+        "kernel_log": [l for l in props.pop("kernel_log", "").split("\n") if l],
+        "properties": props,
+    }
+
+
+def _prop_value(v) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (int, float, bool)) or v is None:
+        return json.dumps(v)
+    raise ReportError(f"property value of type {type(v).__name__}")
 
 
 def parse_report_data(data, binary: str) -> list[TestResult]:
@@ -86,64 +221,75 @@ def parse_report_data(data, binary: str) -> list[TestResult]:
             raise ReportError("malformed test suite entry")
         for t in suite["testsuite"]:
             if not isinstance(t, dict) or not isinstance(t.get("name"), str):
-                raise ReportError(f"malformed test entry in suite {suite['name']}")
+                raise ReportError(f"malformed test entry in suite {suite['name'][:80]}")
+            tname = f"{suite['name']}.{t['name']}"[:160]
             status = t.get("status")
             result = t.get("result", "COMPLETED")
             if status not in ("RUN", "NOTRUN") or not isinstance(result, str):
-                raise ReportError(f"test {suite['name']}.{t['name']}: bad status/result")
+                raise ReportError(f"test {tname}: bad status/result")
             if status == "NOTRUN" or result == "SUPPRESSED":
                 continue  # filtered out or disabled: not part of this run
+            if result not in ("COMPLETED", "SKIPPED"):
+                raise ReportError(f"test {tname}: unknown result {result[:40]!r}")
             failures = t.get("failures", [])
             if not isinstance(failures, list):
-                raise ReportError(f"test {t['name']}: 'failures' must be a list")
+                raise ReportError(f"test {tname}: 'failures' must be a list")
             msgs = []
             for f in failures:
                 if not isinstance(f, dict):
-                    raise ReportError(f"test {t['name']}: malformed failure entry")
-                msgs.append(str(f.get("failure", f.get("message", ""))))
-            props = {k: str(v) for k, v in t.items() if k not in STANDARD_KEYS}
-            if msgs:
-                outcome = FAIL
-            elif result == "SKIPPED":
-                outcome = SKIP
-            elif result == "COMPLETED":
-                outcome = PASS
-            else:
-                raise ReportError(f"test {t['name']}: unknown result {result!r}")
+                    raise ReportError(f"test {tname}: malformed failure entry")
+                m = f.get("failure", f.get("message", ""))
+                if not isinstance(m, str):
+                    raise ReportError(f"test {tname}: failure message is not text")
+                msgs.append(m)
+            props = {k: _prop_value(v) for k, v in t.items() if k not in STANDARD_KEYS}
+            split = split_properties(props)
             results.append(TestResult(
                 name=f"{suite['name']}.{t['name']}",
                 binary=binary,
-                outcome=outcome,
+                outcome=outcome_of(msgs, result == "SKIPPED"),
                 duration=_seconds(t.get("time", "0s")),
-                requirements=props.pop("requirements", "").split(),
                 messages=msgs,
-                skip_reason=props.pop("skip_reason", ""),
-                kernel_log=[l for l in props.pop("kernel_log", "").split("\n") if l],
-                properties=props))
+                start_time=t["timestamp"] if isinstance(t.get("timestamp"), str) else "",
+                **split))
     return results
+
+
+def parse_report_text(text: str, binary: str) -> list[TestResult]:
+    try:
+        data = json.loads(text)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise ReportError(f"report is not JSON ({e.__class__.__name__})") from None
+    return parse_report_data(data, binary)
 
 
 def parse_report(path: str | os.PathLike, binary: str) -> list[TestResult]:
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            text = f.read()
     except FileNotFoundError:
         raise ReportError(f"no report at {path}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ReportError(f"{path}: not JSON ({e.__class__.__name__})") from None
-    return parse_report_data(data, binary)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path}: unreadable ({e.__class__.__name__})") from None
+    return parse_report_text(text, binary)
 
+
+# ---------------------------------------------------------------------------------------------
+# cvm-probe
 
 def probe(build_dir: str | os.PathLike) -> dict:
     """The kernel capability probe (cvm-probe) as a dict."""
     exe = Path(build_dir) / "bin" / "cvm-probe"
     if not exe.exists():
         raise HarnessError(f"{exe} is missing (build first)")
-    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120, check=False)
     try:
-        return json.loads(out.stdout)
+        data = json.loads(out.stdout)
     except ValueError:
         raise HarnessError("cvm-probe printed malformed JSON") from None
+    if not isinstance(data, dict):
+        raise HarnessError("cvm-probe printed malformed JSON")
+    return data
 
 
 def require_kvm(caps: dict) -> None:

@@ -97,3 +97,19 @@ def test_cross_check_reports_each_kind_of_disagreement(tmp_path):
     assert "P/Bare.Test/x: names no requirement" in text
     problems = catalogue.cross_check(cat, {"P/Else.Test/x": ["MMAP-001"]})
     assert any("matches no test" in p for p in problems)
+
+
+def test_seed_titles_must_cover_every_cited_seed(tmp_path):
+    titled = HEADER.replace("requirements:\n", "seeds: {000_x.txt: a thread}\nrequirements:\n")
+    cat = catalogue.load(write(tmp_path, titled + GOOD))
+    assert cat.seed_titles == {"000_x.txt": "a thread"}
+    other = HEADER.replace("requirements:\n", "seeds: {001_y.txt: other}\nrequirements:\n")
+    with pytest.raises(UsageError, match="not listed under 'seeds'"):
+        catalogue.load(write(tmp_path, other + GOOD))
+    with pytest.raises(UsageError, match="must map seed files to titles"):
+        catalogue.load(write(tmp_path, HEADER.replace("requirements:\n", "seeds: [a]\nrequirements:\n") + GOOD))
+
+
+def test_real_catalogue_titles_every_seed():
+    cat = catalogue.load()
+    assert {s for r in cat.requirements for s in r.seeds} <= set(cat.seed_titles)

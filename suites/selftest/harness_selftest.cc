@@ -62,6 +62,13 @@ TEST(KmsgInner, DISABLED_WritesHarmlessLine) {
   ASSERT_TRUE(kmsg_write(line).ok());
 }
 
+// Writes a self-test marker line that belongs to some other cvmconf process.
+TEST(KmsgInner, DISABLED_WritesAnotherRunsMarker) {
+  const char* line = std::getenv("CVM_SELFTEST_FOREIGN_LINE");
+  ASSERT_NE(line, nullptr);
+  ASSERT_TRUE(kmsg_write(line).ok());
+}
+
 TEST(GuestInner, DISABLED_GuestAssertionFails) {
   auto kvm = Kvm::open();
   ASSERT_TRUE(kvm.ok()) << kvm.error();
@@ -95,6 +102,18 @@ TEST(KmsgListenerSelftest, HarmlessKernelLogLineIsRecordedButPasses) {
   ASSERT_FALSE(t.is_null());
   EXPECT_EQ(failure_text(t), "");
   EXPECT_NE(t.value("kernel_log", "").find(line), std::string::npos) << t.dump(1);
+}
+
+TEST(KmsgListenerSelftest, AnotherRunsSelftestMarkerDoesNotFailATest) {
+  if (!kmsg_writable()) GTEST_SKIP() << "capability absent: /dev/kmsg read/write (needs root)";
+  std::string mine = "WARNING: cvmconf selftest mine-" + std::to_string(getpid());
+  std::string foreign = "WARNING: cvmconf selftest foreign-" + std::to_string(getpid());
+  testing::expect_kernel_log(foreign);
+  auto t = run_inner("KmsgInner.DISABLED_WritesAnotherRunsMarker",
+                     "CVM_SELFTEST_LINE='" + mine + "' CVM_SELFTEST_FOREIGN_LINE='" + foreign + "'");
+  ASSERT_FALSE(t.is_null());
+  EXPECT_EQ(failure_text(t), "") << "another run's self-test line must not fail this test";
+  EXPECT_NE(t.value("kernel_log", "").find(foreign), std::string::npos) << "but it is recorded";
 }
 
 // The guest file and line of the assertion in assert_fail (marked CVM-SELFTEST-ASSERT-LINE).

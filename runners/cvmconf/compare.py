@@ -1,0 +1,160 @@
+"""`cvmconf compare BASE NEW`: what changed between two runs (e.g. a kernel without and with a
+patch series), per test and per requirement.
+
+  regressions       a test that passed in BASE fails, errors or times out in NEW; or a test that
+                    did not fail in BASE (skipped, absent, broken) fails in NEW
+  fixes             a test that failed, errored or timed out in BASE passes in NEW
+  newly exercised   a test skipped or absent in BASE that ran to a verdict in NEW
+  newly skipped     a test that ran to a verdict in BASE and is skipped in NEW (lost coverage)
+  changed evidence  same outcome, different failure messages, skip reason or properties
+  added / removed   tests present on one side only (and not counted above)
+
+A test marked flaky in NEW (it failed, then passed on a retry) stays a regression, marked flaky.
+The exit status is 1 when there is a regression (of a test, or of a MUST/SHOULD requirement's
+roll-up), else 0; a test that names only INFO requirements is listed but does not count.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jinja2
+
+from cvmconf.gtest import ERROR, FAIL, PASS, SKIP, TIMEOUT
+from cvmconf.report import TEMPLATES
+from cvmconf.rollup import NOT_RUN
+
+BAD = (FAIL, ERROR, TIMEOUT)
+VERDICT = (PASS, FAIL)
+# Properties that legitimately differ from run to run; not "changed evidence".
+VOLATILE_PROPERTIES = {"kernel_log", "kmsg_lost", "ops_per_sec", "iterations", "seed",
+                       "elapsed", "timestamp"}
+
+
+def _key(t: dict) -> str:
+    return f"{t['binary']}:{t['name']}"
+
+
+def _evidence(t: dict) -> dict:
+    props = {k: v for k, v in (t.get("properties") or {}).items() if k not in VOLATILE_PROPERTIES}
+    return {"messages": [m for m in t.get("messages", [])],
+            "skip_reason": t.get("skip_reason", ""), "properties": props}
+
+
+def _entry(key: str, b: dict | None, n: dict | None) -> dict:
+    t = n or b
+    return {"test": t["name"], "binary": t["binary"], "requirements": t.get("requirements", []),
+            "base": b["outcome"] if b else None, "new": n["outcome"] if n else None,
+            "flaky": bool(n and n.get("flaky")), "new_message": _message(n)}
+
+
+def _message(t: dict | None) -> str:
+    if not t:
+        return ""
+    msgs = [m for m in t.get("messages", []) if m.strip()]
+    text = msgs[0] if msgs else t.get("skip_reason", "")
+    return " ".join(text.split())[:300]
+
+
+def compare(base: dict, new: dict) -> dict:
+    bt = {_key(t): t for t in base["tests"]}
+    nt = {_key(t): t for t in new["tests"]}
+    levels = {r["id"]: r.get("level") for r in base["requirements"]}
+    levels.update({r["id"]: r.get("level") for r in new["requirements"]})
+
+    def info_only(t: dict) -> bool:
+        ids = t.get("requirements") or []
+        return bool(ids) and all(levels.get(i) == "INFO" for i in ids)
+    out = {k: [] for k in ("regressions", "fixes", "newly_exercised", "newly_skipped",
+                           "changed_evidence", "added", "removed")}
+    for key in sorted(set(bt) | set(nt)):
+        b, n = bt.get(key), nt.get(key)
+        bo = b["outcome"] if b else None
+        no = n["outcome"] if n else None
+        e = _entry(key, b, n)
+        e["info_only"] = info_only(n or b)
+        if n is None:
+            out["removed"].append(e)
+            continue
+        if (bo == PASS and no in BAD) or (bo != FAIL and no == FAIL):
+            out["regressions"].append(e)
+        elif bo in BAD and no == PASS:
+            out["fixes"].append(e)
+        elif bo in (SKIP, NOT_RUN, None) and no in VERDICT:
+            out["newly_exercised"].append(e)
+        elif bo in VERDICT and no == SKIP:
+            out["newly_skipped"].append(e)
+        elif b is None:
+            out["added"].append(e)
+        elif bo == no and _evidence(b) != _evidence(n):
+            eb, en = _evidence(b), _evidence(n)
+            e["changes"] = sorted(k for k in eb if eb[k] != en[k])
+            out["changed_evidence"].append(e)
+    br = {r["id"]: r for r in base["requirements"]}
+    nr = {r["id"]: r for r in new["requirements"]}
+    reqs = []
+    for rid in sorted(set(br) | set(nr)):
+        b, n = br.get(rid), nr.get(rid)
+        bo = b["outcome"] if b else None
+        no = n["outcome"] if n else None
+        if bo == no:
+            continue
+        kind = ("regression" if (bo == PASS and no in BAD) or (bo != FAIL and no == FAIL) else
+                "fix" if bo in BAD and no == PASS else
+                "newly exercised" if (not (b and b.get("exercised")) and n and n.get("exercised")) else
+                "newly not exercised" if (b and b.get("exercised") and not (n and n.get("exercised")))
+                else "changed")
+        reqs.append({"id": rid, "level": (n or b).get("level"), "base": bo, "new": no,
+                     "kind": kind, "reason": (n or {}).get("reason", "")})
+    out["requirements"] = reqs
+    req_regressions = [r for r in reqs if r["kind"] == "regression"
+                       and r.get("level") in ("MUST", "SHOULD")]
+
+    def side(run):
+        fp = run.get("fingerprint", {})
+        k = fp.get("kernel", {})
+        return {"run_id": run["run_id"], "complete": run.get("complete"),
+                "incomplete_reason": run.get("incomplete_reason"),
+                "kernel": k.get("release"), "kernel_version": k.get("version"),
+                "config_sha256": k.get("config_sha256"), "arch": fp.get("arch"),
+                "platforms": fp.get("platforms", {}).get("labels", []),
+                "message_id": run.get("checkout", {}).get("message_id"),
+                "verdict": run.get("summary", {}).get("verdict")}
+    out["base"] = side(base)
+    out["new"] = side(new)
+    notes = []
+    if out["base"]["arch"] != out["new"]["arch"]:
+        notes.append("the runs are on different architectures")
+    if set(out["base"]["platforms"]) != set(out["new"]["platforms"]):
+        notes.append("the runs detected different platforms: "
+                     f"{', '.join(out['base']['platforms']) or 'none'} vs "
+                     f"{', '.join(out['new']['platforms']) or 'none'}")
+    for s in ("base", "new"):
+        if not out[s]["complete"]:
+            notes.append(f"{s.upper()} run is incomplete: {out[s]['incomplete_reason']}")
+    out["notes"] = notes
+    # INFO requirements never count towards conformance: their tests are listed, not counted.
+    out["regression"] = bool([e for e in out["regressions"] if not e["info_only"]]
+                             or req_regressions)
+    out["counts"] = {k: len(out[k]) for k in ("regressions", "fixes", "newly_exercised",
+                                              "newly_skipped", "changed_evidence", "added",
+                                              "removed")}
+    return out
+
+
+def render_markdown(diff: dict) -> str:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=False,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                             undefined=jinja2.StrictUndefined)
+    return env.get_template("compare.md.j2").render(d=diff)
+
+
+def render_json(diff: dict) -> str:
+    return json.dumps(diff, indent=1) + "\n"
+
+
+def write(diff: dict, markdown: str | None, json_path: str | None) -> None:
+    if markdown:
+        Path(markdown).write_text(render_markdown(diff), encoding="utf-8")
+    if json_path:
+        Path(json_path).write_text(render_json(diff), encoding="utf-8")

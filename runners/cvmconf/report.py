@@ -1,0 +1,175 @@
+"""report.md and report.html from run.json, rendered with jinja2 templates in results/templates/
+(HTML with autoescaping: every string from a test, a kernel log or a probe is shown as text)."""
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+
+import jinja2
+
+from cvmconf import gtest, pincoverage
+from cvmconf.progress import printable
+from cvmconf.rollup import ORDER
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "results" / "templates"
+BAD = (gtest.FAIL, gtest.ERROR, gtest.TIMEOUT)
+
+
+def seed_tag(seed: str) -> str:
+    m = re.match(r"^(\d+)_", seed)
+    return m.group(1) if m else seed
+
+
+def counts_text(c: dict) -> str:
+    return "/".join(str(c.get(o, 0)) for o in ("PASS", "FAIL", "ERROR", "TIMEOUT", "SKIP"))
+
+
+def _first_lines(text: str, n: int = 40) -> list[str]:
+    lines = printable(text.rstrip()).splitlines()
+    return lines if len(lines) <= n else lines[:n] + [f"[... {len(lines) - n} more lines]"]
+
+
+def test_view(t: dict) -> dict:
+    props = dict(t.get("properties") or {})
+    evidence = dict(t.get("evidence") or {})
+    rerun = f"{t['binary']} --gtest_filter='{t['name']}'"
+    output = evidence.pop("output_tail", "")
+    return {
+        "binary": t["binary"], "family": gtest.family_of(t["binary"]), "name": t["name"],
+        "outcome": t["outcome"], "duration": float(t.get("duration") or 0),
+        "requirements": t.get("requirements", []),
+        "messages": [_first_lines(m) for m in t.get("messages", [])],
+        "skip_reason": printable(t.get("skip_reason", "")),
+        "kernel_log": [printable(l) for l in t.get("kernel_log", [])],
+        "properties": sorted((k, printable(v)) for k, v in props.items()),
+        "evidence": sorted((k, printable(v)) for k, v in evidence.items()),
+        "output": _first_lines(output, 60) if output else [], "rerun": rerun,
+        "platform": props.get("platform", ""), "flaky": bool(t.get("flaky")),
+        "attempts": t.get("attempts") or [],
+    }
+
+
+def environment(run: dict) -> list[tuple[str, str]]:
+    fp = run.get("fingerprint", {})
+    k = fp.get("kernel", {})
+    rows = []
+    cfg = (f"config sha256 {k['config_sha256'][:16]} ({k.get('config_source')})"
+           if k.get("config_sha256") else f"config unknown ({k.get('config_error') or 'unreadable'})")
+    rows.append(("Kernel", f"{k.get('release', '?')} ({fp.get('arch', '?')}), {cfg}"))
+    if k.get("version"):
+        rows.append(("Build", k["version"]))
+    plat = fp.get("platforms", {})
+    det = ", ".join(f"{d['platform']} ({d['vm_type']})" for d in plat.get("detected", [])) or "none"
+    rows.append(("Platform", det))
+    un = sorted({u["platform"] for u in plat.get("unavailable", [])})
+    if un:
+        rows.append(("Not offered", ", ".join(un)))
+    for note in plat.get("notes", []):
+        rows.append(("Note", note))
+    if fp.get("cpu_model"):
+        rows.append(("CPU", f"{fp['cpu_model']} ({fp.get('cpus')} CPUs)"))
+    kvm = fp.get("kvm", {})
+    caps = kvm.get("system_caps", {}) or {}
+    if caps:
+        rows.append(("KVM caps", ", ".join(f"{k2.replace('KVM_CAP_', '')}={v}"
+                                             for k2, v in sorted(caps.items()))))
+    pins = fp.get("pin_providers", [])
+    if pins:
+        rows.append(("Pin providers", "; ".join(
+            f"{p.get('name')}: {'available' if p.get('available') else 'absent'}"
+            f" ({p.get('kind') if p.get('available') else p.get('reason', '')})" for p in pins)))
+    if fp.get("hugetlb_sizes_kib") is not None:
+        rows.append(("hugetlb sizes", ", ".join(f"{s} kB" for s in fp["hugetlb_sizes_kib"]) or "none"))
+    km = fp.get("kmsg", {})
+    rows.append(("Kernel log", "watched" if km.get("readable") else f"NOT watched: {km.get('error')}"))
+    co = run.get("checkout", {})
+    if co.get("message_id"):
+        rows.append(("Patch series", f"Message-ID <{co['message_id']}>"))
+    if co.get("patchset_hash"):
+        rows.append(("Patchset hash", co["patchset_hash"]))
+    for key, label in (("tree_name", "Tree"), ("git_commit_hash", "Commit"),
+                       ("git_repository_branch", "Branch"), ("git_repository_url", "Repository")):
+        if co.get(key):
+            rows.append((label, co[key]))
+    rows.append(("Target", run.get("target", {}).get("kind", "?")))
+    o = run.get("options", {})
+    if o.get("duration") is not None:
+        rows.append(("Stress budget", f"{o['duration']} s per stress test"))
+    sel = o.get("selection")
+    if sel:
+        rows.append(("Selection", sel))
+    return rows
+
+
+def pin_coverage(run: dict) -> list:
+    """The pin suites' coverage rows (requirement x backing x GUP flavour), from run.json."""
+    results = [gtest.TestResult.from_dict(t) for t in run["tests"]]
+    return pincoverage.pin_coverage(results)
+
+
+def view(run: dict) -> dict:
+    tests = {f"{t['binary']}:{t['name']}": t for t in run["tests"]}
+    reqs = sorted(run["requirements"], key=lambda r: (ORDER.index(r["outcome"])
+                                                      if r["outcome"] in ORDER else 99, r["id"]))
+    seeds_cited: list[str] = []
+    for r in reqs:
+        for s in r.get("seeds", []):
+            if s not in seeds_cited:
+                seeds_cited.append(s)
+    titles = run.get("seeds", {})
+    req_rows = []
+    for r in reqs:
+        rtests = [test_view(tests[k]) for k in r.get("tests", []) if k in tests]
+        req_rows.append({
+            **r, "counts_text": counts_text(r.get("counts", {})),
+            "seed_tags": [seed_tag(s) for s in r.get("seeds", [])],
+            "tests_view": rtests,
+            "bad_tests": [t for t in rtests if t["outcome"] in BAD],
+            "statement_wrapped": textwrap.wrap(r.get("statement", ""), 88),
+            "reason_wrapped": textwrap.wrap(r.get("reason", ""), 88),
+        })
+    linked = {k for r in reqs for k in r.get("tests", [])}
+    orphans = [test_view(t) for k, t in tests.items() if k not in linked and t["outcome"] in BAD]
+    stress = []
+    for t in run["tests"]:
+        p = t.get("properties") or {}
+        if "ops_per_sec" in p or "iterations" in p:
+            stress.append({"binary": t["binary"], "name": t["name"], "outcome": t["outcome"],
+                           "iterations": p.get("iterations", ""),
+                           "ops_per_sec": p.get("ops_per_sec", ""), "seed": p.get("seed", ""),
+                           "duration": float(t.get("duration") or 0)})
+    s = run["summary"]
+    return {
+        "run": run, "env": environment(run), "reqs": req_rows,
+        "failing": [r for r in req_rows if r["outcome"] in BAD], "orphans": orphans,
+        "not_exercised": [r for r in req_rows if not r["exercised"]],
+        "seeds": [{"file": sd, "tag": seed_tag(sd), "title": titles.get(sd, "")}
+                  for sd in sorted(seeds_cited)],
+        "stress": stress, "problems": run.get("problems", []), "summary": s,
+        "flaky": [test_view(t) for t in run["tests"] if t.get("flaky")],
+        "pin_rows": pin_coverage(run),
+        "pin_table": pincoverage.format_pin_coverage(pin_coverage(run)),
+        "outcomes": list(ORDER),
+    }
+
+
+def _env(autoescape: bool) -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+                             autoescape=autoescape, trim_blocks=True, lstrip_blocks=True,
+                             keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    env.filters["pad"] = lambda v, n: str(v).ljust(n)
+    return env
+
+
+def render_markdown(run: dict) -> str:
+    return _env(False).get_template("report.md.j2").render(**view(run))
+
+
+def render_html(run: dict) -> str:
+    return _env(True).get_template("report.html.j2").render(**view(run))
+
+
+def write(run: dict, run_dir: Path) -> None:
+    (run_dir / "report.md").write_text(render_markdown(run), encoding="utf-8")
+    (run_dir / "report.html").write_text(render_html(run), encoding="utf-8")

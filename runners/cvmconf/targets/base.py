@@ -1,0 +1,115 @@
+"""The target interface: where suite binaries run (this host, a QEMU guest, a libvirt domain).
+
+A target executes *batch plans* (data: which binary, which GoogleTest filter or shard, which
+environment, which timeouts) and hands back *raw batch outputs* (GoogleTest JSON text, event
+stream text, output tail, kernel-log lines, exit status, why it was killed). Everything after that
+(crash attribution, re-running the rest of a broken batch, outcomes, reports) is target-independent
+and lives in cvmconf.executor and the report modules, so a new target plugs in by implementing the
+methods below and nothing else. See ARCHITECTURE.md, "Runner".
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import threading
+from pathlib import Path
+from typing import Callable
+
+from cvmconf.kmsg import KernelLine
+
+
+@dataclasses.dataclass
+class SuiteBinary:
+    name: str          # e.g. cvm_suite_gmem_mmap
+    host_path: Path    # where it was built on the host (a target may copy it elsewhere)
+
+
+@dataclasses.dataclass
+class BatchPlan:
+    """One process of one suite binary."""
+    binary: SuiteBinary
+    label: str                       # unique in the run, e.g. "003-gmem_mmap"
+    tests: list[str]                 # the tests this batch is expected to run, in order
+    gtest_filter: str                # --gtest_filter value
+    shard: tuple[int, int] | None    # (GTEST_SHARD_INDEX, GTEST_TOTAL_SHARDS), or None
+    env: dict[str, str]              # extra environment (CVMCONF_DURATION, ...)
+    test_timeout: float              # seconds one test may run (from its start event)
+    idle_timeout: float              # seconds the binary may run with no test running
+    batch_timeout: float             # seconds for the whole process (group)
+
+    def command_line(self) -> str:
+        """How a developer re-runs this batch by hand (for reports)."""
+        env = " ".join(f"{k}={v}" for k, v in sorted(self.env.items()))
+        shard = (f"GTEST_SHARD_INDEX={self.shard[0]} GTEST_TOTAL_SHARDS={self.shard[1]} "
+                 if self.shard else "")
+        return f"{env + ' ' if env else ''}{shard}{self.binary.name} --gtest_filter='{self.gtest_filter}'"
+
+
+KILLED_TEST_TIMEOUT = "test-timeout"
+KILLED_IDLE_TIMEOUT = "idle-timeout"
+KILLED_BATCH_TIMEOUT = "batch-timeout"
+KILLED_INTERRUPTED = "interrupted"
+
+
+@dataclasses.dataclass
+class BatchOutput:
+    """What a target hands back for a plan: raw material, nothing interpreted."""
+    plan: BatchPlan
+    started: str = ""                    # ISO 8601 wall clock
+    duration: float = 0.0                # seconds
+    exit_code: int | None = None         # when the process exited by itself
+    signal: int | None = None            # when a signal ended it
+    launch_error: str | None = None      # the process could not be started at all
+    killed: str | None = None            # KILLED_* when the target killed the process group
+    killed_test: str | None = None       # the test whose timeout expired (test-timeout)
+    report_json: str | None = None       # GoogleTest --gtest_output=json text, None if absent
+    events: str = ""                     # event stream text ($CVMCONF_EVENTS), "" if none
+    output: str = ""                     # tail of stdout+stderr
+    kernel_log: list[KernelLine] = dataclasses.field(default_factory=list)
+    kernel_log_error: str | None = None  # why kernel-log lines are unavailable
+    kernel_log_lost: int = 0             # records overwritten before they were read
+    premature_exit: bool | None = None   # GoogleTest's TEST_PREMATURE_EXIT_FILE was left behind
+
+
+# Called by a target for every event it sees while a batch runs (for live progress), with the
+# parsed event dict (cvmconf.events). Targets that cannot stream may never call it.
+EventCallback = Callable[[dict], None]
+
+
+class Target(abc.ABC):
+    """Where suite binaries run."""
+
+    kind: str = "?"
+
+    def __init__(self):
+        self.abort = threading.Event()   # set to stop running batches (Ctrl-C)
+
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Raises cvmconf.errors.UsageError (one line) when the target cannot run suites at all,
+        e.g. KVM is missing there."""
+
+    @abc.abstractmethod
+    def fingerprint(self) -> dict:
+        """The environment the suites run in: see cvmconf.fingerprint.build()."""
+
+    @abc.abstractmethod
+    def list_tests(self, binary: SuiteBinary) -> list[str]:
+        """Full names of the binary's tests, in execution order (--gtest_list_tests)."""
+
+    @abc.abstractmethod
+    def list_requirements(self, binary: SuiteBinary) -> dict[str, list[str]]:
+        """Test name -> requirement IDs (--cvm_list_requirements)."""
+
+    @abc.abstractmethod
+    def run_batch(self, plan: BatchPlan, on_event: EventCallback | None = None) -> BatchOutput:
+        """Runs one batch to completion (or until a timeout or self.abort), enforcing the plan's
+        timeouts on the whole process group. Never raises for a failing or crashing binary: that
+        is described in the returned BatchOutput."""
+
+    def close(self) -> None:
+        """Releases the target (shuts a VM down)."""
+
+    def describe(self) -> dict:
+        """Short description for run.json ("target")."""
+        return {"kind": self.kind}
