@@ -5,7 +5,8 @@
 //   host -> guest  {"op": "run", "id": N, "argv": [...], "env": {...}, "cwd": "...",
 //                   "timeout": seconds, "events": "/path", "report": "/path"}
 //   guest -> host  {"id": N, "event": "<one line of the events file>"}     while it runs
-//                  {"id": N, "kmsg": "<kernel log record text>"}           while it runs
+//                  {"id": N, "kmsg": "<text>", "usec": printk time}        while it runs
+//   host -> guest  {"op": "kill", "id": N}      while N runs: kill its process group now
 //                  {"id": N, "done": true, "exit": code|null, "signal": sig|null,
 //                   "timed_out": bool, "output_tail": "...", "report": "<file>"|null}
 //   host -> guest  {"op": "read", "id": N, "path": "..."}  ->  {"id": N, "content": ...|null}
@@ -103,6 +104,37 @@ void forward_events(const std::string& path, off_t& offset, std::string& partial
   }
 }
 
+// Commands that arrive while a batch runs (only "kill" is acted on then; others wait).
+std::string g_inbuf;
+bool poll_kill(int64_t id) {
+  pollfd p{g_port, POLLIN, 0};
+  if (poll(&p, 1, 0) <= 0) return false;
+  char chunk[4096];
+  ssize_t n = read(g_port, chunk, sizeof chunk);
+  if (n > 0) g_inbuf.append(chunk, static_cast<size_t>(n));
+  bool kill_now = false;
+  size_t start = 0, nl;
+  std::string keep;
+  while ((nl = g_inbuf.find('\n', start)) != std::string::npos) {
+    std::string line = g_inbuf.substr(start, nl - start);
+    start = nl + 1;
+    json c = json::parse(line, nullptr, false);
+    if (!c.is_discarded() && c.is_object() && c.value("op", std::string()) == "kill" &&
+        c.value("id", int64_t{-1}) == id)
+      kill_now = true;
+    else
+      keep += line + "\n";
+  }
+  g_inbuf = keep + g_inbuf.substr(start);
+  return kill_now;
+}
+
+void send_kmsg(std::optional<cvm::KmsgWatcher>& kmsg, int64_t id) {
+  if (!kmsg) return;
+  for (const auto& r : kmsg->drain())
+    send({{"id", id}, {"kmsg", r.text}, {"usec", r.usec}});
+}
+
 void run_command(const json& cmd) {
   const int64_t id = cmd.value("id", int64_t{0});
   std::vector<std::string> argv_s = cmd.value("argv", std::vector<std::string>{});
@@ -118,7 +150,8 @@ void run_command(const json& cmd) {
   if (!events.empty()) unlink(events.c_str());
   if (!report.empty()) unlink(report.c_str());
 
-  auto kmsg = cvm::KmsgWatcher::open();
+  std::optional<cvm::KmsgWatcher> kmsg;
+  if (auto w = cvm::KmsgWatcher::open()) kmsg.emplace(std::move(w.value()));
   pid_t pid = fork();
   if (pid < 0) {
     send({{"id", id}, {"done", true}, {"error", std::string("fork: ") + strerror(errno)}});
@@ -145,13 +178,20 @@ void run_command(const json& cmd) {
   off_t ev_off = 0;
   std::string ev_partial;
   int status = 0;
-  bool timed_out = false, reaped = false;
+  bool timed_out = false, reaped = false, killed = false;
   while (!reaped) {
     usleep(50 * 1000);
     forward_events(events, ev_off, ev_partial, id);
-    if (kmsg)
-      for (const auto& r : kmsg->drain()) send({{"id", id}, {"kmsg", r.text}});
+    send_kmsg(kmsg, id);
     if (waitpid(pid, &status, WNOHANG) == pid) {
+      reaped = true;
+      break;
+    }
+    if (poll_kill(id)) {
+      kill(-pid, SIGKILL);
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      killed = true;
       reaped = true;
       break;
     }
@@ -166,9 +206,8 @@ void run_command(const json& cmd) {
   }
   kill(-pid, SIGKILL);  // leftovers of the process group
   forward_events(events, ev_off, ev_partial, id);
-  if (kmsg)
-    for (const auto& r : kmsg->drain()) send({{"id", id}, {"kmsg", r.text}});
-  json done = {{"id", id}, {"done", true}, {"timed_out", timed_out}};
+  send_kmsg(kmsg, id);
+  json done = {{"id", id}, {"done", true}, {"timed_out", timed_out}, {"killed", killed}};
   done["exit"] = WIFEXITED(status) && !timed_out ? json(WEXITSTATUS(status)) : json(nullptr);
   done["signal"] = WIFSIGNALED(status) ? json(WTERMSIG(status)) : json(nullptr);
   std::string out = read_file(out_path).value_or("");
@@ -200,16 +239,18 @@ int main() {
   struct utsname u {};
   uname(&u);
   send({{"hello", 1}, {"kernel", u.release}, {"arch", u.machine}});
-  std::string buf;
+  std::string& buf = g_inbuf;
   char chunk[4096];
   for (;;) {
-    ssize_t n = read(g_port, chunk, sizeof chunk);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      usleep(100 * 1000);  // host not connected yet / reconnecting
-      continue;
+    if (buf.find('\n') == std::string::npos) {
+      ssize_t n = read(g_port, chunk, sizeof chunk);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        usleep(100 * 1000);  // host not connected yet / reconnecting
+        continue;
+      }
+      buf.append(chunk, static_cast<size_t>(n));
     }
-    buf.append(chunk, static_cast<size_t>(n));
     size_t nl;
     while ((nl = buf.find('\n')) != std::string::npos) {
       std::string line = buf.substr(0, nl);
@@ -222,6 +263,8 @@ int main() {
       const std::string op = cmd.value("op", std::string());
       if (op == "run") {
         run_command(cmd);
+      } else if (op == "kill") {
+        // The batch it named has already finished.
       } else if (op == "read") {
         auto c = read_file(cmd.value("path", std::string()));
         send({{"id", cmd.value("id", int64_t{0})}, {"content", c ? json(*c) : json(nullptr)}});

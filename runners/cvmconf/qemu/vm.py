@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from cvmconf.errors import HarnessError, UsageError
+from cvmconf.kmsg import KernelLine
 
 AGENT_PORT = "cvmconf.agent"
 STATUS_PORT = "cvmconf.status"
@@ -45,7 +46,7 @@ class BatchOutcome:
     output_tail: str = ""
     report: str | None = None
     events: list[str] = dataclasses.field(default_factory=list)
-    kmsg: list[str] = dataclasses.field(default_factory=list)
+    kmsg: list[KernelLine] = dataclasses.field(default_factory=list)
     guest_crashed: bool = False    # the guest kernel died (panic) or became unreachable
     crash_lines: list[str] = dataclasses.field(default_factory=list)
     error: str | None = None
@@ -116,6 +117,7 @@ class QemuVm:
         self.hello: dict | None = None
         self.boots = 0
         self._buf = b""
+        self._eof = False
         self._next_id = 1
         workdir.mkdir(parents=True, exist_ok=True)
 
@@ -187,6 +189,7 @@ class QemuVm:
             listener.close()
             sock_path.unlink(missing_ok=True)
         self._buf = b""
+        self._eof = False
         self.hello = None
         while self.hello is None:
             msg = self._recv(deadline)
@@ -263,8 +266,10 @@ class QemuVm:
             try:
                 chunk = self.conn.recv(65536)
             except OSError:
+                self._eof = True
                 return None
             if not chunk:
+                self._eof = True
                 return None
             self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
@@ -277,7 +282,8 @@ class QemuVm:
     def run(self, argv: list[str], env: dict[str, str] | None = None, timeout: float = 600.0,
             events: str = "", report: str = "", cwd: str = "/",
             on_event: Callable[[str], None] | None = None,
-            on_kmsg: Callable[[str], None] | None = None) -> BatchOutcome:
+            on_kmsg: Callable[[KernelLine], None] | None = None,
+            should_kill: Callable[[], str | None] | None = None) -> BatchOutcome:
         """Runs one batch in the guest. Never raises for guest failures: a dead guest comes back
         as guest_crashed with the console's crash lines."""
         out = BatchOutcome()
@@ -295,8 +301,18 @@ class QemuVm:
             return out
         # The agent enforces `timeout` itself; the margin covers a guest too slow or wedged to.
         deadline = time.monotonic() + timeout + 60
+        kill_sent = False
         while True:
-            msg = self._recv(deadline)
+            if should_kill and not kill_sent and should_kill():
+                try:
+                    self._send({"op": "kill", "id": rid})
+                except OSError:
+                    pass
+                kill_sent = True
+            msg = self._recv(min(deadline, time.monotonic() + 0.2))
+            if msg is None and time.monotonic() < deadline and self.alive() and \
+                    self.proc is not None and self.proc.poll() is None and not self._eof:
+                continue  # nothing yet
             if msg is None:
                 out.guest_crashed = True
                 out.crash_lines = self.crash_lines()
@@ -314,9 +330,10 @@ class QemuVm:
                 if on_event:
                     on_event(msg["event"])
             elif "kmsg" in msg:
-                out.kmsg.append(msg["kmsg"])
+                line = KernelLine(int(msg.get("usec", 0)), str(msg["kmsg"]))
+                out.kmsg.append(line)
                 if on_kmsg:
-                    on_kmsg(msg["kmsg"])
+                    on_kmsg(line)
             elif msg.get("done"):
                 out.exit, out.signal = msg.get("exit"), msg.get("signal")
                 out.timed_out = bool(msg.get("timed_out"))
