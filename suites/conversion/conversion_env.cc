@@ -193,8 +193,7 @@ std::string ConversionEnv::guest_check(uint64_t page, uint8_t v) {
 }
 
 bool content_preserved_expected(ConversionAbi abi, const Platform& p) {
-  return abi == ConversionAbi::InPlaceV8 && p.vm_type() == uapi::vmtype::kX86SwProtected &&
-         p.id() == "x86-sw-protected";
+  return abi == ConversionAbi::InPlaceV8 && p.id() == "x86-sw-protected";
 }
 
 Result<bool> pte_present(const void* addr) {

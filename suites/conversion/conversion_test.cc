@@ -409,6 +409,8 @@ CVM_TEST_P(ConversionGuest, ImplicitConversionViaMemoryFault, "CONV-011") {
                     "guest_memfd), so no access kind can mismatch; SNP/TDX guests, whose accesses "
                     "carry a private/shared bit, cannot be booted by cvmconf yet";
   const uint64_t ps = page_size();
+  std::vector<ExitInfo> faults;           // outlive the environment (its exit handler uses them)
+  std::vector<ConversionResult> fixes;
   ConversionEnvOptions o;
   o.pages = 1;
   o.guest = true;
@@ -426,8 +428,6 @@ CVM_TEST_P(ConversionGuest, ImplicitConversionViaMemoryFault, "CONV-011") {
   ASSERT_TRUE(env->vm().set_memslot(s).ok());
   // The page is private by attribute: the guest's access is private and mismatches the slot.
   CVM_ASSERT_CONVERTED(env->apply({GmemRange{-1, 0, ps, gpa}, true}));
-  std::vector<ExitInfo> faults;
-  std::vector<ConversionResult> fixes;
   env->guest()->set_exit_handler([&](int, Vcpu&, const ExitInfo& e) {
     auto req = decode_memory_fault(e);
     if (!req || !faults.empty()) return false;
