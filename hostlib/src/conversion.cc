@@ -24,14 +24,17 @@ class PerVmBackend final : public ConversionBackend {
  public:
   explicit PerVmBackend(int vm_fd) : vm_fd_(vm_fd) {}
   ConversionAbi abi() const override { return ConversionAbi::PerVmAttributes; }
-  ConversionResult apply(const ConversionRequest& r) const override {
+  int issue(const ConversionRequest& r, uint64_t* raw_error_offset) const override {
     uapi::kvm_memory_attributes a = encode_per_vm_request(r);
-    int rc = ::ioctl(vm_fd_, uapi::kSetMemoryAttributes, &a);
-    int err = rc < 0 ? errno : 0;
-    return interpret_conversion(abi(), r, err, kErrorOffsetUnset,
-                                "KVM_SET_MEMORY_ATTRIBUTES(gpa=" + hex(a.address) + ", size=" +
-                                    hex(a.size) + ", attributes=" + hex(a.attributes) +
-                                    (a.flags ? ", flags=" + hex(a.flags) : "") + ")");
+    const int rc = ::ioctl(vm_fd_, uapi::kSetMemoryAttributes, &a);
+    const int err = rc < 0 ? errno : 0;
+    *raw_error_offset = kErrorOffsetUnset;  // no such field in this ABI
+    return err;
+  }
+  std::string describe_request(const ConversionRequest& r) const override {
+    uapi::kvm_memory_attributes a = encode_per_vm_request(r);
+    return "KVM_SET_MEMORY_ATTRIBUTES(gpa=" + hex(a.address) + ", size=" + hex(a.size) +
+           ", attributes=" + hex(a.attributes) + (a.flags ? ", flags=" + hex(a.flags) : "") + ")";
   }
 
  private:
@@ -41,30 +44,36 @@ class PerVmBackend final : public ConversionBackend {
 class InPlaceV8Backend final : public ConversionBackend {
  public:
   ConversionAbi abi() const override { return ConversionAbi::InPlaceV8; }
-  ConversionResult apply(const ConversionRequest& r) const override {
+  int issue(const ConversionRequest& r, uint64_t* raw_error_offset) const override {
     uapi::kvm_memory_attributes2 a = encode_v8_request(r);
-    int rc = ::ioctl(r.range.gmem_fd, uapi::kSetMemoryAttributes2, &a);
-    int err = rc < 0 ? errno : 0;
-    return interpret_conversion(abi(), r, err, a.error_offset,
-                                "KVM_SET_MEMORY_ATTRIBUTES2(gmem offset=" + hex(a.offset) +
-                                    ", size=" + hex(a.size) + ", attributes=" +
-                                    hex(a.attributes) + (a.flags ? ", flags=" + hex(a.flags) : "") +
-                                    ")");
+    const int rc = ::ioctl(r.range.gmem_fd, uapi::kSetMemoryAttributes2, &a);
+    const int err = rc < 0 ? errno : 0;
+    *raw_error_offset = a.error_offset;
+    return err;
+  }
+  std::string describe_request(const ConversionRequest& r) const override {
+    uapi::kvm_memory_attributes2 a = encode_v8_request(r);
+    return "KVM_SET_MEMORY_ATTRIBUTES2(gmem offset=" + hex(a.offset) + ", size=" + hex(a.size) +
+           ", attributes=" + hex(a.attributes) + (a.flags ? ", flags=" + hex(a.flags) : "") +
+           (r.nonzero_reserved ? ", reserved[0]=1" : "") + ")";
   }
 };
 
 class RfcV2Backend final : public ConversionBackend {
  public:
   ConversionAbi abi() const override { return ConversionAbi::RfcV2; }
-  ConversionResult apply(const ConversionRequest& r) const override {
+  int issue(const ConversionRequest& r, uint64_t* raw_error_offset) const override {
     RfcV2Encoded e = encode_rfc_v2_request(r);
-    int rc = ::ioctl(r.range.gmem_fd, e.ioctl, &e.arg);
-    int err = rc < 0 ? errno : 0;
-    return interpret_conversion(abi(), r, err, e.arg.error_offset,
-                                std::string(r.to_private ? "KVM_GMEM_CONVERT_PRIVATE"
-                                                         : "KVM_GMEM_CONVERT_SHARED") +
-                                    "(offset=" + hex(e.arg.offset) + ", size=" + hex(e.arg.size) +
-                                    ")");
+    const int rc = ::ioctl(r.range.gmem_fd, e.ioctl, &e.arg);
+    const int err = rc < 0 ? errno : 0;
+    *raw_error_offset = e.arg.error_offset;
+    return err;
+  }
+  std::string describe_request(const ConversionRequest& r) const override {
+    RfcV2Encoded e = encode_rfc_v2_request(r);
+    return std::string(r.to_private ? "KVM_GMEM_CONVERT_PRIVATE" : "KVM_GMEM_CONVERT_SHARED") +
+           "(offset=" + hex(e.arg.offset) + ", size=" + hex(e.arg.size) +
+           (r.nonzero_reserved ? ", reserved[0]=1" : "") + ")";
   }
 };
 

@@ -324,10 +324,12 @@ class RecordingBackend final : public ConversionBackend {
  public:
   RecordingBackend(ConversionAbi abi, int err) : abi_(abi), err_(err) {}
   ConversionAbi abi() const override { return abi_; }
-  ConversionResult apply(const ConversionRequest& r) const override {
+  int issue(const ConversionRequest& r, uint64_t* raw) const override {
     calls.push_back(r);
-    return interpret_conversion(abi_, r, err_, err_ ? r.range.offset : kErrorOffsetUnset, "recorded");
+    *raw = err_ ? r.range.offset : kErrorOffsetUnset;
+    return err_;
   }
+  std::string describe_request(const ConversionRequest&) const override { return "recorded"; }
   mutable std::vector<ConversionRequest> calls;
 
  private:

@@ -60,13 +60,6 @@ class Undo : public ConversionTest {
     }
   }
 
-  // Pins `page` of env with any provider; SKIPs when none can.
-  std::unique_ptr<Pin> pin_or_skip(ConversionEnv& env, uint64_t page) {
-    std::string why, who;
-    auto p = pin_page_any(env, page, &why, &who);
-    if (p) RecordProperty("pin_provider", who);
-    return p;
-  }
 };
 
 class UndoGuest : public Undo {
@@ -78,10 +71,12 @@ class UndoGuest : public Undo {
   }
 };
 
+// Pins `page` of env with the first provider that can; SKIPs when none can.
 #define CVM_PIN_OR_SKIP(var, env, page)                              \
-  std::string var##_why;                                             \
-  auto var = pin_page_any((env), (page), &var##_why);                \
-  if (!var) GTEST_SKIP() << var##_why
+  std::string var##_why, var##_who;                                  \
+  auto var = pin_page_any((env), (page), &var##_why, &var##_who);    \
+  if (!var) GTEST_SKIP() << var##_why;                               \
+  RecordProperty("pin_provider", var##_who)
 
 CVM_TEST_P(Undo, PinnedPageMidRangeStateUnchanged, "UNDO-001") {
   CVM_SKIP_IF(pins_cannot_fail_conversion());
@@ -243,10 +238,14 @@ CVM_TEST_P(Undo, InjectedAllocationFailure, "UNDO-005", "UNDO-001", "UNDO-002", 
     for (; n <= 64; n++) {
       SCOPED_TRACE("failing injection point " + std::to_string(n));
       ASSERT_TRUE(reset()) << "could not set up " << start;
+      const ConversionRequest req{env->range(0, 4), to_private};
+      uint64_t raw_offset = kErrorOffsetUnset;
       ASSERT_TRUE(fi.value()->arm(n).ok());
-      ConversionResult r = convert();  // the only system call between arm and disarm
+      const int err = env->backend().issue(req, &raw_offset);  // the only call while armed
       auto injected = fi.value()->disarm();
       ASSERT_TRUE(injected.ok()) << injected.error();
+      ConversionResult r = interpret_conversion(env->abi(), req, err, raw_offset,
+                                                env->backend().describe_request(req));
       if (!injected.value()) {
         // The conversion reached fewer than n points: it ran unharmed and must have worked.
         EXPECT_TRUE(r.ok()) << r.describe();

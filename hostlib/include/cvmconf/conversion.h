@@ -115,7 +115,17 @@ class ConversionBackend {
   bool in_place() const { return abi() != ConversionAbi::PerVmAttributes; }
   uint64_t gmem_flags(bool init_shared) const { return conversion_gmem_flags(abi(), init_shared); }
   // One ioctl. Never retries (EINTR included): tests decide what an errno means.
-  virtual ConversionResult apply(const ConversionRequest& r) const = 0;
+  ConversionResult apply(const ConversionRequest& r) const {
+    uint64_t raw = kErrorOffsetUnset;
+    const int err = issue(r, &raw);
+    return interpret_conversion(abi(), r, err, raw, describe_request(r));
+  }
+  // The ioctl alone: encodes on the stack, makes exactly one system call, allocates nothing
+  // (fault-injection tests arm the kernel right before it). Returns errno (0 on success) and the
+  // error_offset out-field. apply() == issue() + interpret_conversion().
+  virtual int issue(const ConversionRequest& r, uint64_t* raw_error_offset) const = 0;
+  // "KVM_SET_MEMORY_ATTRIBUTES2(gmem offset=0x0, size=0x4000, attributes=0x8)"
+  virtual std::string describe_request(const ConversionRequest& r) const = 0;
   ConversionResult set_private(const GmemRange& r) const { return apply({r, true}); }
   ConversionResult set_shared(const GmemRange& r) const { return apply({r, false}); }
 };
