@@ -8,7 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cvmconf import catalogue, gtest, rollup
+from cvmconf import catalogue, gtest, pincoverage, rollup
 from cvmconf.errors import EXIT_HARNESS, EXIT_NONCONFORMANCE, EXIT_OK, CvmconfError, HarnessError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,6 +73,10 @@ def cmd_run(args) -> int:
     for r in reqs:
         print(f"{r.id:11} {r.level:6} {r.outcome:8} {'yes' if r.exercised else 'no':9} "
               f"{len(r.tests):5}  {r.reason}")
+    coverage = pincoverage.format_pin_coverage(pincoverage.pin_coverage(results))
+    if coverage:
+        print("\npin coverage (per backing and GUP flavour):")
+        print(coverage)
     counted = [r for r in reqs if r.level != "INFO" and r.exercised]
     bad = [r for r in counted if r.outcome in (gtest.FAIL,)]
     broken = [r for r in reqs if r.outcome in (gtest.ERROR, gtest.TIMEOUT)]

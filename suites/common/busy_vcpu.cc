@@ -10,13 +10,14 @@ constexpr uint64_t kTouchLen = 0x10000;
 constexpr uint64_t kPassesGpa = CVM_SCRATCH_GPA + 8;
 }  // namespace
 
-Result<std::unique_ptr<BusyVcpu>> BusyVcpu::start(GuestVm& vm, int vcpu) {
+Result<std::unique_ptr<BusyVcpu>> BusyVcpu::start(GuestVm& vm, int vcpu,
+                                                  std::chrono::milliseconds timeout) {
   auto* stop = reinterpret_cast<volatile uint64_t*>(vm.boot_hva(kStopFlagGpa));
   *stop = 0;
   if (auto r = vm.start(vcpu, "touch_until_stopped", {kTouchGpa, kTouchLen, kStopFlagGpa, kPassesGpa}); !r)
     return r.error();
   std::unique_ptr<BusyVcpu> b(new BusyVcpu(vm, vcpu));
-  b->thread_ = std::thread([p = b.get()] { p->final_ = p->vm_.run(p->vcpu_, std::chrono::seconds(120)); });
+  b->thread_ = std::thread([p = b.get(), timeout] { p->final_ = p->vm_.run(p->vcpu_, timeout); });
   // Wait until the guest is really running its loop.
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
   while (!b->running() && std::chrono::steady_clock::now() < deadline)

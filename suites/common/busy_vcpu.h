@@ -3,6 +3,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <memory>
 #include <thread>
 
@@ -12,8 +13,10 @@ namespace cvm::suites {
 
 class BusyVcpu {
  public:
-  // Starts vCPU `vcpu` of vm touching the scratch area until stop(). The GuestVm must outlive it.
-  static Result<std::unique_ptr<BusyVcpu>> start(GuestVm& vm, int vcpu = 0);
+  // Starts vCPU `vcpu` of vm touching the scratch area until stop(), for at most `timeout`
+  // (the run's watchdog). The GuestVm must outlive it.
+  static Result<std::unique_ptr<BusyVcpu>> start(
+      GuestVm& vm, int vcpu = 0, std::chrono::milliseconds timeout = std::chrono::seconds(120));
   ~BusyVcpu();
   // Stops the guest loop and joins; returns the guest's final event (SYNC with the pass count).
   UcallEvent stop();

@@ -1,0 +1,118 @@
+// Long-term pins of guest_memfd memory through its host mapping, per platform and per pin
+// provider (seeds 002, 003, 004): private pages (a guest_memfd created with MMAP but without
+// INIT_SHARED) refuse every pin with EFAULT and leave no kernel splat; shared pages (MMAP |
+// INIT_SHARED) can be pinned long-term, as vhost or an IOMMU would.
+// Requirements: PIN-008 (private), PIN-009 (shared).
+#include <sys/mman.h>
+
+#include <cstring>
+
+#include "cvmconf/uapi.h"
+#include "pin_cases.h"
+#include "platform_fixture.h"
+
+namespace cvm::suites {
+namespace {
+
+using pins::check_bytes;
+using pins::check_through_pin;
+using pins::record_case;
+using testing::kCapabilityAbsent;
+
+constexpr uint64_t kMmap = uapi::kGmemFlagMmap;
+constexpr uint64_t kShared = uapi::kGmemFlagMmap | uapi::kGmemFlagInitShared;
+constexpr uint64_t kPages = 4;
+
+class GmemPinnability : public PlatformTest {
+ protected:
+  // Records provider and backing before the platform check, so results of platforms this kernel
+  // does not offer carry them too (the test name is "<Private|Shared>..._<provider>").
+  void SetUp() override {
+    std::string name = ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    auto us = name.find('_'), slash = name.find('/');
+    const PinProvider* p =
+        us == std::string::npos ? nullptr : pin_provider_by_name(name.substr(us + 1, slash - us - 1));
+    ASSERT_NE(p, nullptr) << "test " << name << " names no known pin provider";
+    record_case(p, name.rfind("Private", 0) == 0 ? "guest_memfd_private" : "guest_memfd_shared");
+    PlatformTest::SetUp();
+  }
+
+  const PinProvider& provider(const char* name) {
+    const PinProvider* p = pin_provider_by_name(name);
+    EXPECT_NE(p, nullptr) << "no pin provider named " << name;
+    return *p;
+  }
+
+  void private_refused(const char* name) {
+    const PinProvider& p = provider(name);
+    CVM_SKIP_IF(p.unavailable());
+    CVM_SKIP_IF(gmem_flags_unsupported(kMmap));
+    GuestMemfd g = new_gmem(kPages, kMmap);
+    ASSERT_TRUE(g.valid());
+    auto m = g.map(kPages * page_size());
+    ASSERT_TRUE(m.ok()) << m.error();
+    auto pin = p.pin(m->data(), m->size());
+    if (pin.ok()) {
+      RecordProperty("outcome", "pinned");
+      ADD_FAILURE() << p.name() << " pinned private guest_memfd pages";
+      (void)pin.value()->release();
+      return;
+    }
+    if (p.is_unsupported(pin.err()))
+      GTEST_SKIP() << kCapabilityAbsent << p.name() << " cannot take this pin: " << pin.error();
+    RecordProperty("outcome", std::string("refused (") + errno_name(pin.err()) + ")");
+    EXPECT_EQ(pin.err(), EFAULT) << p.name() << " on private guest_memfd pages: " << pin.error();
+  }
+
+  void shared_pinnable(const char* name) {
+    const PinProvider& p = provider(name);
+    CVM_SKIP_IF(p.unavailable());
+    CVM_SKIP_IF(gmem_flags_unsupported(kShared));
+    GuestMemfd g = new_gmem(kPages, kShared);
+    ASSERT_TRUE(g.valid());
+    auto m = g.map(kPages * page_size());
+    ASSERT_TRUE(m.ok()) << m.error();
+    std::memset(m->data(), 0xa5, m->size());
+    auto pin = p.pin(m->data(), m->size());
+    if (!pin.ok() && p.is_unsupported(pin.err()))
+      GTEST_SKIP() << kCapabilityAbsent << p.name() << " cannot take this pin: " << pin.error();
+    RecordProperty("outcome", pin.ok() ? std::string("pinned")
+                                       : std::string("refused (") + errno_name(pin.err()) + ")");
+    ASSERT_TRUE(pin.ok()) << p.name() << " could not pin shared guest_memfd pages: " << pin.error();
+    if (p.kind().reads_through) {
+      EXPECT_EQ(check_through_pin(*pin.value(), m->size(), 0xa5), "");
+    }
+    auto w = pin.value()->write_through(page_size(), std::vector<uint8_t>(page_size(), 0x3b));
+    if (w.ok()) {
+      EXPECT_EQ(check_bytes(m->data() + page_size(), page_size(), 0x3b, "the guest_memfd mapping"), "")
+          << "a write through the pin must land in the guest_memfd page";
+    } else {
+      EXPECT_EQ(w.err(), ENOTSUP) << w.error();
+    }
+    auto rel = pin.value()->release();
+    EXPECT_TRUE(rel.ok()) << rel.error();
+  }
+};
+
+// One pair of tests per provider (keep in step with pin_providers()).
+#define CVM_GMEM_PIN_TESTS(provider)                                                   \
+  CVM_TEST_P(GmemPinnability, PrivateRefused_##provider, "PIN-008") {                  \
+    private_refused(#provider);                                                        \
+  }                                                                                    \
+  CVM_TEST_P(GmemPinnability, SharedPinnable_##provider, "PIN-009") {                  \
+    shared_pinnable(#provider);                                                        \
+  }
+
+CVM_GMEM_PIN_TESTS(io_uring)
+CVM_GMEM_PIN_TESTS(vmsplice)
+CVM_GMEM_PIN_TESTS(gup_test_ro)
+CVM_GMEM_PIN_TESTS(gup_test_ro_fast)
+CVM_GMEM_PIN_TESTS(gup_test_rw)
+CVM_GMEM_PIN_TESTS(gup_test_rw_fast)
+CVM_GMEM_PIN_TESTS(rdma_ro)
+CVM_GMEM_PIN_TESTS(rdma_rw)
+
+CVM_INSTANTIATE_FOR_PLATFORMS(GmemPinnability);
+
+}  // namespace
+}  // namespace cvm::suites

@@ -1,0 +1,240 @@
+// R/O long-term pin reliability in private writable (COW) mappings (seed 001, facts §7.3
+// do_test_ro_pin): take a R/O long-term pin, modify the page through the page table, read
+// through the pin: the pin must see the modification, for every backing and for GUP and
+// GUP-fast. And its consequence: R/O long-term pinning populates an exclusive anonymous page
+// instead of pinning the shared zeropage.
+// Requirements: PIN-001 (non-anonymous backings), PIN-002 (anonymous), PIN-003 (zeropage);
+// PIN-005 (INFO) records what a short-term R/O reference (vmsplice) sees instead.
+//
+// These need a R/O long-term pinner that can be read through: gup_test (CONFIG_GUP_TEST). io_uring
+// only takes R/W pins (rw_pin_reliability_test.cc), vmsplice takes short-term references.
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "pin_cases.h"
+
+namespace cvm::suites::pins {
+namespace {
+
+using testing::kCapabilityAbsent;
+
+constexpr uint8_t kModified = 0x5c;
+
+std::string flavour_tag(GupFlavour f) { return f == GupFlavour::Fast ? "gup_fast" : "gup"; }
+
+// The provider for the case, or SKIP naming what is missing (records the properties either way).
+#define CVM_RO_PROVIDER_OR_SKIP(var, flavour, backing_name)          \
+  const PinProvider* var = nullptr;                                  \
+  do {                                                               \
+    PinRequest cvm_req_ = ro_longterm_request(flavour);              \
+    auto cvm_p_ = find_pin_provider(cvm_req_);                       \
+    if (!cvm_p_.ok()) {                                              \
+      record_wanted(cvm_req_, backing_name);                         \
+      GTEST_SKIP() << cvm_p_.error().message();                      \
+    }                                                                \
+    var = cvm_p_.value();                                            \
+    record_case(var, backing_name);                                  \
+  } while (0)
+
+// do_test_ro_pin: pin R/O long-term, write through the page table, read through the pin.
+// r_o_mapped: map the page R/O while pinning (cow.c's "R/O-mapped" anonymous cases).
+void pin_write_and_read_back(const PinProvider& p, CowRegion& r, bool r_o_mapped) {
+  if (r_o_mapped) {
+    ASSERT_EQ(mprotect(r.data, r.size, PROT_READ), 0) << strerror(errno);
+  }
+  auto pin = p.pin(r.data, r.size);
+  if (!pin.ok()) {
+    if (p.is_unsupported(pin.err()))
+      GTEST_SKIP() << kCapabilityAbsent << p.name() << " cannot take this pin: " << pin.error();
+    FAIL() << "R/O long-term pin with " << p.name() << " failed: " << pin.error();
+  }
+  if (r_o_mapped) {
+    ASSERT_EQ(mprotect(r.data, r.size, PROT_READ | PROT_WRITE), 0) << strerror(errno);
+  }
+  std::memset(r.data, kModified, r.size);
+  EXPECT_EQ(check_through_pin(*pin.value(), r.size, kModified), "")
+      << "Longterm R/O pin is not reliable: after the page table was written with 0x5c, the pin ("
+      << p.name() << ") does not see it: it pinned a page the process no longer maps";
+  auto rel = pin.value()->release();
+  EXPECT_TRUE(rel.ok()) << rel.error();
+}
+
+// --- PIN-001: non-anonymous backings -----------------------------------------------------------
+struct NonAnonCase {
+  NonAnonBacking backing;
+  GupFlavour flavour;
+};
+}  // namespace
+std::ostream& operator<<(std::ostream& os, const NonAnonBacking& b) { return os << b.name(); }
+namespace {
+std::ostream& operator<<(std::ostream& os, const NonAnonCase& c) {
+  return os << c.backing.name() << " " << gup_flavour_name(c.flavour);
+}
+
+class RoPinReliabilityNonAnon : public ::testing::TestWithParam<NonAnonCase> {};
+
+CVM_TEST_P(RoPinReliabilityNonAnon, PinObservesLaterWrite, "PIN-001") {
+  const NonAnonCase& c = GetParam();
+  CVM_RO_PROVIDER_OR_SKIP(p, c.flavour, c.backing.name());
+  CowRegion r;
+  prepare_non_anon(c.backing, r);
+  if (IsSkipped() || HasFatalFailure()) return;
+  RecordProperty("backing_verified", r.verified);
+  pin_write_and_read_back(*p, r, false);
+}
+
+std::vector<NonAnonCase> non_anon_cases() {
+  std::vector<NonAnonCase> v;
+  for (GupFlavour f : {GupFlavour::Slow, GupFlavour::Fast})
+    for (const auto& b : non_anon_backings()) v.push_back({b, f});
+  return v;
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, RoPinReliabilityNonAnon, ::testing::ValuesIn(non_anon_cases()),
+                         [](const auto& i) {
+                           return param_safe(i.param.backing.name() + "_" + flavour_tag(i.param.flavour));
+                         });
+
+// --- PIN-002: anonymous memory -----------------------------------------------------------------
+struct AnonCase {
+  AnonBacking backing;
+  GupFlavour flavour;
+};
+std::ostream& operator<<(std::ostream& os, const AnonCase& c) {
+  return os << c.backing.name() << " " << gup_flavour_name(c.flavour);
+}
+
+class RoPinReliabilityAnon : public ::testing::TestWithParam<AnonCase> {};
+
+CVM_TEST_P(RoPinReliabilityAnon, PinObservesLaterWrite, "PIN-002") {
+  const AnonCase& c = GetParam();
+  CVM_RO_PROVIDER_OR_SKIP(p, c.flavour, "anon_" + c.backing.name());
+  CowRegion r;
+  prepare_anon(c.backing.size, r);
+  if (IsSkipped() || HasFatalFailure()) return;
+  RecordProperty("backing_verified", r.verified);
+  std::optional<Sharer> sharer;
+  if (c.backing.state != AnonState::Exclusive)
+    sharer.emplace(Sharer::fork_child(r, r.initial, c.backing.state == AnonState::PreviouslyShared));
+  pin_write_and_read_back(*p, r, true);
+  if (sharer) {
+    EXPECT_EQ(sharer->finish(), "") << "the other process must keep its own copy (COW)";
+  }
+}
+
+std::vector<AnonCase> anon_cases() {
+  std::vector<AnonCase> v;
+  for (GupFlavour f : {GupFlavour::Slow, GupFlavour::Fast})
+    for (AnonSize s : {AnonSize::Base, AnonSize::Thp})
+      for (AnonState st : {AnonState::Exclusive, AnonState::SharedAfterFork, AnonState::PreviouslyShared})
+        v.push_back({{st, s}, f});
+  return v;
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, RoPinReliabilityAnon, ::testing::ValuesIn(anon_cases()),
+                         [](const auto& i) {
+                           return i.param.backing.name() + "_" + flavour_tag(i.param.flavour);
+                         });
+
+// --- PIN-003: the zeropage is not pinned; an exclusive anonymous page is populated ---------------
+struct ZeroCase {
+  bool huge;
+  GupFlavour flavour;
+};
+std::ostream& operator<<(std::ostream& os, const ZeroCase& c) {
+  return os << (c.huge ? "huge_zeropage " : "shared_zeropage ") << gup_flavour_name(c.flavour);
+}
+
+class RoPinZeropage : public ::testing::TestWithParam<ZeroCase> {};
+
+CVM_TEST_P(RoPinZeropage, PopulatesInsteadOfPinningZeropage, "PIN-003") {
+  const ZeroCase& c = GetParam();
+  NonAnonBacking b{c.huge ? NonAnon::HugeZeropage : NonAnon::SharedZeropage};
+  CVM_RO_PROVIDER_OR_SKIP(p, c.flavour, b.name());
+  if (auto why = page_identity_unavailable())
+    GTEST_SKIP() << kCapabilityAbsent << "cannot tell which page is mapped: " << *why;
+  CowRegion r;
+  prepare_non_anon(b, r);
+  if (IsSkipped() || HasFatalFailure()) return;
+  RecordProperty("backing_verified", r.verified);
+  auto before = page_identity(r.data);
+  ASSERT_TRUE(before.ok()) << before.error();
+  auto rss_before = smaps_fields(r.data);
+  ASSERT_TRUE(rss_before.ok()) << rss_before.error();
+
+  auto pin = p->pin(r.data, r.size);
+  if (!pin.ok()) {
+    if (p->is_unsupported(pin.err()))
+      GTEST_SKIP() << kCapabilityAbsent << p->name() << " cannot take this pin: " << pin.error();
+    FAIL() << "R/O long-term pin of a zeropage-mapped range with " << p->name()
+           << " failed: " << pin.error();
+  }
+  auto after = page_identity(r.data);
+  ASSERT_TRUE(after.ok()) << after.error();
+  EXPECT_FALSE(after->zero_page || after->huge_zero_page)
+      << "the R/O long-term pin left the " << (c.huge ? "huge " : "") << "zeropage mapped (pfn "
+      << after->pfn << "): the kernel pinned the shared zeropage";
+  EXPECT_TRUE(after->anon && after->exclusive)
+      << "an exclusive anonymous page must have been populated (pfn " << after->pfn << ")";
+  EXPECT_NE(after->pfn, before->pfn);
+  auto rss_after = smaps_fields(r.data);
+  ASSERT_TRUE(rss_after.ok()) << rss_after.error();
+  EXPECT_GT((*rss_after)["Rss"], (*rss_before)["Rss"]) << "populating must raise the RSS";
+  RecordProperty("observation", "pfn " + std::to_string(before->pfn) + " (zeropage) -> " +
+                                    std::to_string(after->pfn) + "; Rss " +
+                                    std::to_string((*rss_before)["Rss"]) + " -> " +
+                                    std::to_string((*rss_after)["Rss"]) + " kB");
+  // The populated page still reads as zeroes and is the page the process maps.
+  EXPECT_EQ(check_through_pin(*pin.value(), r.size, 0), "");
+  std::memset(r.data, kModified, r.size);
+  EXPECT_EQ(check_through_pin(*pin.value(), r.size, kModified), "");
+  EXPECT_TRUE(pin.value()->release().ok());
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, RoPinZeropage,
+                         ::testing::Values(ZeroCase{false, GupFlavour::Slow},
+                                           ZeroCase{false, GupFlavour::Fast},
+                                           ZeroCase{true, GupFlavour::Slow},
+                                           ZeroCase{true, GupFlavour::Fast}),
+                         [](const auto& i) {
+                           return std::string(i.param.huge ? "huge_zeropage_" : "shared_zeropage_") +
+                                  flavour_tag(i.param.flavour);
+                         });
+
+// --- PIN-005 (INFO): a short-term R/O reference may keep a snapshot ---------------------------
+// vmsplice takes plain R/O page references (no FOLL_LONGTERM): the same procedure records whether
+// the reference still shows the replaced page (snapshot semantics) or the later write. Either is
+// allowed; a mix of both within one page is not.
+class ShortTermReference : public ::testing::TestWithParam<NonAnonBacking> {};
+
+CVM_TEST_P(ShortTermReference, SnapshotOrLaterWriteRecorded, "PIN-005") {
+  const NonAnonBacking& b = GetParam();
+  const PinProvider* p = pin_provider_by_name("vmsplice");
+  ASSERT_NE(p, nullptr);
+  record_case(p, b.name());
+  CVM_SKIP_IF(p->unavailable());
+  CowRegion r;
+  prepare_non_anon(b, r);
+  if (IsSkipped() || HasFatalFailure()) return;
+  RecordProperty("backing_verified", r.verified);
+  const size_t len = std::min<size_t>(r.size, 64 << 10);  // what an undrained pipe holds
+  auto pin = p->pin(r.data, len);
+  ASSERT_TRUE(pin.ok()) << "vmsplice of a private mapping: " << pin.error();
+  std::memset(r.data, kModified, r.size);
+  auto d = pin.value()->read_through(0, len);
+  ASSERT_TRUE(d.ok()) << d.error();
+  const bool old_page = check_bytes(d->data(), len, r.initial, "the reference").empty();
+  const bool new_page = check_bytes(d->data(), len, kModified, "the reference").empty();
+  EXPECT_TRUE(old_page || new_page)
+      << "the reference shows neither the page before the write nor after it, nor all of one";
+  RecordProperty("observation", old_page ? "snapshot: the reference kept the replaced page"
+                                         : "the reference observed the later write");
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, ShortTermReference, ::testing::ValuesIn(non_anon_backings()),
+                         [](const auto& i) { return param_safe(i.param.name() + "_vmsplice"); });
+
+}  // namespace
+}  // namespace cvm::suites::pins

@@ -1,0 +1,221 @@
+// Punch hole racing guest accesses (RACE-002). vCPUs run the punch_race payload
+// (guests/include/cvmconf_guest/race.h): each passes over its own pages of a guest_memfd memslot
+// again and again, checking that every word is 0 or its own pattern, writing its pattern and
+// reading it back. The host punches seeded ranges meanwhile ("hot" punches), and in "checked"
+// iterations makes one vCPU hold still (read only), punches part of its pages, checks through
+// its mapping that they read zeroes, and has the vCPU check that it sees zeroes too (a guest
+// that still sees its old pattern after the punch returned has a stale mapping). A host reader
+// faults the same pages through the mapping concurrently. Any foreign, garbage, stale or lost
+// value the guest sees is reported with the host iteration it happened in.
+#include <cstring>
+
+#include "cvmconf_guest/race.h"
+#include "punch_race.h"
+
+namespace cvm::suites {
+namespace {
+
+constexpr int kVcpus = 2;
+constexpr uint64_t kPagesPerVcpu = 8;
+constexpr uint64_t kPages = kVcpus * kPagesPerVcpu;
+constexpr uint32_t kTestSlot = 1;
+// The guest checks and writes every kStride-th word of a page: guest memory accesses cost
+// microseconds on some hosts (PVM), and a sample keeps the passes, and so the race, fast.
+constexpr uint64_t kStride = 31;
+
+const char* violation_name(uint64_t k) {
+  switch (k) {
+    case CVM_RACE_FOREIGN: return "foreign data (another vCPU's or another page's pattern)";
+    case CVM_RACE_GARBAGE: return "garbage (a value nobody wrote)";
+    case CVM_RACE_FUTURE: return "its own pattern of a pass that has not happened";
+    case CVM_RACE_LOST_WRITE: return "a lost write (0 read back, no punch overlapped the write)";
+    case CVM_RACE_STALE: return "stale data (an older pattern read back right after writing)";
+    case CVM_RACE_NOT_ZERO: return "stale data after the punch (a punched page does not read 0)";
+  }
+  return "unknown violation";
+}
+
+template <typename T>
+T load(const T& x) {
+  return *const_cast<const volatile T*>(&x);
+}
+template <typename T>
+void store(T& x, T v) {
+  *const_cast<volatile T*>(&x) = v;
+}
+
+CVM_TEST_P(PunchRace, GuestAccesses, "RACE-002") {
+  CVM_SKIP_IF(shared_gmem_unsupported());
+  CVM_SKIP_IF(payloads_unsupported());
+  const uint64_t ps = page_size();
+  GuestVmOptions o;
+  o.platform = &platform();
+  o.vcpus = kVcpus;
+  auto gv = GuestVm::create(kvm(), o);
+  ASSERT_TRUE(gv.ok()) << gv.error();
+  GuestVm& vm = *gv.value();
+  auto gm = vm.vm().create_guest_memfd(kPages * ps, kSharedGmem);
+  ASSERT_TRUE(gm.ok()) << gm.error();
+  GuestMemfd& g = gm.value();
+  Mapping map = map_whole(g);
+  ASSERT_TRUE(map.valid());
+  MemslotSpec slot;
+  slot.slot = kTestSlot;
+  slot.flags = uapi::kMemGuestMemfd;
+  slot.gpa = CVM_TEST_MEM_GPA;
+  slot.size = kPages * ps;
+  slot.hva = reinterpret_cast<uint64_t>(map.data());  // this host needs the gmem mapping here
+  slot.gmem_fd = g.fd();
+  ASSERT_TRUE(vm.vm().set_memslot(slot).ok());
+
+  auto* ctl = reinterpret_cast<cvm_race_ctl*>(vm.boot_hva(CVM_SCRATCH_GPA));
+  std::memset(ctl, 0, sizeof *ctl);
+  for (int v = 0; v < kVcpus; v++) {
+    store(ctl->vcpu[v].req, CVM_RACE_REQ(0, CVM_RACE_MODE_RUN));
+    ASSERT_TRUE(vm.start(v, "punch_race", {CVM_TEST_MEM_GPA, kPagesPerVcpu, CVM_SCRATCH_GPA, kStride}).ok());
+  }
+
+  Race race(defaults());
+  race.on_stop([ctl] { store(ctl->stop, uint64_t{1}); });
+  const auto vcpu_timeout = std::chrono::duration_cast<std::chrono::milliseconds>(
+      race.deadline() - std::chrono::steady_clock::now()) + std::chrono::seconds(30);
+  std::atomic<bool> exited[kVcpus] = {};
+  uint64_t final_passes[kVcpus] = {};
+  for (int v = 0; v < kVcpus; v++)
+    race.spawn("vcpu " + std::to_string(v), [&, v](RaceWorker& me) {
+      UcallEvent ev = vm.run(v, vcpu_timeout);
+      exited[v] = true;
+      if (ev.kind == UcallEvent::Kind::Sync && ev.stage() == 1 && ev.args.size() >= 2) {
+        final_passes[v] = ev.args[1];
+        me.ops(ev.args[1] * kPagesPerVcpu);
+      } else {
+        race.violation(race.iteration(), me.name(), "the guest stopped early: " + ev.describe());
+      }
+    });
+  race.spawn("host reader", [&](RaceWorker& me) {
+    const uint64_t words = ps / sizeof(uint64_t);
+    std::vector<uint64_t> buf(words);
+    while (!race.stopping()) {
+      const uint64_t it = race.iteration();
+      const uint64_t p = Race::pick(me.rng(), 0, kPages - 1);
+      const volatile uint64_t* w = reinterpret_cast<const volatile uint64_t*>(map.data() + p * ps);
+      for (uint64_t i = 0; i < words; i++) buf[i] = w[i];
+      me.ops();
+      for (uint64_t i = 0; i < words; i++) {
+        uint64_t x = buf[i];
+        if (x == 0) continue;
+        if (CVM_RACE_TAG_IS_MARKED(x) && CVM_RACE_TAG_VCPU(x) == p / kPagesPerVcpu &&
+            CVM_RACE_TAG_PAGE(x) == p && CVM_RACE_TAG_PASS(x) != 0)
+          continue;
+        race.violation(it, me.name(), "page " + std::to_string(p) + " word " + std::to_string(i) +
+                                          " reads " + hex64(x) + " through the mapping: not 0 and not vCPU " +
+                                          std::to_string(p / kPagesPerVcpu) + "'s pattern for it");
+        break;
+      }
+    }
+  });
+
+  // Waits (bounded) until cond holds or vCPU v has left its loop.
+  auto wait_for = [&](int v, const std::function<bool()>& cond) {
+    auto limit = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (!cond()) {
+      if (exited[v] || std::chrono::steady_clock::now() > limit) return false;
+      std::this_thread::yield();
+    }
+    return true;
+  };
+  auto punch = [&](uint64_t first, uint64_t n, uint64_t it) {
+    store(ctl->punch_begin, load(ctl->punch_begin) + 1);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    auto r = g.punch_hole(first * ps, n * ps);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    store(ctl->punch_end, load(ctl->punch_end) + 1);
+    if (!r) race.violation(it, "puncher", "punching pages [" + std::to_string(first) + ", " +
+                                              std::to_string(first + n) + "): " + r.error().message());
+    return r.ok();
+  };
+
+  uint64_t epoch = 1, checked = 0, hot = 0;
+  auto rng = race.rng(0);
+  while (race.next_iteration()) {
+    const uint64_t it = race.iteration();
+    store(ctl->iteration, it);
+    if (it == 0 || Race::chance(rng, 1, 2)) {  // the first punch is always a checked one
+      const int v = static_cast<int>(Race::pick(rng, 0, kVcpus - 1));
+      const uint64_t zf = Race::pick(rng, 0, kPagesPerVcpu - 1);
+      const uint64_t zn = Race::pick(rng, 1, std::min<uint64_t>(3, kPagesPerVcpu - zf));
+      cvm_race_vcpu& vc = ctl->vcpu[v];
+      const uint64_t hold = CVM_RACE_REQ(epoch++, CVM_RACE_MODE_HOLD);
+      store(vc.req, hold);
+      if (!wait_for(v, [&] { return load(vc.ack) == hold; })) {
+        race.violation(it, "puncher", "vCPU " + std::to_string(v) + " did not hold still within 5 s");
+        break;
+      }
+      const uint64_t first = static_cast<uint64_t>(v) * kPagesPerVcpu + zf;
+      bool ok = punch(first, zn, it);
+      // The host's view first: the punched pages read zeroes.
+      for (uint64_t p = first; ok && p < first + zn; p++) {
+        const volatile uint64_t* w = reinterpret_cast<const volatile uint64_t*>(map.data() + p * ps);
+        const uint64_t stale = cvm_race_tag(static_cast<uint64_t>(v), p, 1);
+        for (uint64_t i = 0; i < ps / sizeof(uint64_t); i++) {
+          uint64_t x = race.observe(w[i], stale, it);
+          if (x != 0) {
+            race.violation(it, "puncher", "page " + std::to_string(p) + " word " + std::to_string(i) +
+                                              " reads " + hex64(x) + " through the mapping after the punch returned");
+            ok = false;
+            break;
+          }
+        }
+      }
+      // Then the guest's: a full pass in which the punched pages must read zeroes.
+      store(vc.zero_first, zf);
+      store(vc.zero_npages, zn);
+      const uint64_t zero = CVM_RACE_REQ(epoch++, CVM_RACE_MODE_ZERO);
+      std::atomic_thread_fence(std::memory_order_seq_cst);
+      store(vc.req, ok ? zero : CVM_RACE_REQ(epoch++, CVM_RACE_MODE_RUN));
+      if (ok && !wait_for(v, [&] { return load(vc.done) == zero; })) {
+        race.violation(it, "puncher", "vCPU " + std::to_string(v) + " did not finish its check pass within 5 s");
+        break;
+      }
+      store(vc.req, CVM_RACE_REQ(epoch++, CVM_RACE_MODE_RUN));
+      checked++;
+    } else {
+      const uint64_t first = Race::pick(rng, 0, kPages - 1);
+      const uint64_t n = Race::pick(rng, 1, std::min<uint64_t>(4, kPages - first));
+      Race::jitter(rng, 100);
+      punch(first, n, it);
+      hot++;
+    }
+    race.ops();
+  }
+  race.join();  // sets ctl->stop; the vCPUs report their last pass
+  for (int v = 0; v < kVcpus; v++) {
+    const cvm_race_vcpu& vc = ctl->vcpu[v];
+    if (load(vc.violations) == 0) continue;
+    const uint64_t kind = load(vc.v_kind);
+    const std::string expected =
+        kind == CVM_RACE_NOT_ZERO ? std::string("0")
+        : kind == CVM_RACE_LOST_WRITE || kind == CVM_RACE_STALE
+            ? hex64(load(vc.v_expected)) + " (just written)"
+            : "0 or its own pattern (now " + hex64(load(vc.v_expected)) + ")";
+    race.violation(load(vc.v_iteration), "vcpu " + std::to_string(v),
+                   std::string(violation_name(kind)) + " at gpa " + hex64(load(vc.v_gpa)) + ": read " +
+                       hex64(load(vc.v_value)) + ", expected " + expected + " (pass " +
+                       std::to_string(load(vc.v_pass)) + ", " + std::to_string(load(vc.violations)) +
+                       " violation(s) on this vCPU)");
+  }
+  RaceSummary s = race.finish();
+  record("checked_punches", checked);
+  record("hot_punches", hot);
+  for (int v = 0; v < kVcpus; v++)
+    record(("guest_passes_vcpu" + std::to_string(v)).c_str(), final_passes[v]);
+  EXPECT_GT(s.iterations, 0u);
+  EXPECT_GT(checked, 0u) << "no checked punch ran";
+  if (coverage_expected(s, 4)) {
+    for (int v = 0; v < kVcpus; v++)
+      EXPECT_GT(final_passes[v], 0u) << "vCPU " << v << " made no pass over its memory";
+  }
+}
+
+}  // namespace
+}  // namespace cvm::suites

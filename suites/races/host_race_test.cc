@@ -1,0 +1,264 @@
+// Punch hole racing host-side users of the same guest_memfd pages: faults from several threads
+// on one mapping (RACE-001), mappings created and torn down while punching, and fallocate
+// re-allocating the punched range (RACE-004). Invariants: page_model.h.
+#include <cstring>
+#include <thread>
+
+#include "punch_race.h"
+
+namespace cvm::suites {
+namespace {
+
+constexpr uint64_t kPages = 16;
+constexpr uint64_t kMaxRange = 4;
+
+// A seeded page range [first, first + n) with 1 <= n <= max_n inside [0, pages).
+struct Range {
+  uint64_t first, n;
+};
+Range pick_range(std::mt19937_64& g, uint64_t pages, uint64_t max_n) {
+  uint64_t first = Race::pick(g, 0, pages - 1);
+  uint64_t n = Race::pick(g, 1, std::min(max_n, pages - first));
+  return {first, n};
+}
+
+// Writers fill their own pages, readers read any page, through the mapping at base.
+void spawn_faulters(Race& race, PageModel& model, uint8_t* base, int writers, int readers) {
+  const uint64_t ps = page_size();
+  for (int w = 0; w < writers; w++)
+    race.spawn("writer " + std::to_string(w), [&race, &model, base, w, ps](RaceWorker& me) {
+      while (!race.stopping()) {
+        uint64_t it = race.iteration();
+        uint64_t p = model.pick_owned(me.rng(), w);
+        if (model.write_page(base + p * ps, p, me.name(), it)) me.ops();
+        Race::jitter(me.rng(), 20);
+      }
+    });
+  for (int r = 0; r < readers; r++)
+    race.spawn("reader " + std::to_string(r), [&race, &model, base, ps](RaceWorker& me) {
+      while (!race.stopping()) {
+        uint64_t it = race.iteration();
+        uint64_t p = Race::pick(me.rng(), 0, model.pages() - 1);
+        model.read_page(base + p * ps, p, me.name(), it);
+        me.ops();
+      }
+    });
+}
+
+void record_model(const PageModel& m) {
+  ::testing::Test::RecordProperty("punches", std::to_string(m.punches()));
+  ::testing::Test::RecordProperty("checked_punches", std::to_string(m.checked_punches()));
+  ::testing::Test::RecordProperty("reader_zero_checks", std::to_string(m.zero_checks_by_readers()));
+}
+
+// After the race: the whole file punched reads zeroes through every view.
+void final_punch_reads_zero(Race& race, PageModel& model, const GuestMemfd& g,
+                            const std::vector<const uint8_t*>& views) {
+  race.join();  // no worker touches the pages any more
+  model.checked_punch(g, 0, model.pages(), views, 0, "final punch", race.iteration());
+}
+
+CVM_TEST_P(PunchRace, HostFaults, "RACE-001") {
+  CVM_SKIP_IF(shared_gmem_unsupported());
+  GuestMemfd g = new_gmem(kPages, kSharedGmem);
+  ASSERT_TRUE(g.valid());
+  Mapping racing = map_whole(g), second = map_whole(g);
+  ASSERT_TRUE(racing.valid() && second.valid());
+
+  Race race(defaults());
+  PageModel model(race, kPages, 2);
+  spawn_faulters(race, model, racing.data(), 2, 2);
+  auto rng = race.rng(0);
+  while (race.next_iteration()) {
+    const uint64_t it = race.iteration();
+    Range r = pick_range(rng, kPages, kMaxRange);
+    Race::jitter(rng, 50);
+    if (it == 0 || Race::chance(rng, 1, 2))  // the first punch is always a checked one
+      model.checked_punch(g, r.first, r.n, {racing.data(), second.data()}, Race::pick(rng, 0, 200),
+                          "puncher", it);
+    else
+      model.punch(g, r.first, r.n, "puncher", it);
+    race.ops();
+  }
+  const uint64_t checked = model.checked_punches();
+  final_punch_reads_zero(race, model, g, {racing.data(), second.data()});
+  RaceSummary s = race.finish();
+  record_model(model);
+  EXPECT_GT(s.iterations, 0u);
+  EXPECT_GT(checked, 0u) << "no checked punch ran: the invariant was not exercised";
+  if (coverage_expected(s)) {
+    EXPECT_GT(model.zero_checks_by_readers(), 0u) << "no reader checked a punched page";
+  }
+}
+
+// Mappers map a seeded window of the file, touch it (own pages written, others read) and unmap
+// it again, while the driver punches, and verifies checked punches through a fresh mapping it
+// creates and tears down each time.
+CVM_TEST_P(PunchRace, MmapMunmap, "RACE-004") {
+  CVM_SKIP_IF(shared_gmem_unsupported());
+  GuestMemfd g = new_gmem(kPages, kSharedGmem);
+  ASSERT_TRUE(g.valid());
+  Mapping steady = map_whole(g);
+  ASSERT_TRUE(steady.valid());
+  const uint64_t ps = page_size();
+
+  Race race(defaults());
+  constexpr int kMappers = 2;
+  PageModel model(race, kPages, kMappers);
+  std::atomic<uint64_t> maps{0};
+  for (int w = 0; w < kMappers; w++)
+    race.spawn("mapper " + std::to_string(w), [&, w](RaceWorker& me) {
+      while (!race.stopping()) {
+        const uint64_t it = race.iteration();
+        Range r = pick_range(me.rng(), kPages, 6);
+        auto m = g.map(r.n * ps, PROT_READ | PROT_WRITE, r.first * ps);
+        if (!m) {
+          race.violation(it, me.name(), "mmap of pages [" + std::to_string(r.first) + ", " +
+                                            std::to_string(r.first + r.n) + "): " + m.error().message());
+          break;
+        }
+        maps.fetch_add(1, std::memory_order_relaxed);
+        for (uint64_t p = r.first; p < r.first + r.n; p++) {
+          uint8_t* a = m->data() + (p - r.first) * ps;
+          if (p % kMappers == static_cast<uint64_t>(w))
+            model.write_page(a, p, me.name(), it);
+          else
+            model.read_page(a, p, me.name(), it);
+          me.ops();
+        }
+        Race::jitter(me.rng(), 30);
+        // The Mapping's destructor unmaps, racing the next punch.
+      }
+    });
+  race.spawn("reader", [&](RaceWorker& me) {
+    while (!race.stopping()) {
+      const uint64_t it = race.iteration();
+      uint64_t p = Race::pick(me.rng(), 0, kPages - 1);
+      model.read_page(steady.data() + p * ps, p, me.name(), it);
+      me.ops();
+    }
+  });
+
+  auto rng = race.rng(0);
+  while (race.next_iteration()) {
+    const uint64_t it = race.iteration();
+    Range r = pick_range(rng, kPages, kMaxRange);
+    Race::jitter(rng, 50);
+    if (it == 0 || Race::chance(rng, 1, 2)) {  // the first punch is always a checked one
+      auto fresh = g.map(g.size());
+      if (!fresh) {
+        race.violation(it, "puncher", "mmap of the whole file: " + fresh.error().message());
+        break;
+      }
+      model.checked_punch(g, r.first, r.n, {steady.data(), fresh->data()}, Race::pick(rng, 0, 200),
+                          "puncher", it);
+    } else {
+      model.punch(g, r.first, r.n, "puncher", it);
+    }
+    race.ops();
+  }
+  const uint64_t checked = model.checked_punches();
+  final_punch_reads_zero(race, model, g, {steady.data()});
+  RaceSummary s = race.finish();
+  record_model(model);
+  record("mappings", maps.load());
+  EXPECT_GT(s.iterations, 0u);
+  EXPECT_GT(checked, 0u) << "no checked punch ran";
+  if (coverage_expected(s)) {
+    EXPECT_GT(maps.load(), 0u) << "no mapper ran";
+  }
+}
+
+// fallocate re-allocating the range racing the punch: an allocator thread allocates seeded
+// ranges all the time, writers and readers fault the pages, and the driver punches, punches and
+// re-allocates under a freeze (the pages must read zeroes), or allocates over pages that hold
+// data (which must not change them).
+CVM_TEST_P(PunchRace, Reallocate, "RACE-004") {
+  CVM_SKIP_IF(shared_gmem_unsupported());
+  GuestMemfd g = new_gmem(kPages, kSharedGmem);
+  ASSERT_TRUE(g.valid());
+  Mapping racing = map_whole(g), second = map_whole(g);
+  ASSERT_TRUE(racing.valid() && second.valid());
+  const uint64_t ps = page_size();
+  const uint64_t words = ps / sizeof(uint64_t);
+
+  Race race(defaults());
+  PageModel model(race, kPages, 2);
+  spawn_faulters(race, model, racing.data(), 2, 1);
+  std::atomic<uint64_t> allocations{0};
+  race.spawn("allocator", [&](RaceWorker& me) {
+    while (!race.stopping()) {
+      const uint64_t it = race.iteration();
+      Range r = pick_range(me.rng(), kPages, kMaxRange);
+      if (model.allocate(g, r.first, r.n, me.name(), it)) allocations.fetch_add(1, std::memory_order_relaxed);
+      me.ops();
+      Race::jitter(me.rng(), 100);
+    }
+  });
+
+  uint64_t reallocated = 0, preserved = 0;
+  auto rng = race.rng(0);
+  while (race.next_iteration()) {
+    const uint64_t it = race.iteration();
+    Range r = pick_range(rng, kPages, kMaxRange);
+    Race::jitter(rng, 50);
+    // The first iterations make sure that each checked operation runs at least once.
+    switch (it < 2 ? it + 1 : Race::pick(rng, 0, 2)) {
+      case 0:
+        model.punch(g, r.first, r.n, "puncher", it);
+        break;
+      case 1: {
+        // Punch, re-allocate at once, then the range must read zeroes.
+        if (!model.freeze(r.first, r.n, "puncher", it)) break;
+        bool ok = model.punch(g, r.first, r.n, "puncher", it) &&
+                  model.allocate(g, r.first, r.n, "puncher", it);
+        for (uint64_t p = r.first; ok && p < r.first + r.n; p++)
+          ok = model.verify_zero(racing.data(), p, "the racing mapping", "puncher", it) &&
+               model.verify_zero(second.data(), p, "a second mapping", "puncher", it);
+        if (ok) model.publish_zero(r.first, r.n, Race::pick(rng, 0, 200));
+        model.unfreeze(r.first, r.n);
+        reallocated++;
+        break;
+      }
+      case 2: {
+        // Allocating over pages that hold data leaves the data alone.
+        if (!model.freeze(r.first, r.n, "puncher", it)) break;
+        std::vector<uint64_t> before(r.n * words);
+        std::memcpy(before.data(), racing.data() + r.first * ps, r.n * ps);
+        if (model.allocate(g, r.first, r.n, "puncher", it)) {
+          const volatile uint64_t* now = reinterpret_cast<const volatile uint64_t*>(racing.data() + r.first * ps);
+          for (uint64_t i = 0; i < r.n * words; i++) {
+            if (now[i] != before[i]) {
+              race.violation(it, "puncher", "page " + std::to_string(r.first + i / words) + " word " +
+                                                std::to_string(i % words) + " changed from " +
+                                                hex64(before[i]) + " to " + hex64(now[i]) +
+                                                " when the range was allocated");
+              break;
+            }
+          }
+        }
+        model.unfreeze(r.first, r.n);
+        preserved++;
+        break;
+      }
+    }
+    race.ops();
+  }
+  final_punch_reads_zero(race, model, g, {racing.data(), second.data()});
+  RaceSummary s = race.finish();
+  record_model(model);
+  record("allocations", allocations.load());
+  record("punch_then_allocate", reallocated);
+  record("allocate_over_data", preserved);
+  EXPECT_GT(s.iterations, 0u);
+  if (s.iterations >= 2) {
+    EXPECT_GT(reallocated, 0u) << "no punch was followed by a re-allocation";
+    EXPECT_GT(preserved, 0u) << "no allocation over data ran";
+  }
+  if (coverage_expected(s)) {
+    EXPECT_GT(allocations.load(), 0u) << "the allocator never ran";
+  }
+}
+
+}  // namespace
+}  // namespace cvm::suites

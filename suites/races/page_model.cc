@@ -1,0 +1,226 @@
+#include "page_model.h"
+
+#include <cstdio>
+#include <thread>
+
+#include "cvmconf/fault.h"
+
+namespace cvm::suites {
+
+std::string hex64(uint64_t v) {
+  char b[24];
+  std::snprintf(b, sizeof b, "%#llx", static_cast<unsigned long long>(v));
+  return b;
+}
+
+PageModel::PageModel(Race& race, uint64_t pages, int writers)
+    : race_(race), pages_(pages), writers_(writers < 1 ? 1 : writers),
+      words_(page_size() / sizeof(uint64_t)), st_(new PageState[pages]) {}
+
+uint64_t PageModel::pick_owned(std::mt19937_64& g, int w) const {
+  uint64_t owned = (pages_ - static_cast<uint64_t>(w) + static_cast<uint64_t>(writers_) - 1) /
+                   static_cast<uint64_t>(writers_);
+  if (owned == 0) return static_cast<uint64_t>(w);
+  return static_cast<uint64_t>(w) + Race::pick(g, 0, owned - 1) * static_cast<uint64_t>(writers_);
+}
+
+std::string PageModel::domain_error(uint64_t p, uint64_t v, uint64_t gen_now) const {
+  if (v == 0) return "";
+  if ((v & (0xffull << 56)) != kMark) return "garbage " + hex64(v) + " (never written by this test)";
+  uint64_t page = (v >> 32) & 0xffffff;
+  uint64_t gen = v & 0xffffffffu;
+  if (page != p)
+    return "foreign data " + hex64(v) + " (the pattern of page " + std::to_string(page) + ")";
+  if (gen == 0 || gen > (gen_now & 0xffffffffu))
+    return "value " + hex64(v) + " of generation " + std::to_string(gen) +
+           ", which was never written (current generation " + std::to_string(gen_now) + ")";
+  return "";
+}
+
+bool PageModel::write_page(uint8_t* page_addr, uint64_t p, const std::string& actor,
+                           uint64_t it) {
+  PageState& s = st_[p];
+  if (s.frozen.load()) return false;
+  s.in_write.fetch_add(1);
+  if (s.frozen.load()) {
+    s.in_write.fetch_sub(1);
+    return false;
+  }
+  const uint64_t end0 = s.punch_end.load();
+  const uint64_t gen = s.gen.fetch_add(1) + 1;
+  const uint64_t want = tag(p, gen);
+  std::vector<uint64_t> back(words_);
+  volatile uint64_t* w = reinterpret_cast<volatile uint64_t*>(page_addr);
+  const uint64_t n = words_;
+  uint64_t* out = back.data();
+  FaultResult f = probe_call([w, n, want, out] {
+    for (uint64_t i = 0; i < n; i++) w[i] = want;
+    for (uint64_t i = 0; i < n; i++) out[i] = w[i];
+  });
+  const uint64_t begin1 = s.punch_begin.load();
+  s.in_write.fetch_sub(1);
+  if (f.faulted()) {
+    race_.violation(it, actor, "writing page " + std::to_string(p) + " of the mapping: " + f.describe());
+    return true;
+  }
+  const bool punched = begin1 > end0;
+  for (uint64_t i = 0; i < n; i++) {
+    uint64_t v = back[i];
+    if (v == want) continue;
+    if (v == 0 && punched) continue;
+    std::string what = "page " + std::to_string(p) + " word " + std::to_string(i) +
+                       ": read back " + hex64(v) + " right after writing " + hex64(want);
+    if (v == 0)
+      what += " (the write was lost, no punch overlapped it)";
+    else if (auto e = domain_error(p, v, gen); !e.empty())
+      what += ": " + e;
+    else
+      what += " (stale data of an older generation)";
+    race_.violation(it, actor, what);
+    return true;
+  }
+  return true;
+}
+
+void PageModel::read_page(const uint8_t* page_addr, uint64_t p, const std::string& actor,
+                          uint64_t it) {
+  PageState& s = st_[p];
+  const uint64_t z0 = s.zero_epoch.load();
+  std::vector<uint64_t> buf(words_);
+  const volatile uint64_t* w = reinterpret_cast<const volatile uint64_t*>(page_addr);
+  const uint64_t n = words_;
+  uint64_t* out = buf.data();
+  FaultResult f = probe_call([w, n, out] {
+    for (uint64_t i = 0; i < n; i++) out[i] = w[i];
+  });
+  const uint64_t gen_now = s.gen.load();
+  const uint64_t z1 = s.zero_epoch.load();
+  if (f.faulted()) {
+    race_.violation(it, actor, "reading page " + std::to_string(p) + " of the mapping: " + f.describe());
+    return;
+  }
+  const bool must_be_zero = z0 != 0 && z0 == z1;
+  if (must_be_zero) reader_zero_checks_.fetch_add(1, std::memory_order_relaxed);
+  for (uint64_t i = 0; i < n; i++) {
+    uint64_t v = buf[i];
+    if (must_be_zero && v != 0) {
+      race_.violation(it, actor,
+                      "page " + std::to_string(p) + " word " + std::to_string(i) + " reads " +
+                          hex64(v) + " after a completed punch with no writer since (stale data)");
+      return;
+    }
+    if (auto e = domain_error(p, v, gen_now); !e.empty()) {
+      race_.violation(it, actor, "page " + std::to_string(p) + " word " + std::to_string(i) + ": " + e);
+      return;
+    }
+  }
+}
+
+bool PageModel::punch(const GuestMemfd& gmem, uint64_t first, uint64_t n,
+                      const std::string& actor, uint64_t it) {
+  const uint64_t ps = page_size();
+  for (uint64_t p = first; p < first + n; p++) st_[p].punch_begin.fetch_add(1);
+  auto r = gmem.punch_hole(first * ps, n * ps);
+  for (uint64_t p = first; p < first + n; p++) st_[p].punch_end.fetch_add(1);
+  punches_.fetch_add(1, std::memory_order_relaxed);
+  if (!r) {
+    race_.violation(it, actor, "punching pages [" + std::to_string(first) + ", " +
+                                   std::to_string(first + n) + "): " + r.error().message());
+    return false;
+  }
+  return true;
+}
+
+bool PageModel::allocate(const GuestMemfd& gmem, uint64_t first, uint64_t n,
+                         const std::string& actor, uint64_t it) {
+  const uint64_t ps = page_size();
+  for (int tries = 0;; tries++) {
+    auto r = gmem.allocate(first * ps, n * ps);
+    if (r) return true;
+    if (r.err() == EINTR && tries < 100) continue;
+    race_.violation(it, actor, "allocating pages [" + std::to_string(first) + ", " +
+                                   std::to_string(first + n) + "): " + r.error().message());
+    return false;
+  }
+}
+
+bool PageModel::freeze(uint64_t first, uint64_t n, const std::string& actor, uint64_t it) {
+  for (uint64_t p = first; p < first + n; p++) st_[p].frozen.store(true);
+  // Writers that got in before the freeze finish their page (a few microseconds).
+  auto limit = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  for (uint64_t p = first; p < first + n; p++) {
+    while (st_[p].in_write.load() != 0) {
+      if (std::chrono::steady_clock::now() > limit) {
+        race_.violation(it, actor, "a writer did not leave page " + std::to_string(p) +
+                                       " within 5 s (harness stall)");
+        unfreeze(first, n);
+        return false;
+      }
+      std::this_thread::yield();
+    }
+  }
+  return true;
+}
+
+void PageModel::unfreeze(uint64_t first, uint64_t n) {
+  for (uint64_t p = first; p < first + n; p++) {
+    st_[p].zero_epoch.store(0);
+    st_[p].frozen.store(false);
+  }
+}
+
+bool PageModel::verify_zero(const uint8_t* view, uint64_t p, const char* view_name,
+                            const std::string& actor, uint64_t it) {
+  const uint64_t ps = page_size();
+  std::vector<uint64_t> buf(words_);
+  const volatile uint64_t* w = reinterpret_cast<const volatile uint64_t*>(view + p * ps);
+  const uint64_t n = words_;
+  uint64_t* out = buf.data();
+  FaultResult f = probe_call([w, n, out] {
+    for (uint64_t i = 0; i < n; i++) out[i] = w[i];
+  });
+  if (f.faulted()) {
+    race_.violation(it, actor, std::string("reading punched page ") + std::to_string(p) +
+                                   " through " + view_name + ": " + f.describe());
+    return false;
+  }
+  // What a stale view would show: the last pattern written before the punch.
+  const uint64_t stale = tag(p, st_[p].gen.load() ? st_[p].gen.load() : 1);
+  for (uint64_t i = 0; i < n; i++) {
+    uint64_t v = race_.observe(buf[i], stale, it);
+    if (v != 0) {
+      race_.violation(it, actor, "page " + std::to_string(p) + " word " + std::to_string(i) +
+                                     " reads " + hex64(v) + " through " + view_name +
+                                     " after the punch returned (expected 0: stale data)");
+      return false;
+    }
+  }
+  return true;
+}
+
+void PageModel::publish_zero(uint64_t first, uint64_t n, uint64_t hold_us) {
+  const uint64_t e = epoch_.fetch_add(1) + 1;
+  for (uint64_t p = first; p < first + n; p++) st_[p].zero_epoch.store(e);
+  if (hold_us) {
+    auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(hold_us);
+    while (std::chrono::steady_clock::now() < until) std::this_thread::yield();
+  }
+}
+
+bool PageModel::checked_punch(const GuestMemfd& gmem, uint64_t first, uint64_t n,
+                              const std::vector<const uint8_t*>& views, uint64_t hold_us,
+                              const std::string& actor, uint64_t it) {
+  if (!freeze(first, n, actor, it)) return false;
+  bool ok = punch(gmem, first, n, actor, it);
+  checked_.fetch_add(1, std::memory_order_relaxed);
+  for (size_t v = 0; ok && v < views.size(); v++) {
+    if (!views[v]) continue;
+    const char* name = v == 0 ? "the racing mapping" : "a second mapping";
+    for (uint64_t p = first; ok && p < first + n; p++) ok = verify_zero(views[v], p, name, actor, it);
+  }
+  if (ok) publish_zero(first, n, hold_us);
+  unfreeze(first, n);
+  return ok;
+}
+
+}  // namespace cvm::suites

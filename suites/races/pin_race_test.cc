@@ -1,0 +1,229 @@
+// Punch hole racing pins of the same guest_memfd pages (RACE-003): long-term FOLL_PIN pins
+// taken and dropped again and again (io_uring fixed buffers, or another long-term provider that
+// can read through its pin), and vmsplice page references.
+//
+// Each iteration the driver fills a seeded range through the mapping, pins it, sometimes punches
+// part of it itself, waits a seeded moment and reads the pinned pages through the pin, while a
+// puncher thread punches seeded ranges of the file and a reader faults pages of the mapping.
+// Invariants:
+//  - the pinned buffer keeps the data it had when it was pinned: each pinned page holds the
+//    pattern written before the pin (all of it when no punch overlapped the fill and the pin;
+//    otherwise only the pattern or zeroes), and a second read through the pin returns exactly
+//    what the first one did;
+//  - once a punch that began after the pin has returned, the file (the mapping and a second
+//    mapping) reads zeroes there, while the pin still holds the old data;
+//  - a page no punch touched still shows the pinned data through the mapping;
+//  - pinning and unpinning shared pages succeed; no kernel splat (the kmsg listener).
+#include "cvmconf/pins.h"
+#include "punch_race.h"
+
+namespace cvm::suites {
+namespace {
+
+constexpr uint64_t kPages = 16;
+constexpr uint64_t kMaxRange = 4;
+
+struct PinRaceCounters {
+  uint64_t pins = 0;
+  uint64_t punched_while_pinned = 0;
+  uint64_t intact_pages = 0;
+};
+
+// Checks a read through the pin of pages [first, first+n): returns false after a violation.
+bool check_pinned(Race& race, uint64_t it, const std::vector<uint8_t>& data, uint64_t first,
+                  const std::vector<uint64_t>& want, const std::vector<bool>& clean,
+                  const char* when) {
+  const uint64_t words = page_size() / sizeof(uint64_t);
+  const uint64_t* w = reinterpret_cast<const uint64_t*>(data.data());
+  for (uint64_t k = 0; k < want.size(); k++) {
+    for (uint64_t i = 0; i < words; i++) {
+      uint64_t v = w[k * words + i];
+      if (v == want[k] || (!clean[k] && v == 0)) continue;
+      race.violation(it, "pinner",
+                     "the pin of page " + std::to_string(first + k) + " word " + std::to_string(i) +
+                         " holds " + hex64(v) + " " + when + ", expected " + hex64(want[k]) +
+                         (clean[k] ? " (filled before the pin, no punch overlapped)" : " or 0"));
+      return false;
+    }
+  }
+  return true;
+}
+
+PinRaceCounters run_pin_race(Race& race, const PinProvider& provider, bool rereadable,
+                             const GuestMemfd& g, uint8_t* racing, const uint8_t* second) {
+  const uint64_t ps = page_size();
+  const uint64_t words = ps / sizeof(uint64_t);
+  PageModel model(race, kPages, 1);  // the driver is the only writer
+  PinRaceCounters c;
+
+  race.spawn("puncher", [&](RaceWorker& me) {
+    while (!race.stopping()) {
+      const uint64_t it = race.iteration();
+      uint64_t first = Race::pick(me.rng(), 0, kPages - 1);
+      uint64_t n = Race::pick(me.rng(), 1, std::min(kMaxRange, kPages - first));
+      model.punch(g, first, n, me.name(), it);
+      me.ops();
+      Race::jitter(me.rng(), 300);
+    }
+  });
+  race.spawn("reader", [&](RaceWorker& me) {
+    while (!race.stopping()) {
+      const uint64_t it = race.iteration();
+      uint64_t p = Race::pick(me.rng(), 0, kPages - 1);
+      model.read_page(racing + p * ps, p, me.name(), it);
+      me.ops();
+    }
+  });
+
+  auto rng = race.rng(0);
+  while (race.next_iteration()) {
+    const uint64_t it = race.iteration();
+    const uint64_t first = Race::pick(rng, 0, kPages - 1);
+    const uint64_t n = Race::pick(rng, 1, std::min(kMaxRange, kPages - first));
+    std::vector<uint64_t> end_fill(n), want(n), begin_pin(n);
+    std::vector<bool> clean(n);
+    for (uint64_t k = 0; k < n; k++) end_fill[k] = model.punch_end(first + k);
+    for (uint64_t k = 0; k < n; k++) {
+      model.write_page(racing + (first + k) * ps, first + k, "pinner", it);
+      want[k] = PageModel::tag(first + k, model.gen(first + k));
+    }
+    auto pin = provider.pin(racing + first * ps, n * ps);
+    if (!pin) {
+      race.violation(it, "pinner", "pinning shared pages [" + std::to_string(first) + ", " +
+                                       std::to_string(first + n) + "): " + pin.error().message());
+      continue;
+    }
+    c.pins++;
+    race.ops();
+    for (uint64_t k = 0; k < n; k++) {
+      begin_pin[k] = model.punch_begin(first + k);
+      clean[k] = !(begin_pin[k] > end_fill[k]);
+    }
+    std::vector<uint8_t> first_read;
+    bool ok = true;
+    if (rereadable) {
+      auto a = pin.value()->read_through(0, n * ps);
+      if (!a) {
+        race.violation(it, "pinner", "reading through the pin: " + a.error().message());
+        ok = false;
+      } else {
+        first_read = std::move(a.value());
+        ok = check_pinned(race, it, first_read, first, want, clean, "right after pinning");
+      }
+    }
+    if (ok && Race::chance(rng, 1, 2)) {
+      // Punch part of the pinned range from here too, so every other iteration has a punch
+      // while the pin is held, whatever the puncher thread does.
+      uint64_t sf = first + Race::pick(rng, 0, n - 1);
+      uint64_t sn = Race::pick(rng, 1, first + n - sf);
+      model.punch(g, sf, sn, "pinner", it);
+    }
+    Race::jitter(rng, 200);
+    if (ok) {
+      auto b = pin.value()->read_through(0, n * ps);
+      if (!b) {
+        race.violation(it, "pinner", "reading through the pin again: " + b.error().message());
+        ok = false;
+      } else if (rereadable) {
+        if (b.value() != first_read) {
+          size_t at = 0;
+          while (at < first_read.size() && b.value()[at] == first_read[at]) at++;
+          race.violation(it, "pinner", "the pinned buffer changed at byte " + std::to_string(at) +
+                                           " (page " + std::to_string(first + at / ps) +
+                                           ") between two reads through the pin");
+          ok = false;
+        }
+      } else {
+        ok = check_pinned(race, it, b.value(), first, want, clean, "after the punches");
+      }
+    }
+    for (uint64_t k = 0; ok && k < n; k++) {
+      const uint64_t p = first + k;
+      if (model.punch_end(p) >= begin_pin[k] + 1) {
+        // A punch that began after the pin was taken has returned: the file reads zeroes.
+        c.punched_while_pinned++;
+        ok = model.verify_zero(racing, p, "the racing mapping", "pinner", it) &&
+             model.verify_zero(second, p, "a second mapping", "pinner", it);
+      } else if (clean[k]) {
+        // If no punch touched the page since it was filled, the file still holds the data.
+        // Read first, then ask: a punch may start at any moment.
+        std::vector<uint64_t> now(words);
+        const volatile uint64_t* m = reinterpret_cast<const volatile uint64_t*>(racing + p * ps);
+        for (uint64_t i = 0; i < words; i++) now[i] = m[i];
+        std::atomic_thread_fence(std::memory_order_seq_cst);
+        if (model.punch_begin(p) != end_fill[k]) continue;
+        c.intact_pages++;
+        for (uint64_t i = 0; i < words; i++) {
+          if (now[i] != want[k]) {
+            race.violation(it, "pinner", "page " + std::to_string(p) + " word " + std::to_string(i) +
+                                             " reads " + hex64(now[i]) + " through the mapping, expected " +
+                                             hex64(want[k]) + " (no punch touched it)");
+            ok = false;
+            break;
+          }
+        }
+      }
+    }
+    if (auto r = pin.value()->release(); !r)
+      race.violation(it, "pinner", "releasing the pin: " + r.error().message());
+  }
+  race.join();
+  return c;
+}
+
+void record_counters(const PinRaceCounters& c, const PinProvider& p) {
+  ::testing::Test::RecordProperty("pin_provider", p.name() + ": " + p.kind().describe());
+  ::testing::Test::RecordProperty("pins", std::to_string(c.pins));
+  ::testing::Test::RecordProperty("punched_while_pinned", std::to_string(c.punched_while_pinned));
+  ::testing::Test::RecordProperty("intact_pages", std::to_string(c.intact_pages));
+}
+
+CVM_TEST_P(PunchRace, PinsLongTerm, "RACE-003") {
+  CVM_SKIP_IF(shared_gmem_unsupported());
+  PinRequest req;
+  req.longterm = true;
+  req.foll_pin = true;
+  req.reads_through = true;  // the pinned data is compared through the pin
+  auto provider = find_pin_provider(req);
+  if (!provider) GTEST_SKIP() << provider.error().op;
+  GuestMemfd g = new_gmem(kPages, kSharedGmem);
+  ASSERT_TRUE(g.valid());
+  Mapping racing = map_whole(g), second = map_whole(g);
+  ASSERT_TRUE(racing.valid() && second.valid());
+
+  Race race(defaults());
+  PinRaceCounters c = run_pin_race(race, *provider.value(), true, g, racing.data(), second.data());
+  RaceSummary s = race.finish();
+  record_counters(c, *provider.value());
+  EXPECT_GT(s.iterations, 0u);
+  EXPECT_GT(c.pins, 0u) << "no pin was taken";
+  if (coverage_expected(s)) {
+    EXPECT_GT(c.punched_while_pinned, 0u) << "no punch completed while a pin was held";
+  }
+}
+
+CVM_TEST_P(PunchRace, Vmsplice, "RACE-003") {
+  CVM_SKIP_IF(shared_gmem_unsupported());
+  const PinProvider* vmsplice = pin_provider_by_name("vmsplice");
+  if (!vmsplice) GTEST_SKIP() << testing::kNotImplemented << "this build has no vmsplice provider";
+  CVM_SKIP_IF(vmsplice->unavailable());
+  GuestMemfd g = new_gmem(kPages, kSharedGmem);
+  ASSERT_TRUE(g.valid());
+  Mapping racing = map_whole(g), second = map_whole(g);
+  ASSERT_TRUE(racing.valid() && second.valid());
+
+  Race race(defaults());
+  // vmsplice's reference can be read once (draining the pipe), so the data is compared with
+  // what was written before the pin.
+  PinRaceCounters c = run_pin_race(race, *vmsplice, false, g, racing.data(), second.data());
+  RaceSummary s = race.finish();
+  record_counters(c, *vmsplice);
+  EXPECT_GT(s.iterations, 0u);
+  EXPECT_GT(c.pins, 0u) << "no vmsplice reference was taken";
+  if (coverage_expected(s)) {
+    EXPECT_GT(c.punched_while_pinned, 0u) << "no punch completed while a reference was held";
+  }
+}
+
+}  // namespace
+}  // namespace cvm::suites
