@@ -49,8 +49,8 @@ void ConversionTest::make_env(std::unique_ptr<ConversionEnv>& env, ConversionEnv
 }
 
 std::unique_ptr<Pin> ConversionTest::pin_page(ConversionEnv& env, uint64_t page,
-                                              const PinProvider& p, std::string* why) {
-  auto pin = p.pin(env.shared_hva(page), page_size());
+                                              const PinProvider& p, std::string* why, uint64_t n) {
+  auto pin = p.pin(env.shared_hva(page), n * page_size());
   if (!pin) {
     if (why) *why = p.name() + " cannot pin a shared guest_memfd page here: " + pin.error().message();
     return nullptr;

@@ -29,10 +29,11 @@ class ConversionTest : public PlatformTest {
   // environment always gets a guest (its page state is only visible to one).
   void make_env(std::unique_ptr<ConversionEnv>& env, ConversionEnvOptions o);
 
-  // A pin on the shared page `page` of env by provider p; nullptr (reason in *why) when the
-  // provider cannot pin it.
+  // One pin on the shared pages [page, page + n) of env by provider p; nullptr (reason in
+  // *why) when the provider cannot pin them. (gup_test holds one pinned set per system: take
+  // one pin at a time.)
   static std::unique_ptr<Pin> pin_page(ConversionEnv& env, uint64_t page, const PinProvider& p,
-                                       std::string* why);
+                                       std::string* why, uint64_t n = 1);
   // A pin by the first available provider that can pin the page; nullptr and a SKIP reason
   // (in *why) when none can.
   static std::unique_ptr<Pin> pin_page_any(ConversionEnv& env, uint64_t page, std::string* why,
