@@ -58,7 +58,8 @@ Result<std::unique_ptr<GuestVm>> GuestVm::create(const Kvm& kvm, GuestVmOptions 
     g->boot_map_ = std::move(map.value());
     slot.hva = reinterpret_cast<uint64_t>(g->boot_map_.data());
   }
-  if (auto r = g->vm_.set_memslot(slot); !r) return r.error();
+  // Anonymous boot memory also works on kernels without KVM_SET_USER_MEMORY_REGION2 (6.1).
+  if (auto r = g->vm_.set_memslot_compat(slot); !r) return r.error();
 
   if (auto r = p->prepare_boot_region(g->boot_map_.data(), g->boot_map_.size()); !r)
     return r.error();

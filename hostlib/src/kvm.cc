@@ -180,6 +180,13 @@ Result<void> Vm::set_user_memory_region(uint32_t slot, uint32_t flags, uint64_t 
   return {};
 }
 
+Result<void> Vm::set_memslot_compat(const MemslotSpec& s) const {
+  if (s.gmem_fd < 0 && !(s.flags & uapi::kMemGuestMemfd) &&
+      check_extension(uapi::cap::kUserMemory2) <= 0)
+    return set_user_memory_region(s.slot, s.flags, s.gpa, s.size, s.hva);
+  return set_memslot(s);
+}
+
 Result<GuestMemfd> Vm::create_guest_memfd(uint64_t size, uint64_t flags) const {
   uapi::kvm_create_guest_memfd c{};
   c.size = size;

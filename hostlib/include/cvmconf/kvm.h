@@ -98,6 +98,9 @@ class Vm {
   Result<void> delete_memslot(uint32_t slot) const;         // size 0 via REGION2
   Result<void> set_user_memory_region(uint32_t slot, uint32_t flags, uint64_t gpa,
                                       uint64_t size, uint64_t hva) const;  // legacy ioctl
+  // KVM_SET_USER_MEMORY_REGION2, or the legacy KVM_SET_USER_MEMORY_REGION when the VM lacks
+  // KVM_CAP_USER_MEMORY2 (kernels before 6.8) and the slot involves no guest_memfd.
+  Result<void> set_memslot_compat(const MemslotSpec& spec) const;
   Result<GuestMemfd> create_guest_memfd(uint64_t size, uint64_t flags) const;
   // KVM_SET_MEMORY_ATTRIBUTES (per-VM, 6.8).
   Result<void> set_memory_attributes(uint64_t gpa, uint64_t size, uint64_t attributes,

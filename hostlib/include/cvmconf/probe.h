@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "cvmconf/conversion.h"
+
 namespace cvm {
 
 struct VmTypeCaps {
@@ -24,6 +26,10 @@ struct VmTypeCaps {
   long pre_fault_memory = 0;
   long memory_fault_info = 0;
   long user_memory2 = 0;
+  // Shared <-> private conversion (conversion.h): the kernel's answers and the back-end chosen
+  // from them ("none" with the reason when no back-end answered).
+  ConversionProbeFacts conversion_facts;
+  ConversionSelection conversion;
 };
 
 struct Capabilities {

@@ -184,6 +184,10 @@ inline constexpr __u64 kMapGpaRangePageSz1G = 1ULL << 1;   // KVM_MAP_GPA_RANGE_
 inline constexpr __u64 kMapGpaRangeEncrypted = 1ULL << 4;  // KVM_MAP_GPA_RANGE_ENCRYPTED
 inline constexpr __u64 kMapGpaRangeDecrypted = 0;          // KVM_MAP_GPA_RANGE_DECRYPTED
 inline constexpr unsigned kFeatureHcMapGpaRangeBit = 16;   // CPUID 0x40000001 bit
+// Hypercall error codes KVM itself returns to the guest in RAX, negated (kvm_para.h, all
+// versions): a malformed MAP_GPA_RANGE gets -KVM_EINVAL, one whose exit is not enabled -KVM_ENOSYS.
+inline constexpr __u64 kKvmHcEinval = 22;     // KVM_EINVAL
+inline constexpr __u64 kKvmHcEnosys = 1000;   // KVM_ENOSYS
 
 // ---------------------------------------------------------------------------------------------
 // SEV / SNP (facts §5.2). KVM_MEMORY_ENCRYPT_OP and struct kvm_sev_cmd are in 6.1's header.

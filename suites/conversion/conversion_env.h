@@ -1,0 +1,114 @@
+// The conversion suites' test environment: a VM of one platform, a guest_memfd created the way
+// the selected back-end needs it, bound at CVM_TEST_MEM_GPA in one or more memslots, the host's
+// view of shared memory, optionally a payload guest driven through the command loop, and a page
+// state observer that works for every back-end:
+//   in place (v8, RFC v2)  a host access through the guest_memfd mapping: SIGBUS = private;
+//   per-VM attributes      the guest reads a marker the host just wrote into the separate shared
+//                          memory: seen = shared (a private page is served from guest_memfd).
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "cvmconf/conversion.h"
+#include "cvmconf/guest_vm.h"
+#include "cvmconf/kvm.h"
+#include "cvmconf/platform.h"
+
+namespace cvm::suites {
+
+enum class PageState { Shared, Private };
+inline char state_char(PageState s) { return s == PageState::Shared ? 'S' : 'P'; }
+
+struct ConversionEnvOptions {
+  uint64_t pages = 4;
+  bool init_shared = true;
+  // Per-VM attributes have no per-file initial state: unless raw_initial_state is set, a
+  // per-VM environment that should start private is made private with one conversion.
+  bool raw_initial_state = false;
+  bool guest = false;    // boot a payload guest with the command loop on vCPU 0
+  int vcpus = 1;
+  int slots = 1;         // memslots the file is split across (consecutive GPAs and offsets)
+  bool guest_requests = false;  // answer the guest's MAP_GPA_RANGE through the back-end
+};
+
+class ConversionEnv {
+ public:
+  static Result<std::unique_ptr<ConversionEnv>> create(const Kvm& kvm, const Platform& platform,
+                                                       ConversionAbi abi, ConversionEnvOptions o);
+  ~ConversionEnv();
+
+  const ConversionBackend& backend() const { return *backend_; }
+  ConversionAbi abi() const { return backend_->abi(); }
+  bool in_place() const { return backend_->in_place(); }
+  uint64_t pages() const { return opts_.pages; }
+  const ConversionEnvOptions& options() const { return opts_; }
+  Vm& vm() { return guest_ ? guest_->vm() : *own_vm_; }
+  GuestMemfd& gmem() { return gmem_; }
+  GuestVm* guest() { return guest_.get(); }
+  GuestCmd* cmd() { return cmd_ ? &*cmd_ : nullptr; }
+  GuestConversionHandler* requests() { return handler_.get(); }
+  // "in-place-v8, 4 pages, init shared, 1 memslot, guest"
+  std::string describe() const;
+
+  uint64_t gpa(uint64_t page, uint64_t off = 0) const;
+  uint64_t offset(uint64_t page) const;  // in the guest_memfd
+  // Host address of the page's shared memory: the guest_memfd mapping (in place; SIGBUS while
+  // private) or the separate shared memory (per-VM; always accessible, never the private copy).
+  uint8_t* shared_hva(uint64_t page, uint64_t off = 0) const;
+  GmemRange range(uint64_t first, uint64_t n) const;
+  GpaMap gpa_map() const;
+
+  ConversionResult to_private(uint64_t first, uint64_t n = 1) const;
+  ConversionResult to_shared(uint64_t first, uint64_t n = 1) const;
+  ConversionResult apply(const ConversionRequest& r) const { return backend_->apply(r); }
+
+  // The page's state as observed (see above); an error when it cannot be observed.
+  Result<PageState> state(uint64_t page);
+  // Every page's state as "SSPS", or "error: ..." (comparable in EXPECT_EQ).
+  std::string states();
+  // Whether state() can observe pages in this environment (per-VM needs the guest).
+  bool can_observe_state() const { return in_place() || cmd_.has_value(); }
+
+  // Host data helpers on shared memory, fault-safe: "" on success, else what went wrong.
+  std::string host_fill(uint64_t page, uint8_t v);
+  std::string host_check(uint64_t page, uint8_t v);
+  // Guest data helpers (need the guest): "" on success.
+  std::string guest_fill(uint64_t page, uint8_t v);
+  std::string guest_check(uint64_t page, uint8_t v);
+
+ private:
+  ConversionEnv() = default;
+  ConversionEnvOptions opts_;
+  std::unique_ptr<GuestVm> guest_;
+  std::optional<Vm> own_vm_;
+  std::unique_ptr<ConversionBackend> backend_;
+  GuestMemfd gmem_;
+  Mapping shared_;  // in place: the guest_memfd mapping; per-VM: separate shared memory
+  std::optional<GuestCmd> cmd_;
+  std::unique_ptr<GuestConversionHandler> handler_;
+  uint64_t marker_seq_ = 0;
+};
+
+// Whether the back-end on this platform is expected to keep page contents across conversion:
+// in-place v8 on SW_PROTECTED VMs (the v8 selftests rely on it). Elsewhere contents are
+// unspecified (facts §3.2, §3.3, §3.5) and only recorded.
+bool content_preserved_expected(ConversionAbi abi, const Platform& p);
+
+// /proc/self/pagemap: whether the page containing addr has a present PTE in this process.
+Result<bool> pte_present(const void* addr);
+
+// Behaviour probe of the MAP_GPA_RANGE exit for a platform (cached per platform): boots a tiny
+// payload that issues the hypercall under a watchdog. skip_reason is set when the exit does not
+// happen on this kernel, failure when KVM misbehaved in a way that is a test failure.
+struct HypercallExitProbe {
+  bool exits = false;
+  std::string skip_reason;
+  std::string failure;
+  std::string observation;  // what happened, for the test's record
+};
+const HypercallExitProbe& probe_map_gpa_range_exit(const Kvm& kvm, const Platform& platform);
+
+}  // namespace cvm::suites

@@ -1,0 +1,83 @@
+#include "conversion_fixture.h"
+
+#include <cstring>
+
+#include "cvmconf/probe.h"
+#include "cvmconf/uapi.h"
+
+namespace cvm::suites {
+
+void ConversionTest::SetUp() {
+  PlatformTest::SetUp();
+  if (IsSkipped() || HasFatalFailure()) return;
+  const VmTypeCaps* caps = cached_capabilities().vm(platform().vm_type());
+  if (!caps) GTEST_SKIP() << testing::kCapabilityAbsent << "VM type " << platform().id() << " was not probed";
+  selection_ = caps->conversion;
+  RecordProperty("conversion_backend",
+                 selection_.backend ? conversion_abi_name(*selection_.backend)
+                                    : "none: " + selection_.reason);
+  if (auto why = conversion_unavailable(platform().id(), selection_)) {
+    if (auto more = also_missing()) {
+      std::string m = *more;
+      if (m.rfind(testing::kCapabilityAbsent, 0) == 0) m = m.substr(std::strlen(testing::kCapabilityAbsent));
+      *why += "; also absent: " + m;
+    }
+    GTEST_SKIP() << *why;
+  }
+}
+
+void ConversionTest::make_env(std::unique_ptr<ConversionEnv>& env, ConversionEnvOptions o) {
+  env.reset();
+  if (abi() == ConversionAbi::PerVmAttributes) {
+    if (auto why = payloads_unsupported())
+      GTEST_SKIP() << testing::kNotApplicable
+                   << "the per-vm-attributes back-end's page state is visible only to a guest, "
+                      "and "
+                   << *why;
+    o.guest = true;
+  }
+  if (o.guest || o.guest_requests) CVM_SKIP_IF(payloads_unsupported());
+  if (abi() == ConversionAbi::InPlaceV8)
+    CVM_SKIP_IF(gmem_flags_unsupported(conversion_gmem_flags(abi(), o.init_shared)));
+  auto e = ConversionEnv::create(kvm(), platform(), abi(), o);
+  if (!e) {
+    ADD_FAILURE() << "setting up " << conversion_abi_name(abi()) << " conversion memory on "
+                  << platform().id() << " failed: " << e.error();
+    return;
+  }
+  env = std::move(e.value());
+}
+
+std::unique_ptr<Pin> ConversionTest::pin_page(ConversionEnv& env, uint64_t page,
+                                              const PinProvider& p, std::string* why, uint64_t n) {
+  auto pin = p.pin(env.shared_hva(page), n * page_size());
+  if (!pin) {
+    if (why) *why = p.name() + " cannot pin a shared guest_memfd page here: " + pin.error().message();
+    return nullptr;
+  }
+  return std::move(pin.value());
+}
+
+std::unique_ptr<Pin> ConversionTest::pin_page_any(ConversionEnv& env, uint64_t page,
+                                                  std::string* why, std::string* provider) {
+  auto all = available_pin_providers();
+  if (all.empty()) {
+    auto f = find_pin_provider({});
+    if (why) *why = f ? std::string("no pin provider") : f.error().op;
+    return nullptr;
+  }
+  std::string reasons;
+  for (const PinProvider* p : all) {
+    std::string w;
+    if (auto pin = pin_page(env, page, *p, &w)) {
+      if (provider) *provider = p->name();
+      return pin;
+    }
+    reasons += (reasons.empty() ? "" : "; ") + w;
+  }
+  if (why) *why = std::string(testing::kCapabilityAbsent) + "no pin provider can pin a shared "
+                  "guest_memfd page (" + reasons + ")";
+  return nullptr;
+}
+
+}  // namespace cvm::suites

@@ -1,0 +1,324 @@
+// Undo on failure (seed 003): after a failed conversion -- a pinned page in the middle or at the
+// end of the range, a range spanning two memslots, invalid requests, allocation failures
+// injected mid-conversion -- every page keeps its state, shared pages keep their data and stay
+// usable from the host and the guest, a retry after removing the cause succeeds, and the kernel
+// logs no WARN/BUG (the kernel-log listener fails the test on a splat).
+// Requirements: UNDO-001 .. UNDO-006 (suites/requirements.yaml).
+#include <sys/mman.h>
+
+#include "conversion_fixture.h"
+#include "cvmconf/uapi.h"
+#include "fault_injection.h"
+
+namespace cvm::suites {
+namespace {
+
+class Undo : public ConversionTest {
+ protected:
+  std::optional<std::string> also_missing() const override {
+    const auto* t = ::testing::UnitTest::GetInstance()->current_test_info();
+    if (t && std::string(t->name()).rfind("InjectedAllocationFailure", 0) == 0)
+      return ThreadFaultInjection::unavailable();
+    return std::nullopt;
+  }
+
+  // Pins are the failure cause for in-place back-ends only.
+  std::optional<std::string> pins_cannot_fail_conversion() const {
+    if (in_place()) return std::nullopt;
+    return std::string(testing::kNotApplicable) +
+           "a pin cannot make a per-vm-attributes conversion fail (shared memory is separate "
+           "host memory and there is no reference-count check); Undo.InvalidRequest* and "
+           "Undo.InjectedAllocationFailure cover this back-end";
+  }
+
+  // An 8-page environment, page i holding 0x20 + i, with `private_page` converted to private.
+  void mixed_env(std::unique_ptr<ConversionEnv>& env, uint64_t private_page, int slots = 1,
+                 bool guest = false) {
+    ConversionEnvOptions o;
+    o.pages = 8;
+    o.slots = slots;
+    o.guest = guest;
+    make_env(env, o);
+    if (!env) return;
+    for (uint64_t i = 0; i < 8; i++) ASSERT_EQ(env->host_fill(i, static_cast<uint8_t>(0x20 + i)), "");
+    CVM_ASSERT_CONVERTED(env->to_private(private_page));
+  }
+
+  // The states string with page `p` private and every other page shared.
+  static std::string one_private(uint64_t pages, uint64_t p) {
+    std::string s(pages, 'S');
+    s[p] = 'P';
+    return s;
+  }
+
+  // Every shared page of env still holds 0x20 + i (host view).
+  static void expect_shared_data(ConversionEnv& env, uint64_t private_page) {
+    for (uint64_t i = 0; i < env.pages(); i++) {
+      if (i != private_page) {
+        EXPECT_EQ(env.host_check(i, static_cast<uint8_t>(0x20 + i)), "") << "page " << i;
+      }
+    }
+  }
+
+};
+
+class UndoGuest : public Undo {
+ protected:
+  void SetUp() override {
+    Undo::SetUp();
+    if (IsSkipped() || HasFatalFailure()) return;
+    CVM_SKIP_IF(payloads_unsupported());
+  }
+};
+
+// Pins `page` of env with the first provider that can; SKIPs when none can.
+#define CVM_PIN_OR_SKIP(var, env, page)                              \
+  std::string var##_why, var##_who;                                  \
+  auto var = pin_page_any((env), (page), &var##_why, &var##_who);    \
+  if (!var) GTEST_SKIP() << var##_why;                               \
+  RecordProperty("pin_provider", var##_who)
+
+CVM_TEST_P(Undo, PinnedPageMidRangeStateUnchanged, "UNDO-001") {
+  CVM_SKIP_IF(pins_cannot_fail_conversion());
+  std::unique_ptr<ConversionEnv> env;
+  mixed_env(env, 5);
+  if (!env || HasFatalFailure()) return;
+  CVM_PIN_OR_SKIP(pin, *env, 3);
+  ConversionResult r = env->to_private(0, 8);
+  EXPECT_EQ(r.err, EAGAIN) << r.describe();
+  EXPECT_EQ(env->states(), one_private(8, 5)) << "the failed conversion changed page states";
+  EXPECT_TRUE(pin->release().ok());
+}
+
+CVM_TEST_P(Undo, PinnedPageAtEndStateUnchanged, "UNDO-001") {
+  CVM_SKIP_IF(pins_cannot_fail_conversion());
+  std::unique_ptr<ConversionEnv> env;
+  mixed_env(env, 2);
+  if (!env || HasFatalFailure()) return;
+  CVM_PIN_OR_SKIP(pin, *env, 7);
+  ConversionResult r = env->to_private(0, 8);
+  EXPECT_EQ(r.err, EAGAIN) << r.describe();
+  EXPECT_EQ(env->states(), one_private(8, 2)) << "pages before the pinned one must not stay converted";
+  EXPECT_TRUE(pin->release().ok());
+}
+
+CVM_TEST_P(Undo, FailedConversionSharedDataIntact, "UNDO-002") {
+  CVM_SKIP_IF(pins_cannot_fail_conversion());
+  std::unique_ptr<ConversionEnv> env;
+  mixed_env(env, 5);
+  if (!env || HasFatalFailure()) return;
+  CVM_PIN_OR_SKIP(pin, *env, 3);
+  ConversionResult r = env->to_private(0, 8);
+  ASSERT_EQ(r.err, EAGAIN) << r.describe();
+  expect_shared_data(*env, 5);
+  // And writable: the host writes new data and reads it back.
+  for (uint64_t i = 0; i < 8; i++) {
+    if (i == 5) continue;
+    EXPECT_EQ(env->host_fill(i, static_cast<uint8_t>(0x90 + i)), "") << "page " << i;
+    EXPECT_EQ(env->host_check(i, static_cast<uint8_t>(0x90 + i)), "") << "page " << i;
+  }
+  EXPECT_TRUE(pin->release().ok());
+}
+
+CVM_TEST_P(Undo, FailedConversionRetrySucceeds, "UNDO-004") {
+  CVM_SKIP_IF(pins_cannot_fail_conversion());
+  std::unique_ptr<ConversionEnv> env;
+  mixed_env(env, 5);
+  if (!env || HasFatalFailure()) return;
+  CVM_PIN_OR_SKIP(pin, *env, 3);
+  ConversionResult r = env->to_private(0, 8);
+  ASSERT_EQ(r.err, EAGAIN) << r.describe();
+  ASSERT_TRUE(pin->release().ok());
+  CVM_ASSERT_CONVERTED(env->to_private(0, 8));
+  EXPECT_EQ(env->states(), "PPPPPPPP");
+  CVM_ASSERT_CONVERTED(env->to_shared(0, 8));
+  EXPECT_EQ(env->states(), "SSSSSSSS");
+}
+
+CVM_TEST_P(Undo, SpanningTwoMemslotsStateUnchanged, "UNDO-001", "UNDO-004") {
+  CVM_SKIP_IF(pins_cannot_fail_conversion());
+  std::unique_ptr<ConversionEnv> env;
+  mixed_env(env, 1, /*slots=*/2, /*guest=*/payloads_ok());
+  if (!env || HasFatalFailure()) return;
+  CVM_PIN_OR_SKIP(pin, *env, 6);  // in the second memslot
+  ConversionResult r = env->to_private(0, 8);
+  EXPECT_EQ(r.err, EAGAIN) << r.describe();
+  EXPECT_EQ(env->states(), one_private(8, 1)) << "neither memslot's pages may stay converted";
+  expect_shared_data(*env, 1);
+  if (env->cmd()) {
+    for (uint64_t i : {0, 3, 4, 7})
+      EXPECT_EQ(env->guest_check(i, static_cast<uint8_t>(0x20 + i)), "") << "guest, page " << i;
+  }
+  ASSERT_TRUE(pin->release().ok());
+  CVM_ASSERT_CONVERTED(env->to_private(0, 8));
+  EXPECT_EQ(env->states(), "PPPPPPPP") << "the retry converts both memslots' pages";
+}
+
+CVM_TEST_P(Undo, InvalidRequestRejectedStateUnchanged, "UNDO-006", "UNDO-001") {
+  const uint64_t ps = page_size();
+  ConversionEnvOptions o;
+  o.pages = 4;
+  CVM_ENV(env, o);
+  for (uint64_t i = 0; i < 4; i++) ASSERT_EQ(env->host_fill(i, static_cast<uint8_t>(0x20 + i)), "");
+  CVM_ASSERT_CONVERTED(env->to_private(1));
+  const std::string before = env->states();
+  ASSERT_EQ(before, "SPSS");
+  struct Case {
+    std::string what;
+    ConversionRequest req;
+  };
+  std::vector<Case> cases;
+  auto add = [&](std::string what, GmemRange r, uint64_t flags = 0, uint64_t attrs = 0,
+                 bool reserved = false) {
+    for (bool to_private : {true, false}) {
+      ConversionRequest q{r, to_private};
+      q.extra_flags = flags;
+      q.extra_attributes = attrs;
+      q.nonzero_reserved = reserved;
+      cases.push_back({what + (to_private ? " (to private)" : " (to shared)"), q});
+    }
+  };
+  GmemRange whole = env->range(0, 4);
+  GmemRange r = whole;
+  r.offset += 1, r.gpa += 1;
+  add("unaligned start", r);
+  r = whole, r.size = ps / 2;
+  add("unaligned size", r);
+  r = whole, r.size = 0;
+  add("zero size", r);
+  if (env->in_place()) {
+    r = env->range(3, 2);
+    add("past the end of the guest_memfd", r);
+  }
+  r = whole, r.offset = ~0ULL & ~(ps - 1), r.gpa = ~0ULL & ~(ps - 1), r.size = 2 * ps;
+  add("start + size overflows", r);
+  if (abi() != ConversionAbi::RfcV2) {
+    add("unknown flag", whole, 1ULL << 0);
+    add("unknown attribute", whole, 0, 1ULL << 5);
+  }
+  if (abi() != ConversionAbi::PerVmAttributes) add("reserved word set", whole, 0, 0, true);
+  std::string summary;
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    ConversionResult res = env->apply(c.req);
+    EXPECT_EQ(res.err, EINVAL) << res.describe();
+    EXPECT_EQ(env->states(), before) << "a refused request changed page states";
+    summary += c.what + ": " + (res.ok() ? "accepted" : errno_name(res.err)) + "; ";
+  }
+  expect_shared_data(*env, 1);
+  RecordProperty("observation", summary);
+}
+
+CVM_TEST_P(Undo, InjectedAllocationFailure, "UNDO-005", "UNDO-001", "UNDO-002", "UNDO-004") {
+  CVM_SKIP_IF(ThreadFaultInjection::unavailable());
+  ConversionEnvOptions o;
+  o.pages = 4;
+  CVM_ENV(env, o);
+  auto fi = ThreadFaultInjection::setup();
+  ASSERT_TRUE(fi.ok()) << fi.error();
+  RecordProperty("fault_injection", fi.value()->points());
+  unsigned injected_failures = 0;
+  std::string depths;
+  for (bool to_private : {true, false}) {
+    SCOPED_TRACE(to_private ? "to private" : "to shared");
+    // Start states: "SPSS" for to-private, "PSPP" for to-shared; shared page i holds 0x20 + i.
+    const std::string start = to_private ? "SPSS" : "PSPP";
+    const std::string after = to_private ? "PPPP" : "SSSS";
+    auto reset = [&] {
+      bool ok = env->to_shared(0, 4).ok();
+      for (uint64_t i = 0; i < 4; i++)
+        if (start[i] == 'S') ok = ok && env->host_fill(i, static_cast<uint8_t>(0x20 + i)).empty();
+      for (uint64_t i = 0; i < 4; i++)
+        if (start[i] == 'P') ok = ok && env->to_private(i).ok();
+      return ok && env->states() == start;
+    };
+    auto convert = [&] { return to_private ? env->to_private(0, 4) : env->to_shared(0, 4); };
+    // Fail the 1st, 2nd, ... injection point the conversion reaches, until it reaches no more.
+    unsigned n = 1;
+    for (; n <= 64; n++) {
+      SCOPED_TRACE("failing injection point " + std::to_string(n));
+      ASSERT_TRUE(reset()) << "could not set up " << start;
+      const ConversionRequest req{env->range(0, 4), to_private};
+      uint64_t raw_offset = kErrorOffsetUnset;
+      ASSERT_TRUE(fi.value()->arm(n).ok());
+      const int err = env->backend().issue(req, &raw_offset);  // the only call while armed
+      auto injected = fi.value()->disarm();
+      ASSERT_TRUE(injected.ok()) << injected.error();
+      ConversionResult r = interpret_conversion(env->abi(), req, err, raw_offset,
+                                                env->backend().describe_request(req));
+      if (!injected.value()) {
+        // The conversion reached fewer than n points: it ran unharmed and must have worked.
+        EXPECT_TRUE(r.ok()) << r.describe();
+        EXPECT_EQ(env->states(), after);
+        break;
+      }
+      if (r.ok()) {
+        // The kernel coped with the failed allocation and converted anyway.
+        EXPECT_EQ(env->states(), after);
+        continue;
+      }
+      injected_failures++;
+      EXPECT_TRUE(r.err == ENOMEM || r.err == EAGAIN || r.err == EINTR)
+          << "unexpected errno for an allocation failure: " << r.describe();
+      EXPECT_EQ(env->states(), start) << "the failed conversion changed page states: " << r.describe();
+      for (uint64_t i = 0; i < 4; i++) {
+        if (start[i] == 'S') {
+          EXPECT_EQ(env->host_check(i, static_cast<uint8_t>(0x20 + i)), "")
+              << "shared page " << i << " after " << r.describe();
+        }
+      }
+      ConversionResult again = convert();
+      EXPECT_TRUE(again.ok()) << "retry without injection: " << again.describe();
+      EXPECT_EQ(env->states(), after);
+      if (HasFatalFailure()) return;
+    }
+    depths += std::string(depths.empty() ? "" : "; ") + (to_private ? "to private" : "to shared") +
+              ": " + std::to_string(n - 1) + " injection points";
+  }
+  RecordProperty("observation", std::to_string(injected_failures) +
+                                    " conversions failed by injection (" + depths + ")");
+}
+
+CVM_TEST_P(UndoGuest, GuestRunsAfterFailedConversion, "UNDO-003") {
+  std::unique_ptr<ConversionEnv> env;
+  mixed_env(env, 5, 1, /*guest=*/true);
+  if (!env || HasFatalFailure()) return;
+  std::unique_ptr<Pin> pin;
+  ConversionResult r;
+  if (in_place()) {
+    std::string why;
+    pin = pin_page_any(*env, 3, &why);
+    if (!pin) GTEST_SKIP() << why;
+    r = env->to_private(0, 8);
+    EXPECT_EQ(r.err, EAGAIN) << r.describe();
+  } else {
+    ConversionRequest bad{env->range(0, 8), true};
+    bad.extra_attributes = 1ULL << 5;
+    r = env->apply(bad);
+    EXPECT_EQ(r.err, EINVAL) << r.describe();
+  }
+  RecordProperty("failure_cause", r.describe());
+  ASSERT_FALSE(r.ok());
+  for (uint64_t i = 0; i < 8; i++) {
+    SCOPED_TRACE("page " + std::to_string(i));
+    if (i == 5) {
+      EXPECT_EQ(env->guest_fill(i, 0x55), "") << "the private page stays usable by the guest";
+      EXPECT_EQ(env->guest_check(i, 0x55), "");
+      continue;
+    }
+    EXPECT_EQ(env->guest_check(i, static_cast<uint8_t>(0x20 + i)), "") << "old data, seen by the guest";
+    EXPECT_EQ(env->guest_fill(i, static_cast<uint8_t>(0xa0 + i)), "");
+    EXPECT_EQ(env->host_check(i, static_cast<uint8_t>(0xa0 + i)), "") << "the host sees the guest's write";
+  }
+  if (pin) {
+    ASSERT_TRUE(pin->release().ok());
+  }
+  CVM_ASSERT_CONVERTED(env->to_private(0, 8));
+  EXPECT_EQ(env->guest_fill(0, 0x77), "") << "and after the retry too";
+}
+
+CVM_INSTANTIATE_FOR_PLATFORMS(Undo);
+CVM_INSTANTIATE_FOR_PLATFORMS(UndoGuest);
+
+}  // namespace
+}  // namespace cvm::suites
