@@ -3,7 +3,8 @@
 //
 //   guest -> host  {"hello": 1, "kernel": "...", "arch": "..."}            once, at start
 //   host -> guest  {"op": "run", "id": N, "argv": [...], "env": {...}, "cwd": "...",
-//                   "timeout": seconds, "events": "/path", "report": "/path"}
+//                   "timeout": seconds, "events": "/path", "report": "/path",
+//                   "output_max": bytes of output to return (default 16 KiB, the tail)}
 //   guest -> host  {"id": N, "event": "<one line of the events file>"}     while it runs
 //                  {"id": N, "kmsg": "<text>", "usec": printk time}        while it runs
 //   host -> guest  {"op": "kill", "id": N}      while N runs: kill its process group now
@@ -41,6 +42,10 @@ namespace {
 using nlohmann::json;
 
 constexpr const char* kPortName = "cvmconf.agent";
+// Suite binaries also write their event lines straight to this port (CVMCONF_EVENTS_TEE), so a
+// test that panics the guest before the agent forwarded its start event is still known.
+constexpr const char* kEventsPortName = "cvmconf.events";
+std::string g_events_port;
 constexpr size_t kOutputTail = 16384;
 
 int g_port = -1;
@@ -61,7 +66,7 @@ void send(const json& j) {
   }
 }
 
-std::string find_port() {
+std::string find_port(const char* wanted) {
   DIR* d = opendir("/sys/class/virtio-ports");
   if (!d) return "";
   std::string found;
@@ -70,7 +75,7 @@ std::string find_port() {
     std::ifstream f(std::string("/sys/class/virtio-ports/") + e->d_name + "/name");
     std::string name;
     std::getline(f, name);
-    if (name == kPortName) found = std::string("/dev/") + e->d_name;
+    if (name == wanted) found = std::string("/dev/") + e->d_name;
   }
   closedir(d);
   return found;
@@ -146,6 +151,7 @@ void run_command(const json& cmd) {
   const std::string events = cmd.value("events", std::string());
   const std::string report = cmd.value("report", std::string());
   const std::string cwd = cmd.value("cwd", std::string("/"));
+  const size_t output_max = cmd.value("output_max", kOutputTail);
   const std::string out_path = "/tmp/agent-output-" + std::to_string(id);
   if (!events.empty()) unlink(events.c_str());
   if (!report.empty()) unlink(report.c_str());
@@ -165,6 +171,7 @@ void run_command(const json& cmd) {
       dup2(o, 1);
       dup2(o, 2);
     }
+    if (!g_events_port.empty()) setenv("CVMCONF_EVENTS_TEE", g_events_port.c_str(), 1);
     if (cmd.contains("env"))
       for (auto& [k, v] : cmd["env"].items()) setenv(k.c_str(), v.get<std::string>().c_str(), 1);
     std::vector<char*> argv;
@@ -211,7 +218,7 @@ void run_command(const json& cmd) {
   done["exit"] = WIFEXITED(status) && !timed_out ? json(WEXITSTATUS(status)) : json(nullptr);
   done["signal"] = WIFSIGNALED(status) ? json(WTERMSIG(status)) : json(nullptr);
   std::string out = read_file(out_path).value_or("");
-  done["output_tail"] = out.size() > kOutputTail ? out.substr(out.size() - kOutputTail) : out;
+  done["output_tail"] = out.size() > output_max ? out.substr(out.size() - output_max) : out;
   auto rep = report.empty() ? std::nullopt : read_file(report);
   done["report"] = rep ? json(*rep) : json(nullptr);
   unlink(out_path.c_str());
@@ -224,13 +231,14 @@ int main() {
   signal(SIGPIPE, SIG_IGN);
   std::string port;
   for (int i = 0; i < 100 && port.empty(); i++) {
-    port = find_port();
+    port = find_port(kPortName);
     if (port.empty()) usleep(100 * 1000);
   }
   if (port.empty()) {
     fprintf(stderr, "cvm-agent: no virtio-serial port named %s\n", kPortName);
     return 2;
   }
+  g_events_port = find_port(kEventsPortName);
   g_port = open(port.c_str(), O_RDWR | O_CLOEXEC);
   if (g_port < 0) {
     fprintf(stderr, "cvm-agent: open %s: %s\n", port.c_str(), strerror(errno));

@@ -132,7 +132,15 @@ def _collect(args, cat, target, executor=None):
     from cvmconf.targets.base import SuiteBinary
     suite_dir = Path(args.suite_dir) if args.suite_dir else \
         (target.default_suite_dir() or _suite_dir(args))
-    binaries = [SuiteBinary(p.name, p.resolve()) for p in gtest.suite_binaries_in(suite_dir)]
+    try:
+        paths = gtest.suite_binaries_in(suite_dir)
+    except HarnessError:
+        why = target.suites_missing_reason(suite_dir)
+        if not why:
+            raise
+        paths = []
+        args.suites_note = why
+    binaries = [SuiteBinary(p.name, p.resolve()) for p in paths]
     fam_of = {r.id: r.family for r in cat.requirements}
     plugin = CvmconfPlugin(target, binaries, fam_of, executor, args.requirement, args.family,
                            args.filter)
@@ -300,7 +308,10 @@ def cmd_run(args) -> int:
         raise KeyboardInterrupt
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        rc = _pytest_session(args, plugin, suite_dir, binaries, collect_only=False)
+        if binaries:
+            rc = _pytest_session(args, plugin, suite_dir, binaries, collect_only=False)
+        else:
+            rc = 0   # nothing to run here (e.g. suites not built for a VM's architecture)
         interrupted = rc == 2
     except KeyboardInterrupt:
         interrupted = True
@@ -348,8 +359,10 @@ def cmd_run(args) -> int:
             for rid in reqs_here.get(t, []):
                 available.setdefault(rid, []).append(t)
     sel_names = {t for ts in selected.values() for t in ts}
+    notes = [args.suites_note] if getattr(args, "suites_note", None) else []
     reqs = rollup.requirement_results(cat, run_results, available, sel_names,
-                                      not_run_reason if not_run else "")
+                                      not_run_reason if not_run else "",
+                                      no_suites_reason=notes[0] if notes else "")
     complete = not interrupted and not plugin.errors and not_run == 0 and rc in (0, 1)
     reasons = []
     if interrupted:
@@ -368,6 +381,8 @@ def cmd_run(args) -> int:
     run.update({
         "complete": complete, "incomplete_reason": "; ".join(reasons) if not complete else None,
         "finished": results.now_iso(), "summary": summary,
+        "target": target.describe(),   # again at the end: e.g. how often a VM was rebooted
+        "notes": notes,
         "requirements": [r.to_dict() for r in reqs], "tests": entries,
         "batches": [rec.__dict__ for rec in executor.batches], "problems": problems,
     })

@@ -24,6 +24,8 @@ from cvmconf.errors import HarnessError, UsageError
 from cvmconf.kmsg import KernelLine
 
 AGENT_PORT = "cvmconf.agent"
+EVENTS_PORT = "cvmconf.events"   # suite binaries' event lines, written directly (see gtest_support)
+KILL_ANSWER = 30.0   # seconds the agent has to report a killed batch before the guest is wedged
 STATUS_PORT = "cvmconf.status"
 
 # Console lines that mean the guest kernel is broken. A panic ends the guest (panic=-1 and
@@ -76,7 +78,7 @@ def choose_accel(arch: str, requested: str | None = None) -> str:
 
 def qemu_command(arch: str, image: Path, initrd: Path, agent_sock: Path, status_file: Path,
                  console_file: Path, accel: str, append: str = "", pkvm: bool = False,
-                 memory_mb: int = 2048, smp: int = 2) -> list[str]:
+                 memory_mb: int = 2048, smp: int = 2, events_file: Path | None = None) -> list[str]:
     common_append = "panic=-1 loglevel=7 printk.devkmsg=on"
     if arch == "x86_64":
         cmd = ["qemu-system-x86_64", "-accel", accel,
@@ -102,6 +104,9 @@ def qemu_command(arch: str, image: Path, initrd: Path, agent_sock: Path, status_
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
             "-chardev", f"file,id=status,path={status_file}",
             "-device", f"virtserialport,chardev=status,name={STATUS_PORT}"]
+    if events_file is not None:
+        cmd += ["-chardev", f"file,id=events,path={events_file}",
+                "-device", f"virtserialport,chardev=events,name={EVENTS_PORT}"]
     return cmd
 
 
@@ -129,6 +134,21 @@ class QemuVm:
     @property
     def status_file(self) -> Path:
         return self.workdir / f"status-{self.boots}.log"
+
+    @property
+    def events_file(self) -> Path:
+        return self.workdir / f"events-{self.boots}.log"
+
+    def last_batch_events(self) -> list[str]:
+        """Event lines the suite binaries wrote straight to the events port, from the last
+        program_start on: the batch that was running when the guest died."""
+        try:
+            lines = self.events_file.read_text(errors="replace").split("\n")
+        except OSError:
+            return []
+        complete = [l for l in lines[:-1] if l.strip()]
+        start = max((i for i, l in enumerate(complete) if '"program_start"' in l), default=None)
+        return complete[start:] if start is not None else []
 
     def console_text(self) -> str:
         try:
@@ -161,7 +181,7 @@ class QemuVm:
         listener.listen(1)
         cmd = qemu_command(self.arch, self.image, self.initrd, sock_path, self.status_file,
                            self.console_file, self.accel, self.append, self.pkvm,
-                           self.memory_mb, self.smp)
+                           self.memory_mb, self.smp, events_file=self.events_file)
         (self.workdir / f"qemu-cmd-{self.boots}.txt").write_text(" ".join(cmd) + "\n")
         try:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
@@ -283,7 +303,8 @@ class QemuVm:
             events: str = "", report: str = "", cwd: str = "/",
             on_event: Callable[[str], None] | None = None,
             on_kmsg: Callable[[KernelLine], None] | None = None,
-            should_kill: Callable[[], str | None] | None = None) -> BatchOutcome:
+            should_kill: Callable[[], str | None] | None = None,
+            output_max: int | None = None) -> BatchOutcome:
         """Runs one batch in the guest. Never raises for guest failures: a dead guest comes back
         as guest_crashed with the console's crash lines."""
         out = BatchOutcome()
@@ -294,8 +315,11 @@ class QemuVm:
         rid = self._next_id
         self._next_id += 1
         try:
-            self._send({"op": "run", "id": rid, "argv": argv, "env": env or {}, "cwd": cwd,
-                        "timeout": timeout, "events": events, "report": report})
+            cmd = {"op": "run", "id": rid, "argv": argv, "env": env or {}, "cwd": cwd,
+                   "timeout": timeout, "events": events, "report": report}
+            if output_max:
+                cmd["output_max"] = output_max
+            self._send(cmd)
         except OSError as e:
             out.guest_crashed, out.error = True, f"agent connection lost: {e}"
             return out
@@ -309,6 +333,8 @@ class QemuVm:
                 except OSError:
                     pass
                 kill_sent = True
+                # A guest that does not answer a kill within KILL_ANSWER seconds is wedged.
+                deadline = min(deadline, time.monotonic() + KILL_ANSWER)
             msg = self._recv(min(deadline, time.monotonic() + 0.2))
             if msg is None and time.monotonic() < deadline and self.alive() and \
                     self.proc is not None and self.proc.poll() is None and not self._eof:
@@ -316,7 +342,10 @@ class QemuVm:
             if msg is None:
                 out.guest_crashed = True
                 out.crash_lines = self.crash_lines()
-                if time.monotonic() >= deadline:
+                if kill_sent and time.monotonic() >= deadline:
+                    out.error = (f"the guest did not answer a kill within {KILL_ANSWER:.0f} s "
+                                 "(wedged)")
+                elif time.monotonic() >= deadline:
                     out.timed_out = True
                     out.error = f"the guest did not answer within {timeout + 60:.0f} s"
                 else:

@@ -114,6 +114,11 @@ class Target(abc.ABC):
         of another architecture uses its cross build)."""
         return None
 
+    def suites_missing_reason(self, suite_dir: Path) -> str | None:
+        """When suite_dir has no suite binaries: the reason if that is an expected state of this
+        target (reported as a note and as the requirements' reason), None if it is an error."""
+        return None
+
     def close(self) -> None:
         """Releases the target (shuts a VM down)."""
 

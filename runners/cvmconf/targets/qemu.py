@@ -28,6 +28,7 @@ from cvmconf.targets.base import (KILLED_BATCH_TIMEOUT, KILLED_IDLE_TIMEOUT, KIL
 HOST_ARCH = {"x86_64": "x86_64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
 CONSOLE_LINE_RE = re.compile(r"^\[\s*(\d+)\.(\d{1,6})\]\s?(.*)$")
 GUEST_BIN = "/cvmconf/bin"
+LISTING_MAX = 64 << 20   # test lists and probe output come back whole
 
 
 def cross_build_dir(build_dir: Path, arch: str) -> Path:
@@ -109,6 +110,14 @@ class QemuTarget(Target):
     def default_suite_dir(self) -> Path | None:
         return self.suite_dir()
 
+    def suites_missing_reason(self, suite_dir: Path) -> str | None:
+        if self.arch == HOST_ARCH:
+            return None
+        return (f"the {self.arch} suites are not built ({suite_dir} has no {gtest.SUITE_PREFIX}* "
+                f"binaries; build them with './cvmconf build --arch {self.arch}'). Only the "
+                f"guest's fingerprint was taken. The {self.arch} guest runtime for payload tests "
+                f"does not exist yet.")
+
     def _binaries(self, suite_binaries: list[Path]) -> list[Path]:
         tools = [self.tree / "bin" / "cvm-agent", self.tree / "bin" / "cvm-probe"]
         for b in tools + suite_binaries + self.extra_binaries:
@@ -158,11 +167,12 @@ class QemuTarget(Target):
         return None
 
     def _run_simple(self, argv: list[str], timeout: float = 300.0) -> vm.BatchOutcome:
+        """Runs a helper command in the guest and returns its whole output."""
         why = self._ensure_guest()
         if why:
             raise HarnessError(why)
         assert self.vm
-        return self.vm.run(argv, timeout=timeout)
+        return self.vm.run(argv, timeout=timeout, output_max=LISTING_MAX)
 
     def probe(self) -> dict:
         if self._probe is None:
@@ -183,7 +193,6 @@ class QemuTarget(Target):
 
     def fingerprint(self) -> dict:
         assert self.vm is not None and self.bundle is not None
-        sh = f"{GUEST_BIN}/../../bin/busybox"
         rel = self.vm.hello.get("kernel", "")
         ver = self._run_simple(["/bin/busybox", "uname", "-v"]).output_tail.strip()
         cpuinfo = self.vm.read("/proc/cpuinfo") or ""
@@ -201,7 +210,6 @@ class QemuTarget(Target):
                 sha, source = m.group(1), "/proc/config.gz (guest)"
             else:
                 err = "no config in the kernel package and no /proc/config.gz in the guest"
-        del sh
         return fingerprint.build(
             probe=self.probe(), kernel_release=rel, kernel_version=ver, arch=self.vm.hello.get("arch", self.arch),
             cpuinfo=cpuinfo, cpus=int(nproc) if nproc.isdigit() else None, config_sha256=sha,
@@ -293,6 +301,11 @@ class QemuTarget(Target):
         out.kernel_log = list(r.kmsg)
         out.exit_code, out.signal = r.exit, r.signal
         if r.guest_crashed:
+            # The suite binary wrote its events straight to the events port too: that copy has
+            # the start event of a test that killed the guest before the agent could forward it.
+            direct = self.vm.last_batch_events()
+            if len(direct) > len(r.events):
+                out.events = "\n".join(direct) + "\n"
             # What the guest kernel printed as it died is the evidence; the agent could not send it.
             last = out.kernel_log[-1].usec if out.kernel_log else -1
             out.kernel_log += [l for l in console_kernel_lines(self.vm.console_text()) if l.usec > last]
