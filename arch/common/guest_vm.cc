@@ -8,7 +8,7 @@ namespace {
 
 constexpr size_t kMaxPrints = 1000;
 
-std::string hex(uint64_t v) {
+[[maybe_unused]] std::string hex(uint64_t v) {
   char b[24];
   std::snprintf(b, sizeof b, "0x%llx", static_cast<unsigned long long>(v));
   return b;

@@ -144,7 +144,10 @@ class KmsgListener : public ::testing::EmptyTestEventListener {
 // Streams one JSON line per test start and end to the file named by $CVMCONF_EVENTS, written
 // with one write() and fsync'd as it happens: when the binary crashes, hangs or exits without
 // its JSON report, the runner still knows which tests finished (with outcome, properties and
-// failure messages) and which one was running. Appended before the other listeners, so its
+// failure messages) and which one was running. When $CVMCONF_EVENTS_TEE names a second file (the
+// QEMU runner's virtio-serial "cvmconf.events" port), every line is also written there at once,
+// so the host has a test's start event even if the test takes the whole guest kernel down before
+// anyone could read the file. Appended before the other listeners, so its
 // OnTestEnd runs after theirs (GoogleTest calls OnTestEnd in reverse order) and sees the
 // properties and failures they add.
 class EventStreamListener : public ::testing::EmptyTestEventListener {
@@ -158,12 +161,30 @@ class EventStreamListener : public ::testing::EmptyTestEventListener {
                 << "\n";
       return nullptr;
     }
-    return new EventStreamListener(fd);
+    int tee = -1;
+    if (const char* t = std::getenv("CVMCONF_EVENTS_TEE"); t && *t)
+      tee = ::open(t, O_WRONLY | O_CLOEXEC);
+    return new EventStreamListener(fd, tee);
   }
-  ~EventStreamListener() override { ::close(fd_); }
+  ~EventStreamListener() override {
+    ::close(fd_);
+    if (tee_ >= 0) ::close(tee_);
+  }
 
  private:
-  explicit EventStreamListener(int fd) : fd_(fd) {}
+  EventStreamListener(int fd, int tee) : fd_(fd), tee_(tee) {}
+
+  static void write_all(int fd, const std::string& line) {
+    const char* p = line.data();
+    size_t left = line.size();
+    while (left > 0) {
+      ssize_t n = ::write(fd, p, left);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return;
+      p += n;
+      left -= static_cast<size_t>(n);
+    }
+  }
 
   static int64_t mono_us() {
     timespec ts{};
@@ -176,15 +197,8 @@ class EventStreamListener : public ::testing::EmptyTestEventListener {
   void emit(nlohmann::json j) {
     j["mono_us"] = mono_us();
     std::string line = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
-    const char* p = line.data();
-    size_t left = line.size();
-    while (left > 0) {
-      ssize_t n = ::write(fd_, p, left);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) return;
-      p += n;
-      left -= static_cast<size_t>(n);
-    }
+    if (tee_ >= 0) write_all(tee_, line);  // first: the guest may not live to the fsync
+    write_all(fd_, line);
     ::fsync(fd_);
   }
 
@@ -222,6 +236,7 @@ class EventStreamListener : public ::testing::EmptyTestEventListener {
   }
 
   int fd_;
+  int tee_ = -1;
 };
 
 void list_requirements_json() {

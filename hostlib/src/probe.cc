@@ -1,6 +1,11 @@
 #include "cvmconf/probe.h"
 
+#include <fcntl.h>
 #include <sys/utsname.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <string_view>
 
 #include <cstdio>
 #include <fstream>
@@ -133,6 +138,20 @@ Capabilities probe_capabilities() {
       auto end = cmdline.find(' ', pos);
       c.arm64_kvm_mode = cmdline.substr(pos + 13, end == std::string::npos ? end : end - pos - 13);
     }
+    // Asking for protected mode is not getting it: the hypervisor says so in the kernel log.
+    int fd = ::open("/dev/kmsg", O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd >= 0) {
+      char buf[8192];
+      for (;;) {
+        ssize_t n = ::read(fd, buf, sizeof buf);
+        if (n < 0 && errno == EPIPE) continue;
+        if (n <= 0) break;
+        if (std::string_view(buf, static_cast<size_t>(n)).find("Protected nVHE mode initialized") !=
+            std::string_view::npos)
+          c.arm64_pkvm_initialized = true;
+      }
+      ::close(fd);
+    }
   }
 #endif
   auto kvm = Kvm::open();
@@ -227,7 +246,8 @@ nlohmann::json Capabilities::to_json() const {
   j["vm_types"] = types;
   j["host_hints"] = {{"kvm_amd.sev_snp", kvm_amd_sev_snp},
                      {"kvm_intel.tdx", kvm_intel_tdx},
-                     {"kvm-arm.mode", arm64_kvm_mode}};
+                     {"kvm-arm.mode", arm64_kvm_mode},
+                     {"arm64_pkvm_initialized", arm64_pkvm_initialized}};
   return j;
 }
 

@@ -110,11 +110,37 @@ def _pytest_session(args, plugin, suite_dir: Path, binaries, collect_only: bool)
         return int(pytest.main(pargs, plugins=[plugin]))
 
 
+def _target_options(args) -> dict:
+    """Options of the chosen target (the QEMU target's kernel, modules, architecture, ...)."""
+    qemu_only = {"kernel": args.kernel, "modules": args.modules, "arch": args.arch,
+                 "append": args.append, "pkvm": args.pkvm, "accel": args.accel,
+                 "max_reboots": args.max_reboots, "boot_timeout": args.boot_timeout}
+    if args.target != "qemu":
+        given = [f"--{k.replace('_', '-')}" for k, v in qemu_only.items()
+                 if v not in (None, False, "", 3, 300.0)]
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply to --target qemu")
+        return {}
+    opts = dict(qemu_only)
+    opts["append"] = opts["append"] or ""
+    opts["suite_dir"] = args.suite_dir
+    return opts
+
+
 def _collect(args, cat, target, executor=None):
     from cvmconf.plugin import CvmconfPlugin
     from cvmconf.targets.base import SuiteBinary
-    suite_dir = _suite_dir(args)
-    binaries = [SuiteBinary(p.name, p.resolve()) for p in gtest.suite_binaries_in(suite_dir)]
+    suite_dir = Path(args.suite_dir) if args.suite_dir else \
+        (target.default_suite_dir() or _suite_dir(args))
+    try:
+        paths = gtest.suite_binaries_in(suite_dir)
+    except HarnessError:
+        why = target.suites_missing_reason(suite_dir)
+        if not why:
+            raise
+        paths = []
+        args.suites_note = why
+    binaries = [SuiteBinary(p.name, p.resolve()) for p in paths]
     fam_of = {r.id: r.family for r in cat.requirements}
     plugin = CvmconfPlugin(target, binaries, fam_of, executor, args.requirement, args.family,
                            args.filter)
@@ -128,7 +154,7 @@ def cmd_list(args) -> int:
     from cvmconf import targets
     cat = catalogue.load(args.catalogue)
     _validate_filters(args, cat)
-    target = targets.create(args.target, build_dir=_build_dir(args))
+    target = targets.create(args.target, build_dir=_build_dir(args), **_target_options(args))
     suite_dir, binaries, plugin = _collect(args, cat, target)
     rc = _pytest_session(args, plugin, suite_dir, binaries, collect_only=True)
     if plugin.errors:
@@ -229,7 +255,7 @@ def cmd_run(args) -> int:
     if duration is None and os.environ.get("CVMCONF_DURATION", "").isdigit():
         duration = int(os.environ["CVMCONF_DURATION"])
 
-    target = targets.create(args.target, build_dir=_build_dir(args))
+    target = targets.create(args.target, build_dir=_build_dir(args), **_target_options(args))
     target.check()                      # no KVM: one line, exit 2, nothing written
     suite_dir, binaries, _ = _collect(args, cat, target)
     fp = target.fingerprint()
@@ -282,7 +308,10 @@ def cmd_run(args) -> int:
         raise KeyboardInterrupt
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        rc = _pytest_session(args, plugin, suite_dir, binaries, collect_only=False)
+        if binaries:
+            rc = _pytest_session(args, plugin, suite_dir, binaries, collect_only=False)
+        else:
+            rc = 0   # nothing to run here (e.g. suites not built for a VM's architecture)
         interrupted = rc == 2
     except KeyboardInterrupt:
         interrupted = True
@@ -330,8 +359,10 @@ def cmd_run(args) -> int:
             for rid in reqs_here.get(t, []):
                 available.setdefault(rid, []).append(t)
     sel_names = {t for ts in selected.values() for t in ts}
+    notes = [args.suites_note] if getattr(args, "suites_note", None) else []
     reqs = rollup.requirement_results(cat, run_results, available, sel_names,
-                                      not_run_reason if not_run else "")
+                                      not_run_reason if not_run else "",
+                                      no_suites_reason=notes[0] if notes else "")
     complete = not interrupted and not plugin.errors and not_run == 0 and rc in (0, 1)
     reasons = []
     if interrupted:
@@ -350,6 +381,8 @@ def cmd_run(args) -> int:
     run.update({
         "complete": complete, "incomplete_reason": "; ".join(reasons) if not complete else None,
         "finished": results.now_iso(), "summary": summary,
+        "target": target.describe(),   # again at the end: e.g. how often a VM was rebooted
+        "notes": notes,
         "requirements": [r.to_dict() for r in reqs], "tests": entries,
         "batches": [rec.__dict__ for rec in executor.batches], "problems": problems,
     })
@@ -433,7 +466,25 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
                    help="only tests of this catalogue family (repeatable)")
     p.add_argument("--filter", metavar="GTEST_FILTER",
                    help="GoogleTest-style filter on test names ('POS:POS-NEG:NEG')")
-    p.add_argument("--target", default="local", help="where the suites run (default: local)")
+    p.add_argument("--target", default="local", choices=("local", "qemu"),
+                   help="where the suites run (default: local)")
+    q = p.add_argument_group("QEMU target (--target qemu)")
+    q.add_argument("--kernel", metavar="IMAGE_OR_PACKAGE",
+                   help="kernel image to boot, or a Debian kernel package name "
+                        "(e.g. linux-image-cloud-amd64), fetched with apt-get download")
+    q.add_argument("--modules", metavar="DIR_OR_DEB",
+                   help="the kernel's modules: a directory holding lib/modules/<release>/, a "
+                        "lib/modules/<release> directory, or a .deb")
+    q.add_argument("--arch", choices=("x86_64", "arm64"), help="guest architecture (default: host)")
+    q.add_argument("--append", metavar="ARGS", help="extra kernel command-line arguments")
+    q.add_argument("--pkvm", action="store_true",
+                   help="arm64: boot the kernel as a pKVM host (kvm-arm.mode=protected)")
+    q.add_argument("--accel", choices=("kvm", "tcg"),
+                   help="QEMU accelerator (default: kvm when it can run a full kernel here, else tcg)")
+    q.add_argument("--max-reboots", type=int, default=3, metavar="N",
+                   help="times a crashed guest is booted again before the rest is given up (default 3)")
+    q.add_argument("--boot-timeout", type=float, default=300.0, metavar="S",
+                   help="seconds the guest may take to boot (default 300)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -132,6 +132,35 @@ def result_from_end(ev: dict, binary: str) -> gtest.TestResult:
         **split)
 
 
+class LiveState:
+    """Applies event lines one at a time as they arrive (from a file being written, or from a
+    VM's agent). A malformed line stops live interpretation; the final parse() reports it."""
+
+    def __init__(self):
+        self.state = StreamState()
+        self.lineno = 0
+        self.error: str | None = None
+
+    @property
+    def running(self) -> str | None:
+        return self.state.running
+
+    def feed(self, line: str) -> dict | None:
+        """The event of one complete line, or None (blank, malformed, or after an error)."""
+        if self.error:
+            return None
+        self.lineno += 1
+        if not line.strip():
+            return None
+        try:
+            ev = _validate(json.loads(line), self.lineno)
+            apply(self.state, ev, self.lineno)
+        except (ValueError, RecursionError) as e:
+            self.error = str(e) if isinstance(e, EventStreamError) else "not JSON"
+            return None
+        return ev
+
+
 class LiveReader:
     """Reads an event stream file while the binary writes it (non-blocking, by offset)."""
 
@@ -139,9 +168,15 @@ class LiveReader:
         self.path = path
         self.offset = 0
         self.partial = b""
-        self.state = StreamState()
-        self.lineno = 0
-        self.error: str | None = None
+        self.live = LiveState()
+
+    @property
+    def state(self) -> StreamState:
+        return self.live.state
+
+    @property
+    def error(self) -> str | None:
+        return self.live.error
 
     def poll(self) -> list[dict]:
         """New complete events since the last call; a malformed stream stops live reading
@@ -155,21 +190,16 @@ class LiveReader:
         except FileNotFoundError:
             return []
         except OSError as e:
-            self.error = str(e)
+            self.live.error = str(e)
             return []
         self.offset += len(data)
         buf = self.partial + data
         *lines, self.partial = buf.split(b"\n")
         out = []
         for raw in lines:
-            self.lineno += 1
-            if not raw.strip():
-                continue
-            try:
-                ev = _validate(json.loads(raw.decode("utf-8", "replace")), self.lineno)
-                apply(self.state, ev, self.lineno)
-            except (ValueError, RecursionError) as e:
-                self.error = str(e) if isinstance(e, EventStreamError) else "not JSON"
+            ev = self.live.feed(raw.decode("utf-8", "replace"))
+            if self.error:
                 return out
-            out.append(ev)
+            if ev is not None:
+                out.append(ev)
         return out

@@ -80,6 +80,8 @@ def describe_exit(out: BatchOutput) -> str:
     if out.launch_error:
         return out.launch_error
     parts = []
+    if out.target_failure:
+        parts.append(out.target_failure)
     if out.killed == KILLED_TEST_TIMEOUT:
         parts.append(f"killed by the runner: test {out.killed_test} exceeded its "
                      f"{out.plan.test_timeout:g} s timeout")
@@ -94,7 +96,8 @@ def describe_exit(out: BatchOutput) -> str:
         parts.append(f"killed by {describe_signal(out.signal)}")
     elif out.exit_code is not None:
         parts.append(f"exited with status {out.exit_code}")
-    elif out.signal is None and out.exit_code is None and not out.killed:
+    elif out.signal is None and out.exit_code is None and not out.killed and \
+            not out.target_failure:
         parts.append("exit status unknown")
     return "; ".join(parts)
 

@@ -57,7 +57,22 @@ def detect_platforms(probe: dict) -> dict:
     if not probe.get("kvm_available", False):
         notes.append(f"KVM unavailable: {probe.get('kvm_error', 'unknown')}")
     return {"detected": detected, "unavailable": unavailable, "notes": notes,
-            "labels": [d["platform"] for d in detected]}
+            "labels": [d["platform"] for d in detected], "host": host_mode(probe)}
+
+
+def host_mode(probe: dict) -> str:
+    """What kind of KVM host this is, from the host's own hints (not from VM types): a pKVM host
+    only when the hypervisor said protected nVHE mode was initialized, not merely requested."""
+    hints = probe.get("host_hints", {}) or {}
+    if hints.get("arm64_pkvm_initialized"):
+        return "pKVM host (kvm-arm.mode=protected, protected nVHE mode initialized)"
+    if str(hints.get("kvm-arm.mode", "")) == "protected":
+        return "arm64 host with kvm-arm.mode=protected requested, but protected mode not initialized"
+    modes = [label + " host" for key, (label, on) in HINT_PLATFORM.items()
+             if key != "kvm-arm.mode" and on(str(hints.get(key, "") or ""))]
+    if modes:
+        return ", ".join(modes)
+    return "non-CoCo KVM host" if probe.get("kvm_available") else "no KVM"
 
 
 def cpu_model(cpuinfo: str) -> str:

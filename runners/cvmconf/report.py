@@ -16,6 +16,21 @@ TEMPLATES = Path(__file__).resolve().parents[2] / "results" / "templates"
 BAD = (gtest.FAIL, gtest.ERROR, gtest.TIMEOUT)
 
 
+def describe_target(t: dict) -> str:
+    """"local", or "qemu (x86_64, tcg, kernel linux-image-cloud-amd64, 1 reboot)"."""
+    kind = t.get("kind", "?")
+    if kind != "qemu":
+        return kind
+    parts = [t.get("arch", "?"), t.get("accel", "?"), f"kernel {t.get('kernel', '?')}"]
+    if t.get("pkvm"):
+        parts.append("pKVM")
+    if t.get("append"):
+        parts.append(f"append {t['append']!r}")
+    n = t.get("reboots", 0)
+    parts.append(f"{n} reboot{'s' if n != 1 else ''} after guest crashes")
+    return f"qemu ({', '.join(parts)})"
+
+
 def seed_tag(seed: str) -> str:
     m = re.match(r"^(\d+)_", seed)
     return m.group(1) if m else seed
@@ -61,6 +76,10 @@ def environment(run: dict) -> list[tuple[str, str]]:
         rows.append(("Build", k["version"]))
     plat = fp.get("platforms", {})
     det = ", ".join(f"{d['platform']} ({d['vm_type']})" for d in plat.get("detected", [])) or "none"
+    if plat.get("host"):
+        rows.append(("Host", plat["host"]))
+    for note in run.get("notes", []) or []:
+        rows.append(("Note", note))
     rows.append(("Platform", det))
     un = sorted({u["platform"] for u in plat.get("unavailable", [])})
     if un:
@@ -92,7 +111,7 @@ def environment(run: dict) -> list[tuple[str, str]]:
                        ("git_repository_branch", "Branch"), ("git_repository_url", "Repository")):
         if co.get(key):
             rows.append((label, co[key]))
-    rows.append(("Target", run.get("target", {}).get("kind", "?")))
+    rows.append(("Target", describe_target(run.get("target", {}))))
     o = run.get("options", {})
     if o.get("duration") is not None:
         rows.append(("Stress budget", f"{o['duration']} s per stress test"))

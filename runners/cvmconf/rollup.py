@@ -61,7 +61,8 @@ def _skip_reasons(tests: list[TestResult]) -> str:
 def requirement_results(cat: Catalogue, results: list[TestResult],
                         available: dict[str, list[str]] | None = None,
                         selected: set[str] | None = None,
-                        not_run_reason: str = "") -> list[RequirementResult]:
+                        not_run_reason: str = "",
+                        no_suites_reason: str = "") -> list[RequirementResult]:
     """Rolls results up per catalogue requirement.
 
     available: requirement ID -> tests of the built suites that name it (None: unknown);
@@ -88,6 +89,8 @@ def requirement_results(cat: Catalogue, results: list[TestResult],
                 reason = f"no test: {req.untested_reason}"
             elif not req.tests:
                 reason = "no test names it yet"
+            elif no_suites_reason:
+                reason = f"not run: {no_suites_reason}"
             elif available is not None and not have:
                 reason = "none of its tests is in the suite binaries run here"
             elif selected is not None and not (set(have) & selected):

@@ -28,8 +28,8 @@ void PlatformTest::SetUp() {
   vm_caps_.exit_hypercall = vm_->check_extension(uapi::cap::kExitHypercall);
   vm_caps_.user_memory2 = vm_->check_extension(uapi::cap::kUserMemory2);
   if (vm_caps_.guest_memfd <= 0)
-    GTEST_SKIP() << testing::kCapabilityAbsent << "KVM_CAP_GUEST_MEMFD for " << platform().id()
-                 << " (" << hexval(vm_caps_.guest_memfd) << ")";
+    GTEST_SKIP() << testing::kCapabilityAbsent << "KVM_CAP_GUEST_MEMFD absent (a "
+                 << platform().id() << " VM reports " << hexval(vm_caps_.guest_memfd) << ")";
 }
 
 std::optional<std::string> PlatformTest::gmem_flags_unsupported(uint64_t flags) const {

@@ -52,6 +52,8 @@ struct Capabilities {
   std::vector<VmTypeCaps> per_type;
   // Host platform hints from module parameters / command line ("" when absent).
   std::string kvm_amd_sev_snp, kvm_intel_tdx, arm64_kvm_mode;
+  // arm64: the kernel log says protected nVHE (pKVM) mode was initialized.
+  bool arm64_pkvm_initialized = false;
 
   const VmTypeCaps* vm(unsigned long type) const;
   bool has_vm_type(unsigned long type) const { return (vm_types >> type) & 1; }

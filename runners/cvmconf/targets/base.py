@@ -60,6 +60,8 @@ class BatchOutput:
     exit_code: int | None = None         # when the process exited by itself
     signal: int | None = None            # when a signal ended it
     launch_error: str | None = None      # the process could not be started at all
+    target_failure: str | None = None    # the target itself failed under the process (a VM's
+                                         # kernel died): no exit status exists
     killed: str | None = None            # KILLED_* when the target killed the process group
     killed_test: str | None = None       # the test whose timeout expired (test-timeout)
     report_json: str | None = None       # GoogleTest --gtest_output=json text, None if absent
@@ -106,6 +108,16 @@ class Target(abc.ABC):
         """Runs one batch to completion (or until a timeout or self.abort), enforcing the plan's
         timeouts on the whole process group. Never raises for a failing or crashing binary: that
         is described in the returned BatchOutput."""
+
+    def default_suite_dir(self) -> Path | None:
+        """Where this target's suite binaries are, when not the build tree's suites/ (a VM target
+        of another architecture uses its cross build)."""
+        return None
+
+    def suites_missing_reason(self, suite_dir: Path) -> str | None:
+        """When suite_dir has no suite binaries: the reason if that is an expected state of this
+        target (reported as a note and as the requirements' reason), None if it is an error."""
+        return None
 
     def close(self) -> None:
         """Releases the target (shuts a VM down)."""

@@ -1,0 +1,147 @@
+"""The QEMU target end to end, for real: Debian's 6.1 kernels under QEMU TCG (downloaded with
+apt-get download and cached in BUILD/qemu-cache), with nested KVM (kvm-amd) on x86_64 and a pKVM
+host on arm64. ./cvmconf test installs QEMU and builds the arm64 guest tools first."""
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+X86_KERNEL = "linux-image-cloud-amd64"
+ARM64_KERNEL = "linux-image-arm64"
+
+
+def cvmconf(build_dir, *args, timeout=1200):
+    env = dict(os.environ, PYTHONPATH=str(REPO / "runners"))
+    return subprocess.run(["/usr/bin/python3", "-m", "cvmconf", "--build-dir", str(build_dir), *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def need(program):
+    if not shutil.which(program):
+        pytest.fail(f"{program} is not installed: ./cvmconf test installs the QEMU packages")
+
+
+def load_run(results_dir: Path, run_id: str) -> dict:
+    return json.loads((results_dir / run_id / "run.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def x86_run(build_dir, tmp_path_factory):
+    """One full conformance run inside Debian's 6.1 x86_64 kernel (the real suites)."""
+    need("qemu-system-x86_64")
+    results = tmp_path_factory.mktemp("qemu-x86")
+    r = cvmconf(build_dir, "run", "--target", "qemu", "--kernel", X86_KERNEL,
+                "--results-dir", str(results), "--run-id", "x86")
+    return r, results
+
+
+def test_x86_run_completes_with_the_guest_kernels_fingerprint(x86_run):
+    r, results = x86_run
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = load_run(results, "x86")
+    assert run["complete"] is True
+    fp = run["fingerprint"]
+    assert fp["kernel"]["release"].startswith("6.1."), fp["kernel"]
+    assert fp["kvm"]["available"] is True
+    assert fp["kvm"]["system_caps"]["KVM_CAP_GUEST_MEMFD"] == 0
+    assert run["target"]["kind"] == "qemu" and run["target"]["accel"] in ("tcg", "kvm")
+
+
+def test_x86_guest_payload_tests_pass_inside(x86_run):
+    _, results = x86_run
+    run = load_run(results, "x86")
+    payload = [t for t in run["tests"] if "GuestRequest." in t["name"] and "x86_default" in t["name"]
+               and "AppliedThroughBackend" not in t["name"]]
+    assert payload, "the guest-request payload tests were not run"
+    for t in payload:
+        assert t["outcome"] == "PASS", t
+    conv010 = next(r for r in run["requirements"] if r["id"] == "CONV-010")
+    assert conv010["outcome"] == "PASS" and conv010["exercised"]
+
+
+def test_x86_every_guest_memfd_requirement_skips_for_the_missing_capability(x86_run):
+    _, results = x86_run
+    run = load_run(results, "x86")
+    gmem = [r for r in run["requirements"]
+            if r["id"].startswith(("MMAP-", "RACE-")) and r["level"] != "INFO"]
+    assert gmem
+    for req in gmem:
+        assert req["outcome"] == "SKIP", req
+        assert "KVM_CAP_GUEST_MEMFD absent" in req["reason"], req
+    report = (results / "x86" / "report.md").read_text()
+    assert "KVM_CAP_GUEST_MEMFD absent" in report
+
+
+def test_guest_panic_is_attributed_and_the_run_continues(build_dir, tmp_path):
+    """A purpose-built test panics the guest kernel (sysrq-c); the runner attributes the panic to
+    it, boots the guest again and runs the rest."""
+    need("qemu-system-x86_64")
+    suite = build_dir / "runner-tests" / "qemu_panic_suite"
+    r = cvmconf(build_dir, "--suite-dir", str(suite),
+                "--catalogue", str(REPO / "runners/tests/qemu_panic_suite/requirements.yaml"),
+                "run", "--target", "qemu", "--kernel", X86_KERNEL,
+                "--append", "cvmconf.panic_test=1", "--results-dir", str(tmp_path), "--run-id", "p")
+    assert r.returncode == 3, r.stdout[-3000:] + r.stderr[-3000:]   # a crashed test: harness error
+    run = load_run(tmp_path, "p")
+    by = {t["name"]: t for t in run["tests"]}
+    assert by["Panic.Before"]["outcome"] == "PASS"
+    crashed = by["Panic.TriggerSysrqCrash"]
+    assert crashed["outcome"] == "ERROR"
+    assert "the guest kernel died" in " ".join(crashed["messages"])
+    assert any("Kernel panic - not syncing" in l for l in crashed["kernel_log"]), crashed
+    assert by["Panic.After"]["outcome"] == "PASS", "the run must continue after the reboot"
+    assert run["target"]["reboots"] == 1
+
+
+def test_arm64_pkvm_host_fingerprint(build_dir, tmp_path):
+    need("qemu-system-aarch64")
+    tools = build_dir / "cross-arm64" / "bin"
+    if not (tools / "cvm-agent").exists():
+        pytest.fail(f"{tools}/cvm-agent is missing: ./cvmconf test builds the arm64 guest tools")
+    empty = tmp_path / "no-suites"
+    empty.mkdir()
+    r = cvmconf(build_dir, "--suite-dir", str(empty), "run", "--target", "qemu", "--arch", "arm64",
+                "--pkvm", "--kernel", ARM64_KERNEL, "--results-dir", str(tmp_path), "--run-id", "a")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = load_run(tmp_path, "a")
+    fp = run["fingerprint"]
+    assert fp["arch"] == "aarch64"
+    assert fp["platforms"]["host"].startswith("pKVM host"), fp["platforms"]
+    assert fp["probe"]["host_hints"]["arm64_pkvm_initialized"] is True
+    assert any("arm64 suites are not built" in n for n in run["notes"]), run["notes"]
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "pKVM host" in report and "arm64 suites are not built" in report
+    assert all(req["outcome"] == "NOT RUN" for req in run["requirements"])
+
+
+def test_boot_failures_are_clear_errors(build_dir, tmp_path):
+    need("qemu-system-x86_64")
+    bogus = tmp_path / "bzImage"
+    bogus.write_bytes(b"this is not a kernel" * 100)
+    r = cvmconf(build_dir, "run", "--target", "qemu", "--kernel", str(bogus),
+                "--results-dir", str(tmp_path), timeout=300)
+    assert r.returncode == 3, r.stderr
+    first = r.stderr.splitlines()[0]
+    assert first.startswith("cvmconf: boot failed:"), r.stderr
+    assert "Traceback" not in r.stderr
+    r = cvmconf(build_dir, "run", "--target", "qemu", "--kernel", X86_KERNEL, "--boot-timeout", "1",
+                "--results-dir", str(tmp_path), timeout=300)
+    assert r.returncode == 3, r.stderr
+    first = r.stderr.splitlines()[0]
+    assert first.startswith("cvmconf: boot failed:") and "within 1 s" in first, r.stderr
+    assert "--- console tail ---" in r.stderr
+
+
+def test_missing_kernel_is_a_usage_error(build_dir, tmp_path):
+    r = cvmconf(build_dir, "run", "--target", "qemu", "--kernel", "/no/such/bzImage",
+                "--results-dir", str(tmp_path), timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "cvmconf: kernel image not found: /no/such/bzImage (give an image path or a Debian kernel "
+        "package name such as linux-image-cloud-amd64)"]
+    r = cvmconf(build_dir, "run", "--kernel", "x", "--results-dir", str(tmp_path), timeout=120)
+    assert r.returncode == 2 and "only apply to --target qemu" in r.stderr
