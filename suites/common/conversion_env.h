@@ -1,4 +1,4 @@
-// The conversion suites' test environment: a VM of one platform, a guest_memfd created the way
+// The test environment of the conversion suites and of the conversion races: a VM of one platform, a guest_memfd created the way
 // the selected back-end needs it, bound at CVM_TEST_MEM_GPA in one or more memslots, the host's
 // view of shared memory, optionally a payload guest driven through the command loop, and a page
 // state observer that works for every back-end:
@@ -16,6 +16,7 @@
 #include "cvmconf/guest_vm.h"
 #include "cvmconf/kvm.h"
 #include "cvmconf/platform.h"
+#include "cvmconf/probe.h"
 
 namespace cvm::suites {
 
@@ -91,6 +92,17 @@ class ConversionEnv {
   std::unique_ptr<GuestConversionHandler> handler_;
   uint64_t marker_seq_ = 0;
 };
+
+// The conversion back-end the capability probe chose for p's VM type (cached per process); a
+// selection without back-end, saying why, when the VM type was not probed.
+ConversionSelection probed_conversion_selection(const Platform& p);
+
+// Why an environment with options o cannot be made for abi on platform p (a SKIP reason), or
+// nullopt. A per-VM environment always needs the guest (its page state is visible only to one):
+// o.guest is set for it.
+std::optional<std::string> conversion_env_unsupported(ConversionAbi abi, const Platform& p,
+                                                      const VmTypeCaps& caps,
+                                                      ConversionEnvOptions& o);
 
 // Whether the back-end on this platform is expected to keep page contents across conversion:
 // in-place v8 on SW_PROTECTED VMs (the v8 selftests rely on it). Elsewhere contents are
