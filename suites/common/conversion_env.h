@@ -1,7 +1,8 @@
-// The test environment of the conversion suites and of the conversion races: a VM of one platform, a guest_memfd created the way
-// the selected back-end needs it, bound at CVM_TEST_MEM_GPA in one or more memslots, the host's
-// view of shared memory, optionally a payload guest driven through the command loop, and a page
-// state observer that works for every back-end:
+// The test environment of the conversion suites and of the conversion races: a VM of one
+// platform, a guest_memfd created the way the selected back-end needs it, bound at
+// CVM_TEST_MEM_GPA in one or more memslots, the host's view of shared memory, optionally a
+// payload guest driven through the command loop, and a page state observer that works for every
+// back-end:
 //   in place (v8, RFC v2)  a host access through the guest_memfd mapping: SIGBUS = private;
 //   per-VM attributes      the guest reads a marker the host just wrote into the separate shared
 //                          memory: seen = shared (a private page is served from guest_memfd).
@@ -53,6 +54,12 @@ class ConversionEnv {
   GuestConversionHandler* requests() { return handler_.get(); }
   // "in-place-v8, 4 pages, init shared, 1 memslot, guest"
   std::string describe() const;
+  // For tests of the harness only (never in a conformance test): replaces the back-end by a
+  // test double, e.g. one that emulates conversion on a kernel without it, so the machinery
+  // around conversions can be exercised (and shown to catch a broken back-end) anywhere.
+  void replace_backend_for_harness_test(std::unique_ptr<ConversionBackend> b) {
+    backend_ = std::move(b);
+  }
 
   uint64_t gpa(uint64_t page, uint64_t off = 0) const;
   uint64_t offset(uint64_t page) const;  // in the guest_memfd
