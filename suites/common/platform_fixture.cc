@@ -33,7 +33,12 @@ void PlatformTest::SetUp() {
 }
 
 std::optional<std::string> PlatformTest::gmem_flags_unsupported(uint64_t flags) const {
-  long have = vm_caps_.guest_memfd_flags < 0 ? 0 : vm_caps_.guest_memfd_flags;
+  return suites::gmem_flags_unsupported(platform(), vm_caps_, flags);
+}
+
+std::optional<std::string> gmem_flags_unsupported(const Platform& p, const VmTypeCaps& caps,
+                                                  uint64_t flags) {
+  long have = caps.guest_memfd_flags < 0 ? 0 : caps.guest_memfd_flags;
   uint64_t missing = flags & ~static_cast<uint64_t>(have);
   if (!missing) return std::nullopt;
   std::string names;
@@ -41,12 +46,16 @@ std::optional<std::string> PlatformTest::gmem_flags_unsupported(uint64_t flags) 
   if (missing & uapi::kGmemFlagInitShared)
     names += std::string(names.empty() ? "" : "|") + "GUEST_MEMFD_FLAG_INIT_SHARED";
   if (names.empty()) names = hexval(static_cast<long>(missing));
-  return std::string(testing::kCapabilityAbsent) + names + " for " + platform().id() +
-         " (KVM_CAP_GUEST_MEMFD_FLAGS=" + hexval(vm_caps_.guest_memfd_flags) + ")";
+  return std::string(testing::kCapabilityAbsent) + names + " for " + p.id() +
+         " (KVM_CAP_GUEST_MEMFD_FLAGS=" + hexval(caps.guest_memfd_flags) + ")";
 }
 
 std::optional<std::string> PlatformTest::payloads_unsupported() const {
-  if (auto why = platform().cannot_run_payloads()) return platform().id() + ": " + *why;
+  return suites::payloads_unsupported(platform());
+}
+
+std::optional<std::string> payloads_unsupported(const Platform& p) {
+  if (auto why = p.cannot_run_payloads()) return p.id() + ": " + *why;
   return std::nullopt;
 }
 

@@ -37,6 +37,13 @@ class PlatformTest : public ::testing::TestWithParam<const Platform*> {
   VmTypeCaps vm_caps_;
 };
 
+// Why VM type `p` (with capabilities caps) cannot create guest_memfd files with `flags`, or
+// nullopt if it can (what PlatformTest::gmem_flags_unsupported answers, usable without a fixture).
+std::optional<std::string> gmem_flags_unsupported(const Platform& p, const VmTypeCaps& caps,
+                                                  uint64_t flags);
+// Why payload guests cannot run on `p`, or nullopt (PlatformTest::payloads_unsupported).
+std::optional<std::string> payloads_unsupported(const Platform& p);
+
 // "x86-sw-protected" -> "x86_sw_protected" (GoogleTest parameter names).
 std::string platform_param_name(const ::testing::TestParamInfo<const Platform*>& info);
 

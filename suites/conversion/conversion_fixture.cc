@@ -10,9 +10,9 @@ namespace cvm::suites {
 void ConversionTest::SetUp() {
   PlatformTest::SetUp();
   if (IsSkipped() || HasFatalFailure()) return;
-  const VmTypeCaps* caps = cached_capabilities().vm(platform().vm_type());
-  if (!caps) GTEST_SKIP() << testing::kCapabilityAbsent << "VM type " << platform().id() << " was not probed";
-  selection_ = caps->conversion;
+  if (!cached_capabilities().vm(platform().vm_type()))
+    GTEST_SKIP() << testing::kCapabilityAbsent << "VM type " << platform().id() << " was not probed";
+  selection_ = probed_conversion_selection(platform());
   RecordProperty("conversion_backend",
                  selection_.backend ? conversion_abi_name(*selection_.backend)
                                     : "none: " + selection_.reason);
@@ -28,17 +28,7 @@ void ConversionTest::SetUp() {
 
 void ConversionTest::make_env(std::unique_ptr<ConversionEnv>& env, ConversionEnvOptions o) {
   env.reset();
-  if (abi() == ConversionAbi::PerVmAttributes) {
-    if (auto why = payloads_unsupported())
-      GTEST_SKIP() << testing::kNotApplicable
-                   << "the per-vm-attributes back-end's page state is visible only to a guest, "
-                      "and "
-                   << *why;
-    o.guest = true;
-  }
-  if (o.guest || o.guest_requests) CVM_SKIP_IF(payloads_unsupported());
-  if (abi() == ConversionAbi::InPlaceV8)
-    CVM_SKIP_IF(gmem_flags_unsupported(conversion_gmem_flags(abi(), o.init_shared)));
+  CVM_SKIP_IF(conversion_env_unsupported(abi(), platform(), vm_caps(), o));
   auto e = ConversionEnv::create(kvm(), platform(), abi(), o);
   if (!e) {
     ADD_FAILURE() << "setting up " << conversion_abi_name(abi()) << " conversion memory on "

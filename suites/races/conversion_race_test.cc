@@ -1,39 +1,112 @@
 // Punch hole racing shared <-> private conversion, and conversion racing faults (RACE-006).
 //
-// These races need a conversion back-end (the per-VM KVM_SET_MEMORY_ATTRIBUTES of 6.8, or one
-// of the in-place guest_memfd conversion ABIs), which the conversion suites (issue #5) provide
-// as cvmconf/conversion.h. Until the race suite is wired to it, the tests below make only the
-// minimal probe marked PROBE: KVM_CAP_MEMORY_ATTRIBUTES on the test's VM (a merged mainline
-// capability; never an unmerged series' cap number). Without KVM_MEMORY_ATTRIBUTE_PRIVATE there
-// is nothing to convert and the tests SKIP with "capability absent"; with it they SKIP with "not
-// implemented" until the back-end is wired in. They never report PASS without having raced.
+// Both races use the VM type's conversion back-end, chosen by the capability probe exactly as
+// the conversion suite chooses it (probed_conversion_selection, conversion_env.h), in the same
+// environment (in place: the guest_memfd mapping is the host's view and the memslot's host
+// mapping, and SIGBUS means private; per-VM attributes: shared memory is separate host memory and
+// the guest observes the state). Without a back-end they SKIP with the probe's exact reason.
+// What they race and which invariants they check: conversion_race.h.
+#include "conversion_race.h"
+
 #include "punch_race.h"
 
 namespace cvm::suites {
 namespace {
 
-// PROBE (minimal, to be replaced by the conversion back-end of issue #5): why no conversion
-// can be raced on this VM.
-std::string conversion_unavailable(const Platform& p, const VmTypeCaps& caps) {
-  const long attrs = caps.memory_attributes;
-  if (attrs < 0 || !(static_cast<uint64_t>(attrs) & uapi::kMemoryAttributePrivate))
-    return std::string(testing::kCapabilityAbsent) + "no conversion back-end for " + p.id() +
-           ": KVM_CAP_MEMORY_ATTRIBUTES on the VM = " + hexval(attrs) +
-           " (no KVM_MEMORY_ATTRIBUTE_PRIVATE), and this build probes no in-place guest_memfd "
-           "conversion ABI";
-  return std::string(testing::kNotImplemented) + "conversion races on " + p.id() +
-         ": the VM offers KVM_MEMORY_ATTRIBUTE_PRIVATE (KVM_CAP_MEMORY_ATTRIBUTES = " +
-         hexval(attrs) + ") but the race suite is not wired to a conversion back-end yet";
+// The back-end of p's VM type and an environment for the conversion races in env; leaves env
+// empty after a SKIP (no back-end: the probe's reason) or a failure.
+void make_race_env(const Kvm& kvm, const Platform& p, const VmTypeCaps& caps,
+                   std::unique_ptr<ConversionEnv>& env) {
+  env.reset();
+  const ConversionSelection sel = probed_conversion_selection(p);
+  ::testing::Test::RecordProperty("conversion_backend", sel.backend
+                                                            ? conversion_abi_name(*sel.backend)
+                                                            : "none: " + sel.reason);
+  if (auto why = conversion_unavailable(p.id(), sel)) GTEST_SKIP() << *why;
+  const std::optional<std::string> no_payloads = payloads_unsupported(p);
+  ConversionEnvOptions o = ConversionRace::env_options(!no_payloads);
+  CVM_SKIP_IF(conversion_env_unsupported(*sel.backend, p, caps, o));
+  o = ConversionRace::env_options(o.guest);  // per-VM always has the guest
+  if (!o.guest)
+    ::testing::Test::RecordProperty("guest_checks", "skipped: " + no_payloads.value_or("no guest"));
+  auto e = ConversionEnv::create(kvm, p, *sel.backend, o);
+  if (!e) {
+    ADD_FAILURE() << "setting up " << conversion_abi_name(*sel.backend) << " conversion memory on "
+                  << p.id() << " failed: " << e.error();
+    return;
+  }
+  env = std::move(e.value());
+}
+
+// What every conversion race must have done before it may pass: raced at all, and (when it ran
+// long enough) exercised each of its checks.
+void expect_raced(const ConversionRace& cr, const RaceSummary& s, bool in_place, bool coverage) {
+  const auto& st = cr.stats();
+  const uint64_t judged = st.definitive_shared.load() + st.definitive_private.load() +
+                          st.window_completed.load() + st.window_sigbus.load() +
+                          st.separate_accesses.load();
+  EXPECT_GT(s.iterations, 0u);
+  EXPECT_GT(st.conversions.load(), 0u) << "no conversion ran: nothing was raced";
+  EXPECT_GT(judged, 0u) << "no host access was checked";
+  if (!coverage) return;
+  EXPECT_GT(st.to_private.load(), 0u) << "no conversion to private ran";
+  EXPECT_GT(st.to_shared.load(), 0u) << "no conversion to shared ran";
+  EXPECT_GT(st.reads.load(), 0u) << "no host reader ran";
+  EXPECT_GT(st.writes.load(), 0u) << "no host writer ran";
+  EXPECT_GT(st.state_checks.load(), 0u) << "no page state was checked";
+  if (s.violations == 0) {
+    EXPECT_GT(st.round_trips.load(), 0u) << "no round trip through private completed";
+  }
+  if (in_place) {
+    EXPECT_GT(st.definitive_private.load(), 0u)
+        << "no host access hit a page that was surely private: the SIGBUS rule was not exercised";
+    EXPECT_GT(st.definitive_shared.load(), 0u)
+        << "no host access hit a page that was surely shared";
+  }
+  if (cr.has_guest()) {
+    for (int v = 1; v <= ConversionRace::kGuestVcpus; v++)
+      EXPECT_GT(st.guest_passes[v], 0u) << "vCPU " << v << " made no pass over its pages";
+  }
 }
 
 CVM_TEST_P(PunchRace, ConversionVsPunch, "RACE-006") {
-  CVM_SKIP_IF(shared_gmem_unsupported());
-  GTEST_SKIP() << conversion_unavailable(platform(), vm_caps());
+  std::unique_ptr<ConversionEnv> env;
+  make_race_env(kvm(), platform(), vm_caps(), env);
+  if (!env) return;
+  ConversionRaceOptions o;
+  o.punch = true;
+  o.contents_preserved = content_preserved_expected(env->abi(), platform());
+  Race race(defaults());
+  ConversionRace cr(race, *env, o);
+  cr.run();
+  RaceSummary s = race.finish();
+  cr.record();
+  expect_raced(cr, s, env->in_place(), coverage_expected(s));
+  if (s.violations == 0) {
+    EXPECT_GT(cr.stats().checked_punches.load(), 0u) << "no range was punched while converting";
+  }
+  if (coverage_expected(s)) {
+    EXPECT_GT(cr.stats().punches.load(), cr.stats().checked_punches.load())
+        << "the puncher made no hot punch";
+  }
 }
 
 CVM_TEST_P(PunchRace, ConversionVsFaults, "RACE-006") {
-  CVM_SKIP_IF(shared_gmem_unsupported());
-  GTEST_SKIP() << conversion_unavailable(platform(), vm_caps());
+  std::unique_ptr<ConversionEnv> env;
+  make_race_env(kvm(), platform(), vm_caps(), env);
+  if (!env) return;
+  ConversionRaceOptions o;
+  o.punch = false;
+  o.contents_preserved = content_preserved_expected(env->abi(), platform());
+  Race race(defaults());
+  ConversionRace cr(race, *env, o);
+  cr.run();
+  RaceSummary s = race.finish();
+  cr.record();
+  expect_raced(cr, s, env->in_place(), coverage_expected(s));
+  if (coverage_expected(s)) {
+    EXPECT_GT(cr.stats().hot_conversions.load(), 0u) << "no conversion raced the faults";
+  }
 }
 
 }  // namespace

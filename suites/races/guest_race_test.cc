@@ -23,18 +23,6 @@ constexpr uint32_t kTestSlot = 1;
 // microseconds on some hosts (PVM), and a sample keeps the passes, and so the race, fast.
 constexpr uint64_t kStride = 31;
 
-const char* violation_name(uint64_t k) {
-  switch (k) {
-    case CVM_RACE_FOREIGN: return "foreign data (another vCPU's or another page's pattern)";
-    case CVM_RACE_GARBAGE: return "garbage (a value nobody wrote)";
-    case CVM_RACE_FUTURE: return "its own pattern of a pass that has not happened";
-    case CVM_RACE_LOST_WRITE: return "a lost write (0 read back, no punch overlapped the write)";
-    case CVM_RACE_STALE: return "stale data (an older pattern read back right after writing)";
-    case CVM_RACE_NOT_ZERO: return "stale data after the punch (a punched page does not read 0)";
-  }
-  return "unknown violation";
-}
-
 template <typename T>
 T load(const T& x) {
   return *const_cast<const volatile T*>(&x);
@@ -199,7 +187,7 @@ CVM_TEST_P(PunchRace, GuestAccesses, "RACE-002") {
             ? hex64(load(vc.v_expected)) + " (just written)"
             : "0 or its own pattern (now " + hex64(load(vc.v_expected)) + ")";
     race.violation(load(vc.v_iteration), "vcpu " + std::to_string(v),
-                   std::string(violation_name(kind)) + " at gpa " + hex64(load(vc.v_gpa)) + ": read " +
+                   std::string(cvm_race_violation_name(kind)) + " at gpa " + hex64(load(vc.v_gpa)) + ": read " +
                        hex64(load(vc.v_value)) + ", expected " + expected + " (pass " +
                        std::to_string(load(vc.v_pass)) + ", " + std::to_string(load(vc.violations)) +
                        " violation(s) on this vCPU)");

@@ -9,6 +9,13 @@
  * write: a 0 without a punch is a lost write, anything else is stale or foreign data). In HOLD
  * mode it only reads; in ZERO mode it only reads and pages [zero_first, zero_first+zero_npages)
  * of its region must read 0 (the host punched them while the vCPU held still).
+ *
+ * Conversion races (RACE-006) also convert the pages between shared and private. Where a
+ * conversion may change what the guest reads (contents not preserved, or the per-VM back-end,
+ * whose shared and private pages are different memory), the host counts it in conv_begin /
+ * conv_end; a read-back that overlapped such a conversion may then also see 0 or one of the
+ * vCPU's own earlier tags (never foreign or garbage data). Where contents must be preserved the
+ * host leaves the counters alone and the read-back check stays exact.
  */
 #ifndef CVMCONF_GUEST_RACE_H
 #define CVMCONF_GUEST_RACE_H
@@ -43,6 +50,19 @@ enum cvm_race_violation {
   CVM_RACE_NOT_ZERO = 6,       /* ZERO mode: a punched page does not read 0 */
 };
 
+/* What a violation kind means, for the host's reports. */
+static inline const char *cvm_race_violation_name(uint64_t k) {
+  switch (k) {
+    case CVM_RACE_FOREIGN: return "foreign data (another vCPU's or another page's pattern)";
+    case CVM_RACE_GARBAGE: return "garbage (a value nobody wrote)";
+    case CVM_RACE_FUTURE: return "its own pattern of a pass that has not happened";
+    case CVM_RACE_LOST_WRITE: return "a lost write (0 read back, no punch overlapped the write)";
+    case CVM_RACE_STALE: return "stale data (an older pattern read back right after writing)";
+    case CVM_RACE_NOT_ZERO: return "stale data after the punch (a punched page does not read 0)";
+  }
+  return "unknown violation";
+}
+
 struct cvm_race_vcpu {
   uint64_t req;          /* host -> guest: CVM_RACE_REQ(epoch, mode) */
   uint64_t zero_first;   /* host -> guest: first page (of the own region) that must read 0 */
@@ -65,7 +85,9 @@ struct cvm_race_ctl {
   uint64_t iteration;    /* host: its current iteration */
   uint64_t punch_begin;  /* host: punches started */
   uint64_t punch_end;    /* host: punches finished */
-  uint64_t pad[4];
+  uint64_t conv_begin;   /* host: conversions (that may change what the guest reads) started */
+  uint64_t conv_end;     /* host: ... finished */
+  uint64_t pad[2];
   struct cvm_race_vcpu vcpu[CVM_MAX_VCPUS];
 };
 
@@ -73,6 +95,11 @@ struct cvm_race_ctl {
 static_assert(sizeof(struct cvm_race_vcpu) == 256, "cvm_race_vcpu layout");
 #else
 _Static_assert(sizeof(struct cvm_race_vcpu) == 256, "cvm_race_vcpu layout");
+#endif
+#ifdef __cplusplus
+static_assert(sizeof(struct cvm_race_ctl) == 64 + 256 * CVM_MAX_VCPUS, "cvm_race_ctl layout");
+#else
+_Static_assert(sizeof(struct cvm_race_ctl) == 64 + 256 * CVM_MAX_VCPUS, "cvm_race_ctl layout");
 #endif
 
 #endif /* CVMCONF_GUEST_RACE_H */

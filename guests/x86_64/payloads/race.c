@@ -1,4 +1,4 @@
-/* Punch-hole race, guest side (protocol: cvmconf_guest/race.h).
+/* Punch-hole and conversion races, guest side (protocol: cvmconf_guest/race.h).
  * args[0] = GVA of the test memory, args[1] = pages per vCPU, args[2] = GVA of the control
  * block, args[3] = stride in words between the words checked and written (0: every word; guest
  * memory accesses are slow on some hosts, so the host picks a sample). Runs until ctl->stop;
@@ -69,12 +69,16 @@ CVM_PAYLOAD(punch_race) {
       }
       if (mode != CVM_RACE_MODE_RUN) continue;
       const uint64_t end0 = ctl->punch_end;
+      const uint64_t cend0 = ctl->conv_end;
       const uint64_t t = cvm_race_tag(vcpu, page, pass);
       for (uint64_t i = 0; i < RACE_WORDS; i += stride) cvm_write64(gva + i * 8, t);
       for (uint64_t i = 0; i < RACE_WORDS; i += stride) {
         uint64_t v = cvm_read64(gva + i * 8);
         if (v == t) continue;
         if (v == 0 && ctl->punch_begin > end0) continue;
+        /* A conversion that may change what the guest reads overlapped the write: 0 or an own
+         * earlier tag are possible, foreign or garbage data never. */
+        if (ctl->conv_begin > cend0 && race_classify(v, vcpu, page, pass) == CVM_RACE_OK) continue;
         uint64_t k = v == 0 ? CVM_RACE_LOST_WRITE : race_classify(v, vcpu, page, pass);
         if (k == CVM_RACE_OK) k = CVM_RACE_STALE;
         race_report(ctl, me, k, gva + i * 8, v, t, pass);

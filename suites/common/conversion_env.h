@@ -1,7 +1,8 @@
-// The conversion suites' test environment: a VM of one platform, a guest_memfd created the way
-// the selected back-end needs it, bound at CVM_TEST_MEM_GPA in one or more memslots, the host's
-// view of shared memory, optionally a payload guest driven through the command loop, and a page
-// state observer that works for every back-end:
+// The test environment of the conversion suites and of the conversion races: a VM of one
+// platform, a guest_memfd created the way the selected back-end needs it, bound at
+// CVM_TEST_MEM_GPA in one or more memslots, the host's view of shared memory, optionally a
+// payload guest driven through the command loop, and a page state observer that works for every
+// back-end:
 //   in place (v8, RFC v2)  a host access through the guest_memfd mapping: SIGBUS = private;
 //   per-VM attributes      the guest reads a marker the host just wrote into the separate shared
 //                          memory: seen = shared (a private page is served from guest_memfd).
@@ -16,6 +17,7 @@
 #include "cvmconf/guest_vm.h"
 #include "cvmconf/kvm.h"
 #include "cvmconf/platform.h"
+#include "cvmconf/probe.h"
 
 namespace cvm::suites {
 
@@ -52,6 +54,12 @@ class ConversionEnv {
   GuestConversionHandler* requests() { return handler_.get(); }
   // "in-place-v8, 4 pages, init shared, 1 memslot, guest"
   std::string describe() const;
+  // For tests of the harness only (never in a conformance test): replaces the back-end by a
+  // test double, e.g. one that emulates conversion on a kernel without it, so the machinery
+  // around conversions can be exercised (and shown to catch a broken back-end) anywhere.
+  void replace_backend_for_harness_test(std::unique_ptr<ConversionBackend> b) {
+    backend_ = std::move(b);
+  }
 
   uint64_t gpa(uint64_t page, uint64_t off = 0) const;
   uint64_t offset(uint64_t page) const;  // in the guest_memfd
@@ -91,6 +99,17 @@ class ConversionEnv {
   std::unique_ptr<GuestConversionHandler> handler_;
   uint64_t marker_seq_ = 0;
 };
+
+// The conversion back-end the capability probe chose for p's VM type (cached per process); a
+// selection without back-end, saying why, when the VM type was not probed.
+ConversionSelection probed_conversion_selection(const Platform& p);
+
+// Why an environment with options o cannot be made for abi on platform p (a SKIP reason), or
+// nullopt. A per-VM environment always needs the guest (its page state is visible only to one):
+// o.guest is set for it.
+std::optional<std::string> conversion_env_unsupported(ConversionAbi abi, const Platform& p,
+                                                      const VmTypeCaps& caps,
+                                                      ConversionEnvOptions& o);
 
 // Whether the back-end on this platform is expected to keep page contents across conversion:
 // in-place v8 on SW_PROTECTED VMs (the v8 selftests rely on it). Elsewhere contents are

@@ -10,7 +10,9 @@
 #include <vector>
 
 #include "cvmconf/fault.h"
+#include "cvmconf/gtest_support.h"
 #include "cvmconf/uapi.h"
+#include "platform_fixture.h"
 
 namespace cvm::suites {
 namespace {
@@ -190,6 +192,30 @@ std::string ConversionEnv::guest_check(uint64_t page, uint8_t v) {
     return "guest sees page " + std::to_string(page) + " differ from " + hex(v) + " at byte " +
            std::to_string(o.value);
   return "";
+}
+
+ConversionSelection probed_conversion_selection(const Platform& p) {
+  if (const VmTypeCaps* caps = cached_capabilities().vm(p.vm_type())) return caps->conversion;
+  ConversionSelection none;
+  none.reason = "VM type " + p.id() + " was not probed";
+  return none;
+}
+
+std::optional<std::string> conversion_env_unsupported(ConversionAbi abi, const Platform& p,
+                                                      const VmTypeCaps& caps,
+                                                      ConversionEnvOptions& o) {
+  if (abi == ConversionAbi::PerVmAttributes) {
+    if (auto why = payloads_unsupported(p))
+      return std::string(testing::kNotApplicable) +
+             "the per-vm-attributes back-end's page state is visible only to a guest, and " + *why;
+    o.guest = true;
+  }
+  if (o.guest || o.guest_requests)
+    if (auto why = payloads_unsupported(p)) return why;
+  if (abi == ConversionAbi::InPlaceV8)
+    if (auto why = gmem_flags_unsupported(p, caps, conversion_gmem_flags(abi, o.init_shared)))
+      return why;
+  return std::nullopt;
 }
 
 bool content_preserved_expected(ConversionAbi abi, const Platform& p) {

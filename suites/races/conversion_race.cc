@@ -1,0 +1,788 @@
+#include "conversion_race.h"
+
+#include <gtest/gtest.h>
+
+#include <cerrno>
+#include <cstring>
+#include <thread>
+
+#include "cvmconf/fault.h"
+#include "page_model.h"
+
+namespace cvm::suites {
+namespace {
+
+using namespace std::chrono_literals;
+
+template <typename T>
+T vload(const T& x) {
+  return *const_cast<const volatile T*>(&x);
+}
+template <typename T>
+void vstore(T& x, T v) {
+  *const_cast<volatile T*>(&x) = v;
+}
+
+const char* state_name(PageState s) { return s == PageState::Shared ? "shared" : "private"; }
+const char* yes_no(bool b) { return b ? "yes" : "no"; }
+
+constexpr uint8_t kGuestPrivateFill = 0xa5;
+
+}  // namespace
+
+ConversionEnvOptions ConversionRace::env_options(bool guest) {
+  ConversionEnvOptions o;
+  o.init_shared = true;
+  o.guest = guest;
+  o.vcpus = guest ? 1 + kGuestVcpus : 1;
+  o.pages = guest ? kHostPages * (1 + kGuestVcpus) : kHostPages;
+  return o;
+}
+
+ConversionRace::ConversionRace(Race& race, ConversionEnv& env, ConversionRaceOptions o)
+    : race_(race),
+      env_(env),
+      o_(o),
+      pages_(env.pages()),
+      words_(page_size() / sizeof(uint64_t)),
+      model_(env.pages(), PageState::Shared),
+      hp_(new HostPage[env.pages()]) {}
+
+ConversionRace::~ConversionRace() { race_.join(); }
+
+ConversionRace::Range ConversionRace::pick_range(std::mt19937_64& g, uint64_t lo,
+                                                 uint64_t hi) const {
+  Range r;
+  r.first = Race::pick(g, lo, hi - 1);
+  r.n = Race::pick(g, 1, std::min<uint64_t>(kMaxRange, hi - r.first));
+  return r;
+}
+
+std::string ConversionRace::pages_text(uint64_t first, uint64_t n) const {
+  return n == 1 ? "page " + std::to_string(first)
+                : "pages [" + std::to_string(first) + ", " + std::to_string(first + n) + ")";
+}
+
+// --- accesses ------------------------------------------------------------------------------------
+
+ConversionRace::Observed ConversionRace::access(uint64_t p, const std::function<void()>& body) {
+  Observed x;
+  x.before = model_.snapshot(p);
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  x.fault = probe_call(body);
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  x.after = model_.snapshot(p);
+  x.window = state_window(x.before, x.after);
+  return x;
+}
+
+bool ConversionRace::judge(const Observed& x, uint64_t p, const char* op, const std::string& actor,
+                           uint64_t it) {
+  const std::string page = "page " + std::to_string(p);
+  if (!in_place()) {
+    // The per-VM back-end: shared memory is separate host memory that no conversion touches.
+    if (!x.fault.faulted()) {
+      stats_.separate_accesses.fetch_add(1, std::memory_order_relaxed);
+      return true;
+    }
+    race_.violation(it, actor,
+                    std::string(op) + " " + page +
+                        " of the separate shared memory: " + x.fault.describe() +
+                        " (the per-vm-attributes back-end never takes it from the host)");
+    return false;
+  }
+  const std::string when = x.converted_during()
+                               ? "a conversion of it was in flight during the access"
+                               : "no conversion of it was in flight; last set " +
+                                     std::string(state_name(x.before.state));
+  if (x.fault.faulted()) {
+    if (x.fault.sigbus() && x.window.priv) {
+      (x.window.definitive() ? stats_.definitive_private : stats_.window_sigbus).fetch_add(1);
+      return false;
+    }
+    if (x.fault.sigbus())
+      race_.violation(it, actor,
+                      "SIGBUS " + std::string(op) + " " + page +
+                          " through the guest_memfd mapping although it was shared at "
+                          "that moment (" +
+                          when + "): spurious SIGBUS");
+    else
+      race_.violation(it, actor,
+                      std::string(op) + " " + page + ": " + x.fault.describe() +
+                          " (only SIGBUS, on a private page, is expected)");
+    return false;
+  }
+  if (!x.window.shared) {
+    race_.violation(it, actor,
+                    std::string(op) + " " + page +
+                        " through the guest_memfd mapping completed without SIGBUS "
+                        "although the page was private at that moment (" +
+                        when + "): the host reached private memory");
+    return false;
+  }
+  (x.window.definitive() ? stats_.definitive_shared : stats_.window_completed).fetch_add(1);
+  return true;
+}
+
+bool ConversionRace::write_page(uint64_t p, const std::string& actor, uint64_t it,
+                                bool owner_while_frozen) {
+  HostPage& s = hp_[p];
+  if (!owner_while_frozen) {
+    if (s.frozen.load()) return false;
+    s.in_write.fetch_add(1);
+    if (s.frozen.load()) {
+      s.in_write.fetch_sub(1);
+      return false;
+    }
+  }
+  const uint64_t pe0 = s.punch_end.load();
+  const uint64_t gen = s.gen.fetch_add(1) + 1;
+  const uint64_t want = PageModel::tag(p, gen);
+  std::vector<uint64_t> back(words_);
+  volatile uint64_t* w = reinterpret_cast<volatile uint64_t*>(env_.shared_hva(p));
+  const uint64_t n = words_;
+  uint64_t* out = back.data();
+  Observed x = access(p, [w, n, want, out] {
+    for (uint64_t i = 0; i < n; i++) w[i] = want;
+    for (uint64_t i = 0; i < n; i++) out[i] = w[i];
+  });
+  const uint64_t pb1 = s.punch_begin.load();
+  if (!owner_while_frozen) s.in_write.fetch_sub(1);
+  stats_.writes.fetch_add(1, std::memory_order_relaxed);
+  if (!judge(x, p, "writing", actor, it)) return false;
+  // The separate shared memory of the per-VM back-end is touched by nobody else: exact.
+  ReadbackRules rules;
+  rules.punched = in_place() && pb1 > pe0;
+  rules.conversion_may_change = in_place() && !o_.contents_preserved && x.converted_during();
+  for (uint64_t i = 0; i < n; i++) {
+    if (readback_ok(p, back[i], gen, rules)) continue;
+    race_.violation(it, actor,
+                    "page " + std::to_string(p) + " word " + std::to_string(i) + ": read back " +
+                        describe_word(p, back[i], gen) + " right after writing " + hex64(want) +
+                        (back[i] == 0 ? " (a lost write)" : "") +
+                        " (a punch overlapped: " + yes_no(rules.punched) +
+                        "; a conversion overlapped: " + yes_no(x.converted_during()) +
+                        "; contents kept across conversion: " +
+                        yes_no(!in_place() || o_.contents_preserved) + ")");
+    return false;
+  }
+  return true;
+}
+
+void ConversionRace::read_page(uint64_t p, const std::string& actor, uint64_t it) {
+  const bool host = is_host_page(p);
+  // Per-VM: the driver's state observer writes a marker into frozen pages' shared memory, so
+  // readers keep out of frozen pages (and register, so freezing waits for them).
+  const bool registered = host && !in_place();
+  if (registered) {
+    if (hp_[p].frozen.load()) return;
+    hp_[p].in_write.fetch_add(1);
+    if (hp_[p].frozen.load()) {
+      hp_[p].in_write.fetch_sub(1);
+      return;
+    }
+  }
+  const uint64_t z0 = host ? hp_[p].zero_epoch.load() : 0;
+  std::vector<uint64_t> buf(words_);
+  const volatile uint64_t* w = reinterpret_cast<const volatile uint64_t*>(env_.shared_hva(p));
+  const uint64_t n = words_;
+  uint64_t* out = buf.data();
+  Observed x = access(p, [w, n, out] {
+    for (uint64_t i = 0; i < n; i++) out[i] = w[i];
+  });
+  const uint64_t gen_now = host ? hp_[p].gen.load() : 0;
+  const uint64_t z1 = host ? hp_[p].zero_epoch.load() : 0;
+  if (registered) hp_[p].in_write.fetch_sub(1);
+  stats_.reads.fetch_add(1, std::memory_order_relaxed);
+  if (!judge(x, p, "reading", actor, it)) return;
+  const std::string where = "page " + std::to_string(p) + " word ";
+  if (!host) {
+    // A guest page: 0 or its owner vCPU's pattern for it.
+    const uint64_t owner = p / kHostPages;
+    for (uint64_t i = 0; i < n; i++) {
+      const uint64_t v = buf[i];
+      if (v == 0) continue;
+      if (CVM_RACE_TAG_IS_MARKED(v) && CVM_RACE_TAG_VCPU(v) == owner && CVM_RACE_TAG_PAGE(v) == p &&
+          CVM_RACE_TAG_PASS(v) != 0)
+        continue;
+      race_.violation(it, actor,
+                      where + std::to_string(i) + " reads " + hex64(v) +
+                          " through the host's view: not 0 and not vCPU " + std::to_string(owner) +
+                          "'s pattern for it");
+      return;
+    }
+    return;
+  }
+  const bool must_be_zero = z0 != 0 && z0 == z1;
+  if (must_be_zero) stats_.reader_zero_checks.fetch_add(1, std::memory_order_relaxed);
+  for (uint64_t i = 0; i < n; i++) {
+    if (read_value_ok(p, buf[i], gen_now, must_be_zero)) continue;
+    race_.violation(it, actor,
+                    where + std::to_string(i) + " reads " + describe_word(p, buf[i], gen_now) +
+                        (must_be_zero ? " after it was punched while converting and made shared "
+                                        "again, with no write since (expected 0: stale data)"
+                                      : ""));
+    return;
+  }
+}
+
+bool ConversionRace::read_whole(uint64_t p, std::vector<uint64_t>& out, const std::string& actor,
+                                uint64_t it) {
+  out.assign(words_, 0);
+  const volatile uint64_t* w = reinterpret_cast<const volatile uint64_t*>(env_.shared_hva(p));
+  const uint64_t n = words_;
+  uint64_t* o = out.data();
+  Observed x = access(p, [w, n, o] {
+    for (uint64_t i = 0; i < n; i++) o[i] = w[i];
+  });
+  return judge(x, p, "reading", actor, it);
+}
+
+bool ConversionRace::punch(uint64_t first, uint64_t n, const std::string& actor, uint64_t it) {
+  const uint64_t ps = page_size();
+  for (uint64_t p = first; p < first + n; p++) hp_[p].punch_begin.fetch_add(1);
+  if (ctl_) vstore(ctl_->punch_begin, vload(ctl_->punch_begin) + 1);  // only the puncher writes it
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  auto r = env_.gmem().punch_hole(first * ps, n * ps);
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (ctl_) vstore(ctl_->punch_end, vload(ctl_->punch_end) + 1);
+  for (uint64_t p = first; p < first + n; p++) hp_[p].punch_end.fetch_add(1);
+  stats_.punches.fetch_add(1, std::memory_order_relaxed);
+  if (!r) {
+    race_.violation(it, actor, "punching " + pages_text(first, n) + ": " + r.error().message());
+    return false;
+  }
+  return true;
+}
+
+// --- the driver ----------------------------------------------------------------------------------
+
+ConversionResult ConversionRace::convert(uint64_t first, uint64_t n, PageState to, uint64_t it,
+                                         const std::string& why) {
+  // The guest tolerates 0 or its own older patterns around conversions that may change what
+  // it reads (race.h); where contents must be kept its check stays exact.
+  const bool tell_guest = ctl_ && (!in_place() || !o_.contents_preserved);
+  model_.begin(first, n, to);
+  if (tell_guest) vstore(ctl_->conv_begin, vload(ctl_->conv_begin) + 1);
+  conv_started_.fetch_add(1);
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  const ConversionRequest req{env_.range(first, n), to == PageState::Private};
+  ConversionResult r;
+  for (int tries = 0;; tries++) {
+    r = env_.apply(req);
+    if (r.err == EINTR && tries < 100) {
+      stats_.eintr_retries.fetch_add(1);
+      continue;
+    }
+    break;
+  }
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  conv_finished_.fetch_add(1);
+  if (tell_guest) vstore(ctl_->conv_end, vload(ctl_->conv_end) + 1);
+  model_.end(first, n, r.ok());
+  stats_.conversions.fetch_add(1);
+  (to == PageState::Private ? stats_.to_private : stats_.to_shared).fetch_add(1);
+  if (!r.ok()) {
+    stats_.failures.fetch_add(1);
+    std::string what = why + ": converting " + pages_text(first, n) + " to " + state_name(to) +
+                       " failed: " + r.describe();
+    if (r.err == EAGAIN)
+      what +=
+          " (EAGAIN although this race holds no pin: a transient reference taken by a racing "
+          "fault or punch made the conversion fail, and conversion must work while the pages "
+          "are being faulted)";
+    else if (r.err == EINTR)
+      what += " (EINTR on 100 attempts in a row)";
+    else
+      what += " (not an error a conversion of valid, bound pages may return)";
+    race_.violation(it, "converter", what);
+  }
+  return r;
+}
+
+bool ConversionRace::bring(uint64_t first, uint64_t n, PageState to, uint64_t it,
+                           const std::string& why) {
+  if (model_.all(first, n, to)) return true;
+  return convert(first, n, to, it, why).ok();
+}
+
+bool ConversionRace::check_states(uint64_t first, uint64_t n, uint64_t it,
+                                  const std::string& when) {
+  bool ok = true;
+  for (uint64_t p = first; p < first + n; p++) {
+    auto st = env_.state(p);
+    stats_.state_checks.fetch_add(1, std::memory_order_relaxed);
+    if (!st) {
+      race_.violation(it, "converter",
+                      "observing the state of page " + std::to_string(p) + " " + when + ": " +
+                          st.error().message());
+      ok = false;
+      continue;
+    }
+    if (st.value() != model_.state(p)) {
+      race_.violation(it, "converter",
+                      "page " + std::to_string(p) + " is " + state_name(st.value()) + " " + when +
+                          ", but it was last set " + state_name(model_.state(p)) + " (observed " +
+                          (in_place() ? "by a host access through the guest_memfd mapping"
+                                      : "by the guest reading a marker in the shared memory") +
+                          ")");
+      ok = false;
+    }
+  }
+  return ok;
+}
+
+bool ConversionRace::freeze(uint64_t first, uint64_t n, uint64_t it) {
+  for (uint64_t p = first; p < first + n; p++) hp_[p].frozen.store(true);
+  const auto limit = std::chrono::steady_clock::now() + 5s;
+  for (uint64_t p = first; p < first + n; p++) {
+    while (hp_[p].in_write.load() != 0) {
+      if (std::chrono::steady_clock::now() > limit) {
+        race_.violation(it, "converter",
+                        "a host thread did not leave page " + std::to_string(p) +
+                            " within 5 s (harness stall)");
+        unfreeze(first, n);
+        return false;
+      }
+      std::this_thread::yield();
+    }
+  }
+  return true;
+}
+
+void ConversionRace::unfreeze(uint64_t first, uint64_t n) {
+  for (uint64_t p = first; p < first + n; p++) {
+    hp_[p].zero_epoch.store(0);
+    hp_[p].frozen.store(false);
+  }
+}
+
+bool ConversionRace::punch_on_puncher(uint64_t first, uint64_t n, std::mt19937_64& rng, uint64_t it,
+                                      PageState to) {
+  req_first_.store(first);
+  req_n_.store(n);
+  const uint64_t req = punch_req_.fetch_add(1) + 1;
+  Race::jitter(rng, 30);
+  const uint64_t k = conv_started_.load() + 1;  // the number the conversion below gets
+  convert(first, n, to, it, "converting while the range is punched");
+  const auto limit = std::chrono::steady_clock::now() + 5s;
+  while (punch_done_.load() != req) {
+    if (race_.stopping()) return false;  // the puncher may have left
+    if (std::chrono::steady_clock::now() > limit) {
+      race_.violation(
+          it, "converter",
+          "the puncher did not punch " + pages_text(first, n) + " within 5 s (harness stall)");
+      return false;
+    }
+    std::this_thread::yield();
+  }
+  // The punch overlapped the conversion iff the conversion began before the punch returned
+  // and had not finished when the punch began.
+  if (done_conv_finished_before_.load() < k && k <= done_conv_started_after_.load())
+    stats_.overlapped_punches.fetch_add(1);
+  return true;
+}
+
+void ConversionRace::hot_conversion(std::mt19937_64& rng, uint64_t it) {
+  const Range r = pick_range(rng, 0, pages_);
+  const PageState to = Race::chance(rng, 1, 2) ? PageState::Private : PageState::Shared;
+  Race::jitter(rng, 50);
+  convert(r.first, r.n, to, it, "hot conversion");
+  stats_.hot_conversions.fetch_add(1);
+  // Definitive: nobody else converts. (Per-VM: the observer needs frozen pages; see the end.)
+  if (in_place()) check_states(r.first, r.n, it, "after the conversion returned");
+}
+
+void ConversionRace::round_trip(std::mt19937_64& rng, uint64_t it) {
+  const Range r = pick_range(rng, 0, kHostPages);
+  if (!freeze(r.first, r.n, it)) return;
+  bool ok = bring(r.first, r.n, PageState::Shared, it, "round trip: making the range shared") &&
+            check_states(r.first, r.n, it, "before the round trip");
+  // A fresh pattern in every page, so that the comparison after the trip means something.
+  for (uint64_t p = r.first; ok && p < r.first + r.n; p++)
+    ok = write_page(p, "converter", it, true);
+  std::vector<std::vector<uint64_t>> before(r.n);
+  std::vector<uint64_t> pe0(r.n);
+  for (uint64_t i = 0; ok && i < r.n; i++) {
+    pe0[i] = hp_[r.first + i].punch_end.load();
+    ok = read_whole(r.first + i, before[i], "converter", it);
+  }
+  if (ok) {
+    const bool to_private =
+        convert(r.first, r.n, PageState::Private, it, "round trip: converting to private").ok();
+    check_states(r.first, r.n, it, "after the round trip's conversion to private");
+    Race::jitter(rng, 100);
+    if (to_private)
+      ok = convert(r.first, r.n, PageState::Shared, it, "round trip: converting back to shared")
+               .ok() &&
+           check_states(r.first, r.n, it, "after the round trip");
+    else
+      ok = model_.all(r.first, r.n, PageState::Shared);  // the failure left it shared
+  }
+  for (uint64_t i = 0; ok && i < r.n; i++) {
+    const uint64_t p = r.first + i;
+    std::vector<uint64_t> after;
+    if (!read_whole(p, after, "converter", it)) continue;
+    RoundTripRules rules;
+    rules.punched = in_place() && hp_[p].punch_begin.load() > pe0[i];
+    rules.contents_preserved = !in_place() || o_.contents_preserved;
+    bool zeroed = false;
+    for (uint64_t w = 0; w < words_; w++) {
+      if (!round_trip_ok(before[i][w], after[w], rules)) {
+        race_.violation(
+            it, "converter",
+            "page " + std::to_string(p) + " word " + std::to_string(w) + " read " +
+                hex64(before[i][w]) + " before a round trip through private and " +
+                describe_word(p, after[w], hp_[p].gen.load()) +
+                " after it (a punch overlapped: " + yes_no(rules.punched) +
+                "; contents kept across conversion: " + yes_no(rules.contents_preserved) +
+                (in_place() ? "" : "; the per-VM back-end's shared memory is separate") + ")");
+        break;
+      }
+      zeroed = zeroed || after[w] != before[i][w];
+    }
+    if (zeroed) stats_.zeroed_by_round_trip.fetch_add(1);
+  }
+  if (ok) stats_.round_trips.fetch_add(1);
+  unfreeze(r.first, r.n);
+}
+
+void ConversionRace::punch_while_converting_in_place(std::mt19937_64& rng, uint64_t it) {
+  const Range r = pick_range(rng, 0, kHostPages);
+  if (!freeze(r.first, r.n, it)) return;
+  // A pattern in every page first, so that reading zeroes afterwards means something.
+  bool ok = bring(r.first, r.n, PageState::Shared, it, "checked punch: making the range shared");
+  for (uint64_t p = r.first; ok && p < r.first + r.n; p++)
+    ok = write_page(p, "converter", it, true);
+  const PageState to = Race::chance(rng, 1, 2) ? PageState::Private : PageState::Shared;
+  if (ok && to == PageState::Shared)
+    ok = bring(r.first, r.n, PageState::Private, it, "checked punch: making the range private");
+  if (ok) {
+    ok = punch_on_puncher(r.first, r.n, rng, it, to);
+    check_states(r.first, r.n, it, "after converting while the range was punched");
+    ok = ok &&
+         bring(r.first, r.n, PageState::Shared, it, "checked punch: making the range shared again");
+  }
+  for (uint64_t p = r.first; ok && p < r.first + r.n; p++) {
+    const std::pair<const uint8_t*, const char*> views[] = {
+        {env_.shared_hva(p), "the racing mapping"},
+        {second_view_.valid() ? second_view_.data() + p * page_size() : nullptr,
+         "a second mapping"}};
+    for (const auto& [addr, name] : views) {
+      if (!addr || !ok) continue;
+      std::vector<uint64_t> buf(words_);
+      const volatile uint64_t* w = reinterpret_cast<const volatile uint64_t*>(addr);
+      const uint64_t n = words_;
+      uint64_t* out = buf.data();
+      Observed x = access(p, [w, n, out] {
+        for (uint64_t i = 0; i < n; i++) out[i] = w[i];
+      });
+      if (!judge(x, p, "reading", "converter", it)) {
+        ok = false;
+        break;
+      }
+      // What a stale view would show: the pattern written before the punch.
+      const uint64_t stale = PageModel::tag(p, hp_[p].gen.load());
+      for (uint64_t i = 0; i < n; i++) {
+        const uint64_t v = race_.observe(buf[i], stale, it);
+        if (v == 0) continue;
+        race_.violation(it, "converter",
+                        "page " + std::to_string(p) + " word " + std::to_string(i) + " reads " +
+                            hex64(v) + " through " + name +
+                            " after it was punched while converting to " + state_name(to) +
+                            " and made shared again (expected 0: stale data)");
+        ok = false;
+        break;
+      }
+    }
+  }
+  if (ok) {
+    // Readers check the zeroes for a while too.
+    const uint64_t e = zero_epoch_seq_.fetch_add(1) + 1;
+    for (uint64_t p = r.first; p < r.first + r.n; p++) hp_[p].zero_epoch.store(e);
+    const auto until =
+        std::chrono::steady_clock::now() + std::chrono::microseconds(Race::pick(rng, 0, 200));
+    while (std::chrono::steady_clock::now() < until) std::this_thread::yield();
+    stats_.checked_punches.fetch_add(1);
+  }
+  unfreeze(r.first, r.n);
+}
+
+void ConversionRace::punch_while_converting_per_vm(std::mt19937_64& rng, uint64_t it) {
+  const Range r = pick_range(rng, 0, kHostPages);
+  if (!freeze(r.first, r.n, it)) return;
+  // The host's separate shared memory, which neither punches nor conversions may change.
+  std::vector<std::vector<uint64_t>> host_before(r.n);
+  bool ok = true;
+  for (uint64_t i = 0; ok && i < r.n; i++)
+    ok = read_whole(r.first + i, host_before[i], "converter", it);
+  ok = ok &&
+       bring(r.first, r.n, PageState::Private, it, "checked punch: making the range private") &&
+       check_states(r.first, r.n, it, "before the checked punch");
+  // Data in the private copies first, so that reading zeroes afterwards means something.
+  for (uint64_t p = r.first; ok && p < r.first + r.n; p++) {
+    std::string e = env_.guest_fill(p, kGuestPrivateFill);
+    if (e.empty()) e = env_.guest_check(p, kGuestPrivateFill);
+    if (!e.empty()) {
+      race_.violation(it, "converter",
+                      "the guest cannot use its private page " + std::to_string(p) + ": " + e);
+      ok = false;
+    }
+  }
+  const PageState to = Race::chance(rng, 1, 2) ? PageState::Private : PageState::Shared;
+  if (ok && to == PageState::Private)
+    ok = bring(r.first, r.n, PageState::Shared, it, "checked punch: making the range shared");
+  if (ok) {
+    ok = punch_on_puncher(r.first, r.n, rng, it, to);
+    check_states(r.first, r.n, it, "after converting while the range was punched");
+    ok = ok && bring(r.first, r.n, PageState::Private, it,
+                     "checked punch: making the range private again");
+  }
+  for (uint64_t p = r.first; ok && p < r.first + r.n; p++) {
+    const std::string e = env_.guest_check(p, 0);
+    if (!e.empty())
+      race_.violation(it, "converter",
+                      "page " + std::to_string(p) + " was punched while converting to " +
+                          state_name(to) + ", but once private again " + e +
+                          " (expected 0: stale private data)");
+  }
+  for (uint64_t i = 0; ok && i < r.n; i++) {
+    std::vector<uint64_t> now;
+    if (!read_whole(r.first + i, now, "converter", it)) continue;
+    for (uint64_t w = 0; w < words_; w++) {
+      if (now[w] == host_before[i][w]) continue;
+      race_.violation(it, "converter",
+                      "the host's separate shared memory of page " + std::to_string(r.first + i) +
+                          " changed across the punch and conversions: word " + std::to_string(w) +
+                          " was " + hex64(host_before[i][w]) + ", now " + hex64(now[w]));
+      break;
+    }
+  }
+  if (ok) stats_.checked_punches.fetch_add(1);
+  unfreeze(r.first, r.n);
+}
+
+// --- guest ---------------------------------------------------------------------------------------
+
+void ConversionRace::start_guest() {
+  GuestVm* vm = env_.guest();
+  if (!vm || env_.options().vcpus < 1 + kGuestVcpus || pages_ < kHostPages * (1 + kGuestVcpus)) {
+    no_guest_ = vm ? "the environment has no vCPUs for punch_race" : "the environment has no guest";
+    return;
+  }
+  auto* ctl = reinterpret_cast<cvm_race_ctl*>(vm->boot_hva(CVM_SCRATCH_GPA));
+  std::memset(ctl, 0, sizeof *ctl);
+  for (int v = 1; v <= kGuestVcpus; v++) {
+    vstore(ctl->vcpu[v].req, static_cast<uint64_t>(CVM_RACE_REQ(0, CVM_RACE_MODE_RUN)));
+    auto r = vm->start(v, "punch_race",
+                       {CVM_TEST_MEM_GPA, kHostPages, CVM_SCRATCH_GPA, o_.guest_stride});
+    if (!r) {
+      race_.violation(
+          0, "setup",
+          "starting punch_race on vCPU " + std::to_string(v) + ": " + r.error().message());
+      no_guest_ = "punch_race did not start";
+      return;
+    }
+  }
+  ctl_ = ctl;
+  guest_vcpus_ = kGuestVcpus;
+  race_.on_stop([ctl] { vstore(ctl->stop, uint64_t{1}); });
+  const auto timeout = std::chrono::duration_cast<std::chrono::milliseconds>(
+                           race_.deadline() - std::chrono::steady_clock::now()) +
+                       30s;
+  for (int v = 1; v <= kGuestVcpus; v++)
+    race_.spawn("vcpu " + std::to_string(v), [this, vm, v, timeout](RaceWorker& me) {
+      UcallEvent ev = vm->run(v, timeout);
+      guest_exited_[v] = true;
+      if (ev.kind == UcallEvent::Kind::Sync && ev.stage() == 1 && ev.args.size() >= 2) {
+        stats_.guest_passes[v] = ev.args[1];
+        me.ops(ev.args[1] * kHostPages);
+      } else {
+        race_.violation(race_.iteration(), me.name(), "the guest stopped early: " + ev.describe());
+      }
+    });
+}
+
+void ConversionRace::wait_for_guest_passes() {
+  if (!ctl_) return;
+  const auto limit = std::chrono::steady_clock::now() + 10s;
+  for (int v = 1; v <= kGuestVcpus; v++)
+    while (vload(ctl_->vcpu[v].passes) == 0 && !guest_exited_[v] && !race_.stopping() &&
+           std::chrono::steady_clock::now() < limit)
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+}
+
+void ConversionRace::collect_guest_results() {
+  if (!ctl_) return;
+  for (int v = 1; v <= kGuestVcpus; v++) {
+    const cvm_race_vcpu& vc = ctl_->vcpu[v];
+    if (vload(vc.violations) == 0) continue;
+    const uint64_t kind = vload(vc.v_kind);
+    const std::string expected =
+        kind == CVM_RACE_LOST_WRITE || kind == CVM_RACE_STALE
+            ? hex64(vload(vc.v_expected)) +
+                  " (just written; no punch, and no conversion that may "
+                  "change contents, overlapped the write)"
+            : "0 or its own pattern (now " + hex64(vload(vc.v_expected)) + ")";
+    race_.violation(vload(vc.v_iteration), "vcpu " + std::to_string(v),
+                    std::string(cvm_race_violation_name(kind)) + " at gpa " +
+                        hex64(vload(vc.v_gpa)) + ": read " + hex64(vload(vc.v_value)) +
+                        ", expected " + expected + " (pass " + std::to_string(vload(vc.v_pass)) +
+                        ", " + std::to_string(vload(vc.violations)) +
+                        " violation(s) on this vCPU)");
+  }
+}
+
+void ConversionRace::final_checks() {
+  const uint64_t it = race_.iteration();
+  // Nothing races any more: every observation is definitive.
+  check_states(0, pages_, it, "at the end of the race");
+  if (bring(0, pages_, PageState::Shared, it, "at the end: making every page shared"))
+    check_states(0, pages_, it, "after every page was made shared at the end");
+  for (uint64_t p = 0; p < pages_; p++) read_page(p, "final check", it);
+}
+
+// --- the race ------------------------------------------------------------------------------------
+
+void ConversionRace::run() {
+  if (in_place()) {
+    auto m = env_.gmem().map(env_.gmem().size());
+    if (m)
+      second_view_ = std::move(m.value());
+    else
+      race_.violation(0, "setup", "a second mapping of the guest_memfd: " + m.error().message());
+  }
+  start_guest();
+  const int writers = std::max(1, o_.writers);
+  for (int w = 0; w < writers; w++)
+    race_.spawn("writer " + std::to_string(w), [this, w, writers](RaceWorker& me) {
+      workers_started_.fetch_add(1);
+      const uint64_t owned =
+          (kHostPages - static_cast<uint64_t>(w) + static_cast<uint64_t>(writers) - 1) /
+          static_cast<uint64_t>(writers);
+      while (!race_.stopping()) {
+        const uint64_t it = race_.iteration();
+        const uint64_t p = static_cast<uint64_t>(w) +
+                           Race::pick(me.rng(), 0, owned - 1) * static_cast<uint64_t>(writers);
+        if (write_page(p, me.name(), it, false)) me.ops();
+        Race::jitter(me.rng(), 20);
+      }
+    });
+  for (int r = 0; r < o_.readers; r++)
+    race_.spawn("reader " + std::to_string(r), [this](RaceWorker& me) {
+      workers_started_.fetch_add(1);
+      while (!race_.stopping()) {
+        const uint64_t it = race_.iteration();
+        read_page(Race::pick(me.rng(), 0, pages_ - 1), me.name(), it);
+        me.ops();
+      }
+    });
+  if (o_.punch)
+    race_.spawn("puncher", [this](RaceWorker& me) {
+      workers_started_.fetch_add(1);
+      uint64_t handled = 0;
+      while (!race_.stopping()) {
+        const uint64_t it = race_.iteration();
+        const uint64_t req = punch_req_.load();
+        if (req != handled) {
+          const uint64_t finished_before = conv_finished_.load();
+          punch(req_first_.load(), req_n_.load(), me.name(), it);
+          done_conv_finished_before_.store(finished_before);
+          done_conv_started_after_.store(conv_started_.load());
+          handled = req;
+          punch_done_.store(req);
+          me.ops();
+          continue;
+        }
+        const Range x = pick_range(me.rng(), 0, pages_);
+        punch(x.first, x.n, me.name(), it);
+        me.ops();
+        // Short pauses, watching for the driver's requests.
+        for (int i = 0; i < 8 && punch_req_.load() == handled && !race_.stopping(); i++)
+          Race::jitter(me.rng(), 25);
+      }
+    });
+  // The driver races only once every host thread runs (and the guest made a pass).
+  const int expected = writers + o_.readers + (o_.punch ? 1 : 0);
+  const auto limit = std::chrono::steady_clock::now() + 10s;
+  while (workers_started_.load() < expected && !race_.stopping() &&
+         std::chrono::steady_clock::now() < limit)
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+  if (workers_started_.load() < expected && !race_.stopping())
+    race_.violation(0, "setup",
+                    "only " + std::to_string(workers_started_.load()) + " of " +
+                        std::to_string(expected) + " host threads started within 10 s");
+  wait_for_guest_passes();
+
+  auto rng = race_.rng(0);
+  while (race_.next_iteration()) {
+    const uint64_t it = race_.iteration();
+    if (ctl_) vstore(ctl_->iteration, it);
+    // Two draws per iteration whatever happens in it (an iteration cut short by a violation
+    // draws less from its own generator), so a replay makes the same choices in every
+    // iteration.
+    const uint64_t draw = Race::pick(rng, 0, 3);
+    std::mt19937_64 g(rng());
+    // 0: hot conversion, 1: round trip, 2: punch while converting. The first iterations make
+    // sure each checked kind runs at least once.
+    int kind;
+    if (o_.punch)
+      kind = it == 0 ? 2 : it == 1 ? 1 : static_cast<int>(std::max<uint64_t>(draw, 1) - 1);
+    else
+      kind = it == 0 ? 1 : draw == 0 ? 1 : 0;
+    switch (kind) {
+      case 0:
+        hot_conversion(g, it);
+        break;
+      case 1:
+        round_trip(g, it);
+        break;
+      default:
+        if (in_place())
+          punch_while_converting_in_place(g, it);
+        else
+          punch_while_converting_per_vm(g, it);
+    }
+    race_.ops();
+  }
+  race_.join();
+  collect_guest_results();
+  final_checks();
+}
+
+void ConversionRace::record() const {
+  auto rec = [](const char* k, uint64_t v) {
+    ::testing::Test::RecordProperty(k, std::to_string(v));
+  };
+  ::testing::Test::RecordProperty("conversion_backend", env_.backend().name());
+  ::testing::Test::RecordProperty("contents_preserved_expected", yes_no(o_.contents_preserved));
+  ::testing::Test::RecordProperty(
+      "guest", guest_vcpus_ ? "punch_race on vCPUs 1.." + std::to_string(guest_vcpus_)
+                            : "none: " + no_guest_);
+  rec("conversions", stats_.conversions);
+  rec("conversions_to_private", stats_.to_private);
+  rec("conversions_to_shared", stats_.to_shared);
+  rec("conversion_failures", stats_.failures);
+  rec("conversion_eintr_retries", stats_.eintr_retries);
+  rec("hot_conversions", stats_.hot_conversions);
+  rec("state_checks", stats_.state_checks);
+  rec("host_reads", stats_.reads);
+  rec("host_writes", stats_.writes);
+  rec("accesses_definitely_shared", stats_.definitive_shared);
+  rec("sigbus_definitely_private", stats_.definitive_private);
+  rec("accesses_during_conversion", stats_.window_completed);
+  rec("sigbus_during_conversion", stats_.window_sigbus);
+  if (!in_place()) rec("accesses_to_separate_shared_memory", stats_.separate_accesses);
+  rec("round_trips", stats_.round_trips);
+  rec("pages_zeroed_by_round_trip", stats_.zeroed_by_round_trip);
+  if (o_.punch) {
+    rec("punches", stats_.punches);
+    rec("punches_while_converting", stats_.checked_punches);
+    rec("punches_overlapping_the_conversion", stats_.overlapped_punches);
+    rec("reader_zero_checks", stats_.reader_zero_checks);
+  }
+  for (int v = 1; v <= guest_vcpus_; v++)
+    rec(("guest_passes_vcpu" + std::to_string(v)).c_str(), stats_.guest_passes[v]);
+}
+
+}  // namespace cvm::suites
