@@ -307,6 +307,9 @@ def cmd_run(args) -> int:
     def stop(signum, frame):   # SIGTERM/SIGHUP (a CI timeout): stop like Ctrl-C, kill batches
         raise KeyboardInterrupt
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # SIGINT too, explicitly: a runner started as a background job of a non-interactive shell
+    # inherits SIGINT ignored, and Ctrl-C / kill -INT must still stop the run cleanly.
+    old_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if binaries:
             rc = _pytest_session(args, plugin, suite_dir, binaries, collect_only=False)

@@ -190,7 +190,7 @@ def test_hang_outside_any_test_hits_the_idle_timeout(build_dir, broken_dir, tmp_
     assert "no test running for 1 s" in t["evidence"]["exit"]
 
 
-@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM", "SIGINT-inherited-ignored"])
 def test_interrupted_run_is_marked_incomplete(build_dir, broken_dir, tmp_path, signame):
     """While a run is going, run.json says it is incomplete (a runner killed outright leaves it
     so); an interrupted run kills its batch and says what did not run."""
@@ -203,7 +203,11 @@ def test_interrupted_run_is_marked_incomplete(build_dir, broken_dir, tmp_path, s
                           "--suite-dir", str(broken_dir), "--catalogue", str(BROKEN_CATALOGUE),
                           "run", "-k", "Hangs or Passes6", "--test-timeout", "60",
                           "--results-dir", str(tmp_path), "--run-id", "stopped"], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         # A background job of a non-interactive shell starts with SIGINT
+                         # ignored; the runner must still stop on it.
+                         preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+                         if signame.endswith("ignored") else None)
     run_dir = tmp_path / "stopped"
     deadline = time.monotonic() + 60
     while not (run_dir / "run.json").exists() and time.monotonic() < deadline:
@@ -211,7 +215,7 @@ def test_interrupted_run_is_marked_incomplete(build_dir, broken_dir, tmp_path, s
     early = json.loads((run_dir / "run.json").read_text())
     assert early["complete"] is False and "did not finish" in early["incomplete_reason"]
     time.sleep(2.0)                       # the Hangs test is running now (60 s timeout)
-    p.send_signal(getattr(signal, signame))
+    p.send_signal(getattr(signal, signame.split("-")[0]))
     out, err = p.communicate(timeout=60)
     assert p.returncode == 3, out[-2000:] + err[-2000:]
     data = json.loads((run_dir / "run.json").read_text())
