@@ -8,11 +8,6 @@ namespace {
 
 constexpr size_t kMaxPrints = 1000;
 
-[[maybe_unused]] std::string hex(uint64_t v) {
-  char b[24];
-  std::snprintf(b, sizeof b, "0x%llx", static_cast<unsigned long long>(v));
-  return b;
-}
 
 }  // namespace
 

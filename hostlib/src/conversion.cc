@@ -11,11 +11,6 @@
 namespace cvm {
 namespace {
 
-std::string hex(uint64_t v) {
-  char b[24];
-  std::snprintf(b, sizeof b, "0x%llx", static_cast<unsigned long long>(v));
-  return b;
-}
 
 constexpr uint64_t kSmallPage = 4096;  // MAP_GPA_RANGE counts 4 KiB pages on every x86 host
 

@@ -16,11 +16,6 @@ std::string bounded_string(const volatile char* s, size_t max) {
   return out;
 }
 
-std::string hex(uint64_t v) {
-  char b[24];
-  std::snprintf(b, sizeof b, "0x%llx", static_cast<unsigned long long>(v));
-  return b;
-}
 
 uint32_t native_arch() {
 #if defined(__x86_64__)

@@ -17,11 +17,6 @@
 namespace cvm {
 namespace {
 
-std::string hex(uint64_t v) {
-  char b[24];
-  std::snprintf(b, sizeof b, "0x%llx", static_cast<unsigned long long>(v));
-  return b;
-}
 
 // --- vCPU kick / watchdog signal --------------------------------------------------------------
 // One real-time signal interrupts KVM_RUN. The handler sets kvm_run.immediate_exit of the vCPU

@@ -34,4 +34,10 @@ std::string SysError::message() const {
 
 std::ostream& operator<<(std::ostream& os, const SysError& e) { return os << e.message(); }
 
+std::string hex(uint64_t v) {
+  char b[24];
+  std::snprintf(b, sizeof b, "0x%llx", static_cast<unsigned long long>(v));
+  return b;
+}
+
 }  // namespace cvm

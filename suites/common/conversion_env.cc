@@ -19,11 +19,6 @@ namespace {
 
 constexpr uint32_t kFirstSlot = 1;  // slot 0 is the boot region
 
-std::string hex(uint64_t v) {
-  char b[24];
-  std::snprintf(b, sizeof b, "0x%llx", static_cast<unsigned long long>(v));
-  return b;
-}
 
 }  // namespace
 

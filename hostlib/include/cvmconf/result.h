@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <ostream>
 #include <string>
@@ -23,6 +24,9 @@ struct SysError {
 const char* errno_name(int err);
 
 std::ostream& operator<<(std::ostream& os, const SysError& e);
+
+// "0x1f": how addresses, flags and sizes appear in messages.
+std::string hex(uint64_t v);
 
 // Builds a SysError from the current errno.
 inline SysError last_error(std::string op) { return SysError{errno, std::move(op)}; }
