@@ -3,6 +3,7 @@ apt-get download and cached in BUILD/qemu-cache), with nested KVM (kvm-amd) on x
 host on arm64. ./cvmconf test installs QEMU and builds the arm64 guest tools first."""
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -34,7 +35,9 @@ def x86_run(build_dir, tmp_path_factory):
     """One full conformance run inside Debian's 6.1 x86_64 kernel (the real suites)."""
     need("qemu-system-x86_64")
     results = tmp_path_factory.mktemp("qemu-x86")
+    # Batches take seconds here: tight timeouts keep a wedged guest from eating the CI budget.
     r = cvmconf(build_dir, "run", "--target", "qemu", "--kernel", X86_KERNEL,
+                "--test-timeout", "120", "--idle-timeout", "60",
                 "--results-dir", str(results), "--run-id", "x86")
     return r, results
 
@@ -145,3 +148,25 @@ def test_missing_kernel_is_a_usage_error(build_dir, tmp_path):
         "package name such as linux-image-cloud-amd64)"]
     r = cvmconf(build_dir, "run", "--kernel", "x", "--results-dir", str(tmp_path), timeout=120)
     assert r.returncode == 2 and "only apply to --target qemu" in r.stderr
+
+
+def test_a_wedged_guest_is_reported_with_where_its_vcpus_were(build_dir, monkeypatch):
+    """A guest frozen with QMP 'stop' cannot answer the agent's kill: the batch ends as wedged,
+    and the error names the kernel function each vCPU sat in (from the guest's kallsyms)."""
+    need("qemu-system-x86_64")
+    from cvmconf.qemu import cpustate, vm
+    from cvmconf.targets.qemu import QemuTarget
+    monkeypatch.setattr(vm, "KILL_ANSWER", 3.0)
+    t = QemuTarget(build_dir, kernel=X86_KERNEL)
+    try:
+        t.check()
+        assert len(t.vm.symbols) > 10000, "the guest's /proc/kallsyms was not read at boot"
+        cpustate.hmp(t.vm.qmp_sock, "stop")
+        r = t.vm.run(["/bin/sleep", "30"], timeout=120, should_kill=lambda: "now")
+        assert r.guest_crashed and "wedged" in r.error, r
+        assert re.fullmatch(r"vCPU 0: [A-Za-z_][\w.]* .*; vCPU 1: [A-Za-z_][\w.]* .*", r.cpu_state), r.cpu_state
+        assert "(3/3 samples)" in r.cpu_state   # a stopped guest does not move
+        assert r.cpu_state in r.error
+        assert not t.vm.alive()
+    finally:
+        t.close()

@@ -12,6 +12,7 @@ def test_x86_command_line_has_no_network_and_a_dedicated_agent_channel(tmp_path)
                           tmp_path / "c", "tcg", append="foo=1")
     assert cmd[0] == "qemu-system-x86_64"
     assert cmd[cmd.index("-cpu") + 1] == "max"          # exposes SVM for nested KVM under TCG
+    assert cmd[cmd.index("-accel") + 1] == "tcg,thread=single"  # MTTCG int3-patching livelock
     assert cmd[cmd.index("-nic") + 1] == "none"
     assert "-no-reboot" in cmd
     assert f"file:{tmp_path / 'c'}" in cmd
@@ -74,3 +75,55 @@ def test_crash_lines_are_found_in_the_console(tmp_path):
     v.console_file.write_text("[    1.0] ok\n[    2.0] sysrq: Trigger a crash\n"
                               "[    2.1] Kernel panic - not syncing: sysrq triggered crash\n")
     assert v.crash_lines() == ["[    2.1] Kernel panic - not syncing: sysrq triggered crash"]
+
+
+KALLSYMS = """\
+0000000000000000 A fixed_percpu_data
+ffffffff81000000 T _stext
+ffffffff81001000 T exc_int3
+ffffffff81001200 t asm_exc_int3
+ffffffff81002000 D some_data
+ffffffffc0400000 t svm_vcpu_run\t[kvm_amd]
+"""
+
+X86_REGS = """CPU#0
+RAX=0000000000000000 RBX=ffffffff82a1c940 RCX=0000000000000001 RDX=0000000000000000
+RIP=ffffffff81001010 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=0
+CPU#1
+RAX=0000000000000000 RBX=0000000000000000
+RIP=ffffffffc0400044 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1
+"""
+
+ARM64_REGS = """CPU#0
+ PC=ffff800008010000 X00=0000000000000000 X01=0000000000000000
+CPU#1
+ PC=ffff800008020000 X00=0000000000000000
+"""
+
+
+def test_vcpu_program_counters_are_named_with_the_guest_symbols():
+    from cvmconf.qemu import cpustate
+    syms = cpustate.Symbols(KALLSYMS)
+    assert len(syms) == 4                                   # text only, no zero addresses
+    assert syms.name(0xffffffff81001010) == "exc_int3+0x10"
+    assert syms.name(0xffffffffc0400044) == "svm_vcpu_run+0x44 [kvm_amd]"
+    assert syms.name(0x1000) == "0x1000"                      # below the kernel: raw address
+    pcs = cpustate.parse_pcs(X86_REGS, "x86_64")
+    assert pcs == {0: 0xffffffff81001010, 1: 0xffffffffc0400044}
+    assert cpustate.parse_pcs(ARM64_REGS, "arm64") == {0: 0xffff800008010000, 1: 0xffff800008020000}
+    assert cpustate.parse_pcs("RIP=ffffffff81001010 RFL=0", "x86_64") == {0: 0xffffffff81001010}
+    moved = {**pcs, 0: 0xffffffff81001210}
+    text = cpustate.describe([pcs, pcs, moved], syms)
+    assert text == ("vCPU 0: exc_int3 (2/3 samples), asm_exc_int3 (1/3 samples); "
+                    "vCPU 1: svm_vcpu_run [kvm_amd] (3/3 samples)")
+    assert cpustate.describe([], syms) == ""
+    assert cpustate.describe([pcs], None).startswith("vCPU 0: 0xffffffff81001010 (1/1 samples)")
+
+
+def test_qmp_socket_is_on_the_command_line_only_when_asked(tmp_path):
+    cmd = vm.qemu_command("x86_64", Path("/k"), Path("/i"), tmp_path / "s", tmp_path / "st",
+                          tmp_path / "c", "tcg")
+    assert "-qmp" not in cmd
+    cmd = vm.qemu_command("arm64", Path("/k"), Path("/i"), tmp_path / "s", tmp_path / "st",
+                          tmp_path / "c", "tcg", qmp_sock=tmp_path / "q.sock")
+    assert cmd[cmd.index("-qmp") + 1] == f"unix:{tmp_path / 'q.sock'},server=on,wait=off"

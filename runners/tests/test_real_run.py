@@ -59,6 +59,19 @@ def test_real_run_fingerprint(real_run):
     assert all(b["command"].startswith("CVMCONF_DURATION=1 ") for b in data["batches"])
 
 
+def test_duration_makes_the_races_run_that_long_and_reports_their_throughput(real_run):
+    r, run_dir, data = real_run
+    races = [t for t in data["tests"]
+             if "/PunchRace." in t["name"] and t["outcome"] == "PASS"]
+    assert races, "no race ran on this host"
+    for t in races:
+        props = t["properties"]
+        assert int(props["duration_ms"]) >= 900, (t["name"], props)   # --duration 1
+        assert float(props["ops_per_sec"]) > 0 and int(props["iterations"]) > 0
+    for text in (r.stdout, (run_dir / "report.md").read_text()):
+        assert "ops/s" in text
+
+
 def test_list_shows_tests_and_requirements_without_running(build_dir, tmp_path):
     r = cvmconf("--build-dir", str(build_dir), "list", "--requirement", "MMAP-001")
     assert r.returncode == 0, r.stderr

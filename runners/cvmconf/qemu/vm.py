@@ -22,6 +22,7 @@ from typing import Callable
 
 from cvmconf.errors import HarnessError, UsageError
 from cvmconf.kmsg import KernelLine
+from cvmconf.qemu import cpustate
 
 AGENT_PORT = "cvmconf.agent"
 EVENTS_PORT = "cvmconf.events"   # suite binaries' event lines, written directly (see gtest_support)
@@ -52,6 +53,7 @@ class BatchOutcome:
     guest_crashed: bool = False    # the guest kernel died (panic) or became unreachable
     crash_lines: list[str] = dataclasses.field(default_factory=list)
     error: str | None = None
+    cpu_state: str = ""            # where the vCPUs of a guest that stopped answering were
 
 
 def host_has_hw_virt() -> bool:
@@ -78,10 +80,15 @@ def choose_accel(arch: str, requested: str | None = None) -> str:
 
 def qemu_command(arch: str, image: Path, initrd: Path, agent_sock: Path, status_file: Path,
                  console_file: Path, accel: str, append: str = "", pkvm: bool = False,
-                 memory_mb: int = 2048, smp: int = 2, events_file: Path | None = None) -> list[str]:
+                 memory_mb: int = 2048, smp: int = 2, events_file: Path | None = None,
+                 qmp_sock: Path | None = None) -> list[str]:
     common_append = "panic=-1 loglevel=7 printk.devkmsg=on"
     if arch == "x86_64":
-        cmd = ["qemu-system-x86_64", "-accel", accel,
+        # Single-threaded TCG for x86 guests: with multi-threaded TCG, a guest kernel patching
+        # text with int3 (static keys flipped when KVM loads/creates a VM) was seen to leave
+        # every vCPU looping in exc_int3 for good (3 to 13 runs in); with thread=single 200
+        # runs in a row had no stall and took the same time.
+        cmd = ["qemu-system-x86_64", "-accel", "tcg,thread=single" if accel == "tcg" else accel,
                "-cpu", "host" if accel == "kvm" else "max",  # max: SVM for nested KVM
                "-machine", "q35"]
         console = "console=ttyS0"
@@ -107,6 +114,8 @@ def qemu_command(arch: str, image: Path, initrd: Path, agent_sock: Path, status_
     if events_file is not None:
         cmd += ["-chardev", f"file,id=events,path={events_file}",
                 "-device", f"virtserialport,chardev=events,name={EVENTS_PORT}"]
+    if qmp_sock is not None:   # read vCPU registers of a wedged guest (cpustate)
+        cmd += ["-qmp", f"unix:{qmp_sock},server=on,wait=off"]
     return cmd
 
 
@@ -124,6 +133,7 @@ class QemuVm:
         self._buf = b""
         self._eof = False
         self._next_id = 1
+        self.symbols: cpustate.Symbols | None = None
         workdir.mkdir(parents=True, exist_ok=True)
 
     # --- files -------------------------------------------------------------------------------
@@ -138,6 +148,17 @@ class QemuVm:
     @property
     def events_file(self) -> Path:
         return self.workdir / f"events-{self.boots}.log"
+
+    @property
+    def qmp_sock(self) -> Path:
+        return self.workdir / f"qmp-{os.getpid()}-{self.boots}.sock"
+
+    def cpu_state(self) -> str:
+        """Where each vCPU is, sampled a few times over QMP and named with the guest's symbols;
+        '' when QEMU is gone or does not answer."""
+        if self.proc is None or self.proc.poll() is not None:
+            return ""
+        return cpustate.sample(self.qmp_sock, self.arch, self.symbols)
 
     def last_batch_events(self) -> list[str]:
         """Event lines the suite binaries wrote straight to the events port, from the last
@@ -179,9 +200,11 @@ class QemuVm:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(sock_path))
         listener.listen(1)
+        self.qmp_sock.unlink(missing_ok=True)
         cmd = qemu_command(self.arch, self.image, self.initrd, sock_path, self.status_file,
                            self.console_file, self.accel, self.append, self.pkvm,
-                           self.memory_mb, self.smp, events_file=self.events_file)
+                           self.memory_mb, self.smp, events_file=self.events_file,
+                           qmp_sock=self.qmp_sock)
         (self.workdir / f"qemu-cmd-{self.boots}.txt").write_text(" ".join(cmd) + "\n")
         try:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
@@ -217,6 +240,8 @@ class QemuVm:
                 raise BootError(self._boot_failure(f"the guest did not say hello within {self.boot_timeout:.0f} s"))
             if "hello" in msg:
                 self.hello = msg
+        # The guest's symbols now, while it answers: a wedged guest's PCs are named with them.
+        self.symbols = cpustate.Symbols(self.read("/proc/kallsyms") or "")
         return self.hello
 
     def _boot_failure(self, why: str) -> str:
@@ -228,6 +253,7 @@ class QemuVm:
             "\n--- console tail ---\n" + tail if tail else "")
 
     def kill(self) -> None:
+        self.qmp_sock.unlink(missing_ok=True)
         if self.conn:
             try:
                 self.conn.close()
@@ -350,6 +376,10 @@ class QemuVm:
                     out.error = f"the guest did not answer within {timeout + 60:.0f} s"
                 else:
                     out.error = "the guest went away (kernel crash or QEMU exit)"
+                where = self.cpu_state()
+                if where:
+                    out.cpu_state = where
+                    out.error += f"; {where}"
                 self.kill()
                 return out
             if msg.get("id") != rid:

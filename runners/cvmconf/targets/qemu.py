@@ -309,8 +309,12 @@ class QemuTarget(Target):
             # What the guest kernel printed as it died is the evidence; the agent could not send it.
             last = out.kernel_log[-1].usec if out.kernel_log else -1
             out.kernel_log += [l for l in console_kernel_lines(self.vm.console_text()) if l.usec > last]
-            crash = r.crash_lines[0] if r.crash_lines else (r.error or "the guest went away")
-            out.target_failure = f"the guest kernel died ({crash})"
+            if r.crash_lines:
+                out.target_failure = f"the guest kernel died ({r.crash_lines[0]})"
+            elif r.cpu_state:   # alive but silent: say where its vCPUs were
+                out.target_failure = f"the guest stopped answering ({r.error})"
+            else:
+                out.target_failure = f"the guest kernel died ({r.error or 'the guest went away'})"
             if self.vm.alive():
                 self.vm.kill()
         if r.error and not r.guest_crashed:
