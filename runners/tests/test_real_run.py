@@ -3,7 +3,7 @@ stay fast), `cvmconf list`, and `cvmconf compare` between real runs."""
 import json
 import shutil
 
-from conftest import cvmconf
+from conftest import REPO, cvmconf
 from cvmconf import catalogue, ktap
 
 
@@ -150,3 +150,18 @@ def test_compare_rejects_what_is_not_a_run(tmp_path):
     r = cvmconf("compare", str(tmp_path / "x"), str(tmp_path / "x"))
     assert r.returncode == 2 and "not a readable run.json" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_committed_baselines_are_current_run_records(tmp_path):
+    """results/baselines/ holds real runs to compare against: each must still load, cover the
+    catalogue as it is now (refresh it when requirements change), and compare clean with itself."""
+    base_dir = REPO / "results" / "baselines"
+    runs = sorted(p for p in base_dir.iterdir() if (p / "run.json").is_file())
+    assert runs, f"no baseline in {base_dir}"
+    ids = {r.id for r in catalogue.load().requirements}
+    for run in runs:
+        data = json.loads((run / "run.json").read_text())
+        assert data["complete"] is True, run
+        assert {r["id"] for r in data["requirements"]} == ids, f"{run.name} is stale: re-run it"
+        r = cvmconf("compare", str(run), str(run))
+        assert r.returncode == 0 and "no regression" in r.stdout, r.stdout + r.stderr
