@@ -151,17 +151,6 @@ bool conversion_initially_shared(ConversionAbi abi, bool init_shared) {
 }
 
 // --- results -------------------------------------------------------------------------------------
-const char* offset_report_name(OffsetReport r) {
-  switch (r) {
-    case OffsetReport::None: return "none";
-    case OffsetReport::Reported: return "reported";
-    case OffsetReport::OutOfRange: return "out of range";
-    case OffsetReport::NotReported: return "not reported";
-    case OffsetReport::NotInAbi: return "not in the ABI";
-  }
-  return "?";
-}
-
 ConversionResult interpret_conversion(ConversionAbi abi, const ConversionRequest& req, int err,
                                       uint64_t raw_error_offset, std::string op) {
   ConversionResult r;
@@ -300,12 +289,15 @@ ConversionProbeFacts probe_conversion(const Vm& vm) {
     f.gmem_error = plain.error().message();
     return f;
   }
+  // The requests go through the back-ends the tests then use.
+  const InPlaceV8Backend v8;
+  const RfcV2Backend rfc_v2;
+  uint64_t raw_offset = 0;
   // in-place v8: an unknown flag bit must be refused (EINVAL); ENOTTY means no such ioctl.
   {
     ConversionRequest bad{{plain->fd(), 0, ps, 0}, false};
     bad.extra_flags = 1ULL << 63;
-    uapi::kvm_memory_attributes2 a = encode_v8_request(bad);
-    f.v8_invalid_errno = ::ioctl(plain->fd(), uapi::kSetMemoryAttributes2, &a) < 0 ? errno : 0;
+    f.v8_invalid_errno = v8.issue(bad, &raw_offset);
   }
   if (f.v8_invalid_errno != ENOTTY && f.v8_invalid_errno != 0) {
     // A file that starts private (MMAP, no INIT_SHARED): setting PRIVATE on it changes nothing.
@@ -313,23 +305,18 @@ ConversionProbeFacts probe_conversion(const Vm& vm) {
     if (!g) {
       f.v8_gmem_error = g.error().message();
     } else {
-      uapi::kvm_memory_attributes2 a = encode_v8_request({{g->fd(), 0, 2 * ps, 0}, true});
-      f.v8_noop_errno = ::ioctl(g->fd(), uapi::kSetMemoryAttributes2, &a) < 0 ? errno : 0;
+      f.v8_noop_errno = v8.issue({{g->fd(), 0, 2 * ps, 0}, true}, &raw_offset);
     }
   }
   // RFC v2: an unaligned offset must be refused; ENOTTY means no such ioctl.
-  {
-    RfcV2Encoded e = encode_rfc_v2_request({{plain->fd(), 1, ps, 0}, true});
-    f.rfc_v2_invalid_errno = ::ioctl(plain->fd(), e.ioctl, &e.arg) < 0 ? errno : 0;
-  }
+  f.rfc_v2_invalid_errno = rfc_v2.issue({{plain->fd(), 1, ps, 0}, true}, &raw_offset);
   if (f.rfc_v2_invalid_errno != ENOTTY && f.rfc_v2_invalid_errno != 0) {
     // SUPPORT_SHARED | INIT_PRIVATE (RFC v2 meaning of bits 0 and 1): starts private.
     auto g = vm.create_guest_memfd(2 * ps, conversion_gmem_flags(ConversionAbi::RfcV2, false));
     if (!g) {
       f.rfc_v2_gmem_error = g.error().message();
     } else {
-      RfcV2Encoded e = encode_rfc_v2_request({{g->fd(), 0, ps, 0}, true});
-      f.rfc_v2_noop_errno = ::ioctl(g->fd(), e.ioctl, &e.arg) < 0 ? errno : 0;
+      f.rfc_v2_noop_errno = rfc_v2.issue({{g->fd(), 0, ps, 0}, true}, &raw_offset);
     }
   }
   return f;

@@ -15,7 +15,7 @@ Result<Mapping> Mapping::map(size_t len, int prot, int flags, int fd, off_t offs
   void* p = ::mmap(nullptr, len, prot, flags, fd, offset);
   if (p == MAP_FAILED)
     return last_error("mmap(len=" + std::to_string(len) + ", prot=" + std::to_string(prot) +
-                      ", flags=0x" + std::to_string(flags) + ", fd=" + std::to_string(fd) +
+                      ", flags=" + hex(static_cast<unsigned>(flags)) + ", fd=" + std::to_string(fd) +
                       ", off=" + std::to_string(offset) + ")");
   return Mapping(p, len);
 }

@@ -299,8 +299,7 @@ void report_event(const UcallEvent& ev, const char* what, const char* file, int 
     std::ostringstream os;
     os << "guest assertion failed: " << ev.text;
     if (ev.args.size() == 2)
-      os << " (left 0x" << std::hex << ev.args[0] << ", right 0x" << ev.args[1] << std::dec
-         << ")";
+      os << " (left " << hex(ev.args[0]) << ", right " << hex(ev.args[1]) << ")";
     os << "\n  (" << what << ", host side at " << file << ":" << line << ")";
     GTEST_MESSAGE_AT_(ev.file.c_str(), static_cast<int>(ev.line), os.str().c_str(), type);
     return;

@@ -120,6 +120,8 @@ Result<KmsgWatcher> KmsgWatcher::open() {
   return w;
 }
 
+void KmsgWatcher::rewind() { ::lseek(fd_.get(), 0, SEEK_SET); }
+
 void KmsgWatcher::start() {
   // SEEK_END positions after the last record; nothing before start() is reported.
   ::lseek(fd_.get(), 0, SEEK_END);

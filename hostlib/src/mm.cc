@@ -377,9 +377,7 @@ std::string fs_name_from_magic(unsigned long magic) {
     case 0x2fc12fc1UL: return "zfs";
     case 0x65735546UL: return "fuse";
   }
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "0x%lx", magic);
-  return buf;
+  return hex(magic);
 }
 
 Result<std::string> fs_type_of_fd(int fd) {

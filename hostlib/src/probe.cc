@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "cvmconf/kmsg.h"
 #include "cvmconf/kvm.h"
 #include "cvmconf/uapi.h"
 
@@ -139,18 +140,11 @@ Capabilities probe_capabilities() {
       c.arm64_kvm_mode = cmdline.substr(pos + 13, end == std::string::npos ? end : end - pos - 13);
     }
     // Asking for protected mode is not getting it: the hypervisor says so in the kernel log.
-    int fd = ::open("/dev/kmsg", O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-    if (fd >= 0) {
-      char buf[8192];
-      for (;;) {
-        ssize_t n = ::read(fd, buf, sizeof buf);
-        if (n < 0 && errno == EPIPE) continue;
-        if (n <= 0) break;
-        if (std::string_view(buf, static_cast<size_t>(n)).find("Protected nVHE mode initialized") !=
-            std::string_view::npos)
+    if (auto log = KmsgWatcher::open()) {
+      log->rewind();
+      for (const KmsgRecord& r : log->drain())
+        if (r.text.find("Protected nVHE mode initialized") != std::string::npos)
           c.arm64_pkvm_initialized = true;
-      }
-      ::close(fd);
     }
   }
 #endif

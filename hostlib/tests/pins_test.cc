@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstring>
 #include <set>
 
@@ -148,10 +149,15 @@ TEST_P(ProviderTest, PinsAnonymousMemoryAndReadsThroughThePin) {
   auto pin = p->pin(m->data(), m->size());
   ASSERT_TRUE(pin.ok()) << p->name() << ": " << pin.error();
   auto data = pin.value()->read_through(0, m->size());
-  ASSERT_TRUE(data.ok()) << data.error();
-  ASSERT_EQ(data->size(), m->size());
-  EXPECT_EQ((*data)[0], 0x3c);
-  EXPECT_EQ((*data)[m->size() - 1], 0x3c);
+  if (!p->kind().reads_through) {   // e.g. RDMA: the pin holds, the data is not readable here
+    ASSERT_FALSE(data.ok());
+    EXPECT_EQ(data.error().err, ENOTSUP) << data.error();
+  } else {
+    ASSERT_TRUE(data.ok()) << data.error();
+    ASSERT_EQ(data->size(), m->size());
+    EXPECT_EQ((*data)[0], 0x3c);
+    EXPECT_EQ((*data)[m->size() - 1], 0x3c);
+  }
   EXPECT_TRUE(pin.value()->release().ok());
   EXPECT_TRUE(pin.value()->release().ok()) << "release is idempotent";
 }

@@ -11,6 +11,7 @@
 
 #include "cvmconf/fault.h"
 #include "cvmconf/gtest_support.h"
+#include "cvmconf/mm.h"
 #include "cvmconf/uapi.h"
 #include "platform_fixture.h"
 
@@ -218,14 +219,9 @@ bool content_preserved_expected(ConversionAbi abi, const Platform& p) {
 }
 
 Result<bool> pte_present(const void* addr) {
-  int fd = ::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return last_error("open /proc/self/pagemap");
-  UniqueFd f(fd);
-  uint64_t entry = 0;
-  off_t pos = static_cast<off_t>(reinterpret_cast<uintptr_t>(addr) / page_size() * 8);
-  if (pread(fd, &entry, sizeof entry, pos) != static_cast<ssize_t>(sizeof entry))
-    return last_error("pread /proc/self/pagemap");
-  return ((entry >> 63) & 1) != 0;
+  auto e = pagemap_entry(addr);
+  if (!e) return e.error();
+  return e->present;
 }
 
 // --- MAP_GPA_RANGE exit probe -------------------------------------------------------------------

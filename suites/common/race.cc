@@ -61,8 +61,8 @@ std::string RaceViolation::describe() const {
          actor + ": " + what;
 }
 
-RaceWorker::RaceWorker(Race* r, int index, std::string name, uint64_t seed)
-    : race_(r), index_(index), name_(std::move(name)),
+RaceWorker::RaceWorker(int index, std::string name, uint64_t seed)
+    : name_(std::move(name)),
       rng_(stream_rng(seed, static_cast<uint64_t>(index) + 1)) {}
 
 Race::Race(RaceDefaults d, std::string test_name) : test_name_(std::move(test_name)) {
@@ -160,7 +160,7 @@ void Race::on_stop(std::function<void()> fn) {
 void Race::spawn(std::string name, std::function<void(RaceWorker&)> fn) {
   std::lock_guard<std::mutex> g(mu_);
   int index = static_cast<int>(workers_.size());
-  workers_.push_back(std::unique_ptr<RaceWorker>(new RaceWorker(this, index, std::move(name), seed_)));
+  workers_.push_back(std::unique_ptr<RaceWorker>(new RaceWorker(index, std::move(name), seed_)));
   RaceWorker* w = workers_.back().get();
   threads_.emplace_back([w, fn = std::move(fn)] { fn(*w); });
 }

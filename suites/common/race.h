@@ -70,22 +70,18 @@ struct RaceSummary {
 
 class Race;
 
-// A worker thread's view: its index, its schedule stream and its operation counter.
+// A worker thread's view: its name, its schedule stream (by index) and its operation counter.
 class RaceWorker {
  public:
-  int index() const { return index_; }
   const std::string& name() const { return name_; }
   std::mt19937_64& rng() { return rng_; }
-  Race& race() { return *race_; }
   // Counts n completed operations (for ops_per_sec).
   void ops(uint64_t n = 1) { ops_ += n; }
   uint64_t op_count() const { return ops_; }
 
  private:
   friend class Race;
-  RaceWorker(Race* r, int index, std::string name, uint64_t seed);
-  Race* race_;
-  int index_;
+  RaceWorker(int index, std::string name, uint64_t seed);
   std::string name_;
   std::mt19937_64 rng_;
   uint64_t ops_ = 0;
@@ -132,7 +128,6 @@ class Race {
 
   // Records an invariant violation found at `iteration` by `actor`.
   void violation(uint64_t iteration, std::string actor, std::string what);
-  uint64_t violation_count() const { return violations_.load(); }
 
   // The value a check compares: `observed`, unless the stale-value self-test hook fires.
   uint64_t observe(uint64_t observed, uint64_t stale, uint64_t iteration) {
@@ -161,7 +156,6 @@ class Race {
   std::chrono::steady_clock::time_point start_, deadline_;
   const char* deadline_reason_ = "duration";
   std::atomic<uint64_t> iteration_{0};
-  uint64_t iterations_done_ = 0;
   bool started_ = false;
   std::atomic<bool> stop_{false};
   std::atomic<const char*> stopped_by_{nullptr};

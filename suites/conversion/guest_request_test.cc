@@ -136,20 +136,12 @@ CVM_TEST_P(GuestRequest, MalformedRequestAnsweredByKvm, "CONV-010") {
 
 CVM_TEST_P(GuestRequest, AppliedThroughBackend, "CONV-010") {
   CVM_SKIP_IF(conversion_unavailable(platform().id(), selection_));
-  if (*selection_.backend == ConversionAbi::InPlaceV8) {
-    const VmTypeCaps* vc = cached_capabilities().vm(platform().vm_type());
-    const uint64_t need = conversion_gmem_flags(ConversionAbi::InPlaceV8, true);
-    if ((static_cast<uint64_t>(vc->guest_memfd_flags) & need) != need)
-      GTEST_SKIP() << testing::kCapabilityAbsent << "GUEST_MEMFD_FLAG_MMAP|INIT_SHARED for "
-                   << platform().id() << " (KVM_CAP_GUEST_MEMFD_FLAGS="
-                   << hexval(vc->guest_memfd_flags) << ")";
-  }
-  auto env = ConversionEnv::create(*kvm_, platform(), *selection_.backend, [] {
-    ConversionEnvOptions o;
-    o.pages = 4;
-    o.guest_requests = true;
-    return o;
-  }());
+  ConversionEnvOptions opts;
+  opts.pages = 4;
+  opts.guest_requests = true;
+  CVM_SKIP_IF(conversion_env_unsupported(
+      *selection_.backend, platform(), *cached_capabilities().vm(platform().vm_type()), opts));
+  auto env = ConversionEnv::create(*kvm_, platform(), *selection_.backend, opts);
   ASSERT_TRUE(env.ok()) << env.error();
   ConversionEnv& e = *env.value();
   RecordProperty("conversion_backend", e.backend().name());

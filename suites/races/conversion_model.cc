@@ -96,20 +96,20 @@ std::string describe_word(uint64_t p, uint64_t v, uint64_t gen_now) {
     case WordKind::Zero:
       return "0";
     case WordKind::Current:
-      return hex64(v) + " (its current pattern)";
+      return hex(v) + " (its current pattern)";
     case WordKind::Older:
-      return hex64(v) + " (its own pattern of generation " + std::to_string(g) +
+      return hex(v) + " (its own pattern of generation " + std::to_string(g) +
              ", older than the current " + std::to_string(gen_now) + ": stale data)";
     case WordKind::Future:
-      return hex64(v) + " (generation " + std::to_string(g) +
+      return hex(v) + " (generation " + std::to_string(g) +
              ", which was never written; current " + std::to_string(gen_now) + ")";
     case WordKind::Foreign:
-      return "foreign data " + hex64(v) + " (the pattern of page " +
+      return "foreign data " + hex(v) + " (the pattern of page " +
              std::to_string((v >> 32) & 0xffffff) + ")";
     case WordKind::Garbage:
-      return "garbage " + hex64(v) + " (never written by this test)";
+      return "garbage " + hex(v) + " (never written by this test)";
   }
-  return hex64(v);
+  return hex(v);
 }
 
 bool read_value_ok(uint64_t p, uint64_t v, uint64_t gen_now, bool must_be_zero) {

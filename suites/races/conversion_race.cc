@@ -158,7 +158,7 @@ bool ConversionRace::write_page(uint64_t p, const std::string& actor, uint64_t i
     if (readback_ok(p, back[i], gen, rules)) continue;
     race_.violation(it, actor,
                     "page " + std::to_string(p) + " word " + std::to_string(i) + ": read back " +
-                        describe_word(p, back[i], gen) + " right after writing " + hex64(want) +
+                        describe_word(p, back[i], gen) + " right after writing " + hex(want) +
                         (back[i] == 0 ? " (a lost write)" : "") +
                         " (a punch overlapped: " + yes_no(rules.punched) +
                         "; a conversion overlapped: " + yes_no(x.converted_during()) +
@@ -206,7 +206,7 @@ void ConversionRace::read_page(uint64_t p, const std::string& actor, uint64_t it
           CVM_RACE_TAG_PASS(v) != 0)
         continue;
       race_.violation(it, actor,
-                      where + std::to_string(i) + " reads " + hex64(v) +
+                      where + std::to_string(i) + " reads " + hex(v) +
                           " through the host's view: not 0 and not vCPU " + std::to_string(owner) +
                           "'s pattern for it");
       return;
@@ -432,7 +432,7 @@ void ConversionRace::round_trip(std::mt19937_64& rng, uint64_t it) {
         race_.violation(
             it, "converter",
             "page " + std::to_string(p) + " word " + std::to_string(w) + " read " +
-                hex64(before[i][w]) + " before a round trip through private and " +
+                hex(before[i][w]) + " before a round trip through private and " +
                 describe_word(p, after[w], hp_[p].gen.load()) +
                 " after it (a punch overlapped: " + yes_no(rules.punched) +
                 "; contents kept across conversion: " + yes_no(rules.contents_preserved) +
@@ -488,7 +488,7 @@ void ConversionRace::punch_while_converting_in_place(std::mt19937_64& rng, uint6
         if (v == 0) continue;
         race_.violation(it, "converter",
                         "page " + std::to_string(p) + " word " + std::to_string(i) + " reads " +
-                            hex64(v) + " through " + name +
+                            hex(v) + " through " + name +
                             " after it was punched while converting to " + state_name(to) +
                             " and made shared again (expected 0: stale data)");
         ok = false;
@@ -554,7 +554,7 @@ void ConversionRace::punch_while_converting_per_vm(std::mt19937_64& rng, uint64_
       race_.violation(it, "converter",
                       "the host's separate shared memory of page " + std::to_string(r.first + i) +
                           " changed across the punch and conversions: word " + std::to_string(w) +
-                          " was " + hex64(host_before[i][w]) + ", now " + hex64(now[w]));
+                          " was " + hex(host_before[i][w]) + ", now " + hex(now[w]));
       break;
     }
   }
@@ -620,13 +620,13 @@ void ConversionRace::collect_guest_results() {
     const uint64_t kind = vload(vc.v_kind);
     const std::string expected =
         kind == CVM_RACE_LOST_WRITE || kind == CVM_RACE_STALE
-            ? hex64(vload(vc.v_expected)) +
+            ? hex(vload(vc.v_expected)) +
                   " (just written; no punch, and no conversion that may "
                   "change contents, overlapped the write)"
-            : "0 or its own pattern (now " + hex64(vload(vc.v_expected)) + ")";
+            : "0 or its own pattern (now " + hex(vload(vc.v_expected)) + ")";
     race_.violation(vload(vc.v_iteration), "vcpu " + std::to_string(v),
                     std::string(cvm_race_violation_name(kind)) + " at gpa " +
-                        hex64(vload(vc.v_gpa)) + ": read " + hex64(vload(vc.v_value)) +
+                        hex(vload(vc.v_gpa)) + ": read " + hex(vload(vc.v_value)) +
                         ", expected " + expected + " (pass " + std::to_string(vload(vc.v_pass)) +
                         ", " + std::to_string(vload(vc.violations)) +
                         " violation(s) on this vCPU)");

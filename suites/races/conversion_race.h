@@ -95,8 +95,6 @@ class ConversionRace {
   void record() const;
   const Stats& stats() const { return stats_; }
   bool has_guest() const { return guest_vcpus_ > 0; }
-  // Why the race runs without guest vCPUs ("" when it has them).
-  const std::string& no_guest_reason() const { return no_guest_; }
 
  private:
   struct HostPage {

@@ -248,11 +248,6 @@ TEST(ConversionModelContent, RoundTripRules) {
 
 // ---- the race against this kernel ----
 
-bool budget_overridden() {
-  const auto& b = testing::stress_budget();
-  return b.seed || b.iterations || b.duration.count();
-}
-
 // What one race of the harness did, with the failures finish() reported (intercepted).
 struct HarnessRun {
   RaceSummary s;
@@ -361,7 +356,7 @@ class ConversionRaceHarness : public ::testing::TestWithParam<std::tuple<Convers
 // The kernel refuses the back-end: everything but the conversions runs for real, and the refused
 // conversions must be the only violations.
 TEST_P(ConversionRaceHarness, RefusedConversionsAreTheOnlyViolations) {
-  if (budget_overridden())
+  if (testing::stress_budget().given())
     GTEST_SKIP() << "not applicable: a stress budget was given on the command line";
   HarnessEnv h;
   make_harness_env(abi(), true, h);
@@ -460,7 +455,9 @@ class RemapBackend final : public ConversionBackend {
       } else {
         uint64_t src = p;
         if (flaw_ == Flaw::ForeignOnShared) src = p ^ 1;
-        if (flaw_ == Flaw::ZeroOnShared) (void)GuestMemfdRef(gmem_fd_).punch(p * ps, ps);
+        if (flaw_ == Flaw::ZeroOnShared)
+          (void)::fallocate(gmem_fd_, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
+                            static_cast<off_t>(p * ps), static_cast<off_t>(ps));
         m = ::mmap(at, ps, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, gmem_fd_,
                    static_cast<off_t>(src * ps));
       }
@@ -470,19 +467,10 @@ class RemapBackend final : public ConversionBackend {
   }
   std::string describe_request(const ConversionRequest& r) const override {
     return std::string("emulated conversion to ") + (r.to_private ? "private" : "shared") +
-           "(offset=" + hex64(r.range.offset) + ", size=" + hex64(r.range.size) + ")";
+           "(offset=" + hex(r.range.offset) + ", size=" + hex(r.range.size) + ")";
   }
 
  private:
-  // fallocate(PUNCH_HOLE) on a borrowed fd.
-  struct GuestMemfdRef {
-    int fd;
-    explicit GuestMemfdRef(int f) : fd(f) {}
-    int punch(uint64_t off, uint64_t len) const {
-      return ::fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, static_cast<off_t>(off),
-                         static_cast<off_t>(len));
-    }
-  };
   uint8_t* base_;
   int gmem_fd_;
   GuestMemfd sigbus_;
@@ -504,7 +492,7 @@ class EmulatedConversionRace : public ::testing::TestWithParam<EmulatedCase> {
  protected:
   // An in-place environment on this kernel with the emulated back-end, or SKIPs.
   void SetUp() override {
-    if (budget_overridden())
+    if (testing::stress_budget().given())
       GTEST_SKIP() << "not applicable: a stress budget was given on the command line";
     // Host-only: KVM on some hosts (PVM) reaches guest_memfd memslots through their host
     // mapping too, which the emulation remaps, so a guest would see the emulation, not memory.

@@ -96,7 +96,7 @@ CVM_TEST_P(PunchRace, GuestAccesses, "RACE-002") {
             CVM_RACE_TAG_PAGE(x) == p && CVM_RACE_TAG_PASS(x) != 0)
           continue;
         race.violation(it, me.name(), "page " + std::to_string(p) + " word " + std::to_string(i) +
-                                          " reads " + hex64(x) + " through the mapping: not 0 and not vCPU " +
+                                          " reads " + hex(x) + " through the mapping: not 0 and not vCPU " +
                                           std::to_string(p / kPagesPerVcpu) + "'s pattern for it");
         break;
       }
@@ -149,7 +149,7 @@ CVM_TEST_P(PunchRace, GuestAccesses, "RACE-002") {
           uint64_t x = race.observe(w[i], stale, it);
           if (x != 0) {
             race.violation(it, "puncher", "page " + std::to_string(p) + " word " + std::to_string(i) +
-                                              " reads " + hex64(x) + " through the mapping after the punch returned");
+                                              " reads " + hex(x) + " through the mapping after the punch returned");
             ok = false;
             break;
           }
@@ -184,11 +184,11 @@ CVM_TEST_P(PunchRace, GuestAccesses, "RACE-002") {
     const std::string expected =
         kind == CVM_RACE_NOT_ZERO ? std::string("0")
         : kind == CVM_RACE_LOST_WRITE || kind == CVM_RACE_STALE
-            ? hex64(load(vc.v_expected)) + " (just written)"
-            : "0 or its own pattern (now " + hex64(load(vc.v_expected)) + ")";
+            ? hex(load(vc.v_expected)) + " (just written)"
+            : "0 or its own pattern (now " + hex(load(vc.v_expected)) + ")";
     race.violation(load(vc.v_iteration), "vcpu " + std::to_string(v),
-                   std::string(cvm_race_violation_name(kind)) + " at gpa " + hex64(load(vc.v_gpa)) + ": read " +
-                       hex64(load(vc.v_value)) + ", expected " + expected + " (pass " +
+                   std::string(cvm_race_violation_name(kind)) + " at gpa " + hex(load(vc.v_gpa)) + ": read " +
+                       hex(load(vc.v_value)) + ", expected " + expected + " (pass " +
                        std::to_string(load(vc.v_pass)) + ", " + std::to_string(load(vc.violations)) +
                        " violation(s) on this vCPU)");
   }

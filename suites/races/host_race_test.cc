@@ -231,7 +231,7 @@ CVM_TEST_P(PunchRace, Reallocate, "RACE-004") {
             if (now[i] != before[i]) {
               race.violation(it, "puncher", "page " + std::to_string(r.first + i / words) + " word " +
                                                 std::to_string(i % words) + " changed from " +
-                                                hex64(before[i]) + " to " + hex64(now[i]) +
+                                                hex(before[i]) + " to " + hex(now[i]) +
                                                 " when the range was allocated");
               break;
             }

@@ -7,12 +7,6 @@
 
 namespace cvm::suites {
 
-std::string hex64(uint64_t v) {
-  char b[24];
-  std::snprintf(b, sizeof b, "%#llx", static_cast<unsigned long long>(v));
-  return b;
-}
-
 PageModel::PageModel(Race& race, uint64_t pages, int writers)
     : race_(race), pages_(pages), writers_(writers < 1 ? 1 : writers),
       words_(page_size() / sizeof(uint64_t)), st_(new PageState[pages]) {}
@@ -26,13 +20,13 @@ uint64_t PageModel::pick_owned(std::mt19937_64& g, int w) const {
 
 std::string PageModel::domain_error(uint64_t p, uint64_t v, uint64_t gen_now) const {
   if (v == 0) return "";
-  if ((v & (0xffull << 56)) != kMark) return "garbage " + hex64(v) + " (never written by this test)";
+  if ((v & (0xffull << 56)) != kMark) return "garbage " + hex(v) + " (never written by this test)";
   uint64_t page = (v >> 32) & 0xffffff;
   uint64_t gen = v & 0xffffffffu;
   if (page != p)
-    return "foreign data " + hex64(v) + " (the pattern of page " + std::to_string(page) + ")";
+    return "foreign data " + hex(v) + " (the pattern of page " + std::to_string(page) + ")";
   if (gen == 0 || gen > (gen_now & 0xffffffffu))
-    return "value " + hex64(v) + " of generation " + std::to_string(gen) +
+    return "value " + hex(v) + " of generation " + std::to_string(gen) +
            ", which was never written (current generation " + std::to_string(gen_now) + ")";
   return "";
 }
@@ -69,7 +63,7 @@ bool PageModel::write_page(uint8_t* page_addr, uint64_t p, const std::string& ac
     if (v == want) continue;
     if (v == 0 && punched) continue;
     std::string what = "page " + std::to_string(p) + " word " + std::to_string(i) +
-                       ": read back " + hex64(v) + " right after writing " + hex64(want);
+                       ": read back " + hex(v) + " right after writing " + hex(want);
     if (v == 0)
       what += " (the write was lost, no punch overlapped it)";
     else if (auto e = domain_error(p, v, gen); !e.empty())
@@ -106,7 +100,7 @@ void PageModel::read_page(const uint8_t* page_addr, uint64_t p, const std::strin
     if (must_be_zero && v != 0) {
       race_.violation(it, actor,
                       "page " + std::to_string(p) + " word " + std::to_string(i) + " reads " +
-                          hex64(v) + " after a completed punch with no writer since (stale data)");
+                          hex(v) + " after a completed punch with no writer since (stale data)");
       return;
     }
     if (auto e = domain_error(p, v, gen_now); !e.empty()) {
@@ -134,14 +128,11 @@ bool PageModel::punch(const GuestMemfd& gmem, uint64_t first, uint64_t n,
 bool PageModel::allocate(const GuestMemfd& gmem, uint64_t first, uint64_t n,
                          const std::string& actor, uint64_t it) {
   const uint64_t ps = page_size();
-  for (int tries = 0;; tries++) {
-    auto r = gmem.allocate(first * ps, n * ps);
-    if (r) return true;
-    if (r.err() == EINTR && tries < 100) continue;
-    race_.violation(it, actor, "allocating pages [" + std::to_string(first) + ", " +
-                                   std::to_string(first + n) + "): " + r.error().message());
-    return false;
-  }
+  auto r = gmem.allocate(first * ps, n * ps);   // retries EINTR itself
+  if (r) return true;
+  race_.violation(it, actor, "allocating pages [" + std::to_string(first) + ", " +
+                                 std::to_string(first + n) + "): " + r.error().message());
+  return false;
 }
 
 bool PageModel::freeze(uint64_t first, uint64_t n, const std::string& actor, uint64_t it) {
@@ -190,7 +181,7 @@ bool PageModel::verify_zero(const uint8_t* view, uint64_t p, const char* view_na
     uint64_t v = race_.observe(buf[i], stale, it);
     if (v != 0) {
       race_.violation(it, actor, "page " + std::to_string(p) + " word " + std::to_string(i) +
-                                     " reads " + hex64(v) + " through " + view_name +
+                                     " reads " + hex(v) + " through " + view_name +
                                      " after the punch returned (expected 0: stale data)");
       return false;
     }

@@ -33,8 +33,6 @@ class PageModel {
 
   PageModel(Race& race, uint64_t pages, int writers);
   uint64_t pages() const { return pages_; }
-  int writers() const { return writers_; }
-  uint64_t words_per_page() const { return words_; }
   // A page owned by writer w, chosen by its schedule stream.
   uint64_t pick_owned(std::mt19937_64& g, int w) const;
 
@@ -101,7 +99,5 @@ class PageModel {
   std::atomic<uint64_t> epoch_{0};
   std::atomic<uint64_t> punches_{0}, checked_{0}, reader_zero_checks_{0};
 };
-
-std::string hex64(uint64_t v);
 
 }  // namespace cvm::suites

@@ -41,7 +41,7 @@ bool check_pinned(Race& race, uint64_t it, const std::vector<uint8_t>& data, uin
       if (v == want[k] || (!clean[k] && v == 0)) continue;
       race.violation(it, "pinner",
                      "the pin of page " + std::to_string(first + k) + " word " + std::to_string(i) +
-                         " holds " + hex64(v) + " " + when + ", expected " + hex64(want[k]) +
+                         " holds " + hex(v) + " " + when + ", expected " + hex(want[k]) +
                          (clean[k] ? " (filled before the pin, no punch overlapped)" : " or 0"));
       return false;
     }
@@ -156,8 +156,8 @@ PinRaceCounters run_pin_race(Race& race, const PinProvider& provider, bool rerea
         for (uint64_t i = 0; i < words; i++) {
           if (now[i] != want[k]) {
             race.violation(it, "pinner", "page " + std::to_string(p) + " word " + std::to_string(i) +
-                                             " reads " + hex64(now[i]) + " through the mapping, expected " +
-                                             hex64(want[k]) + " (no punch touched it)");
+                                             " reads " + hex(now[i]) + " through the mapping, expected " +
+                                             hex(want[k]) + " (no punch touched it)");
             ok = false;
             break;
           }

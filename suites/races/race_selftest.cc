@@ -28,11 +28,6 @@ RaceDefaults fixed(uint64_t seed, uint64_t iterations) {
   return d;
 }
 
-bool budget_overridden() {
-  const auto& b = testing::stress_budget();
-  return b.seed || b.iterations || b.duration.count();
-}
-
 std::vector<uint64_t> draw(std::mt19937_64 g, int n) {
   std::vector<uint64_t> v;
   for (int i = 0; i < n; i++) v.push_back(g());
@@ -40,7 +35,7 @@ std::vector<uint64_t> draw(std::mt19937_64 g, int n) {
 }
 
 TEST(RaceFramework, SameSeedSameScheduleChoices) {
-  if (budget_overridden()) GTEST_SKIP() << "not applicable: a stress budget was given on the command line";
+  if (testing::stress_budget().given()) GTEST_SKIP() << "not applicable: a stress budget was given on the command line";
   Race a(fixed(4242, 1), "a"), b(fixed(4242, 1), "b"), c(fixed(4243, 1), "c");
   EXPECT_EQ(a.seed(), 4242u);
   EXPECT_EQ(draw(a.rng(0), 16), draw(b.rng(0), 16));
@@ -55,7 +50,7 @@ TEST(RaceFramework, SameSeedSameScheduleChoices) {
 }
 
 TEST(RaceFramework, IterationBudgetIsExact) {
-  if (budget_overridden()) GTEST_SKIP() << "not applicable: a stress budget was given on the command line";
+  if (testing::stress_budget().given()) GTEST_SKIP() << "not applicable: a stress budget was given on the command line";
   Race r(fixed(1, 5), "r");
   std::vector<uint64_t> seen;
   while (r.next_iteration()) seen.push_back(r.iteration());
@@ -67,7 +62,7 @@ TEST(RaceFramework, IterationBudgetIsExact) {
 }
 
 TEST(RaceFramework, DurationBoundsTheRaceAndStopsWorkers) {
-  if (budget_overridden()) GTEST_SKIP() << "not applicable: a stress budget was given on the command line";
+  if (testing::stress_budget().given()) GTEST_SKIP() << "not applicable: a stress budget was given on the command line";
   RaceDefaults d;
   d.seed = 7;
   d.duration = std::chrono::milliseconds(50);
@@ -140,7 +135,7 @@ CheckedRun checked_race(uint64_t seed, uint64_t iterations, std::optional<uint64
 }
 
 TEST(RaceChecker, CleanRaceReportsNothing) {
-  if (budget_overridden()) GTEST_SKIP() << "not applicable: a stress budget was given on the command line";
+  if (testing::stress_budget().given()) GTEST_SKIP() << "not applicable: a stress budget was given on the command line";
   CheckedRun run = checked_race(99, 40, std::nullopt);
   EXPECT_EQ(run.s.violations, 0u);
   EXPECT_TRUE(run.failures.empty()) << run.failures.front();
@@ -149,7 +144,7 @@ TEST(RaceChecker, CleanRaceReportsNothing) {
 }
 
 TEST(RaceChecker, InjectedStaleValueIsCaughtWithSeedAndIteration) {
-  if (budget_overridden()) GTEST_SKIP() << "not applicable: a stress budget was given on the command line";
+  if (testing::stress_budget().given()) GTEST_SKIP() << "not applicable: a stress budget was given on the command line";
   CheckedRun run = checked_race(31337, 40, 17);
   ASSERT_TRUE(run.s.injected_stale_at.has_value());
   EXPECT_EQ(*run.s.injected_stale_at, 17u);
@@ -172,7 +167,7 @@ TEST(RaceChecker, InjectedStaleValueIsCaughtWithSeedAndIteration) {
 }
 
 TEST(RaceChecker, ViolationsFromWorkersAreCountedAndTheFirstAreKept) {
-  if (budget_overridden()) GTEST_SKIP() << "not applicable: a stress budget was given on the command line";
+  if (testing::stress_budget().given()) GTEST_SKIP() << "not applicable: a stress budget was given on the command line";
   ::testing::TestPartResultArray results;
   RaceSummary s;
   {

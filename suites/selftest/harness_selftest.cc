@@ -116,6 +116,24 @@ TEST(KmsgListenerSelftest, AnotherRunsSelftestMarkerDoesNotFailATest) {
   EXPECT_NE(t.value("kernel_log", "").find(foreign), std::string::npos) << "but it is recorded";
 }
 
+// The pKVM probe reads the boot log this way: a watcher opened now sees nothing old until
+// rewind() takes it back to the oldest record.
+TEST(KmsgWatcherSelftest, RewindReadsRecordsLoggedBeforeTheWatcherOpened) {
+  if (!kmsg_writable()) GTEST_SKIP() << "capability absent: /dev/kmsg read/write (needs root)";
+  std::string line = "cvmconf selftest rewind " + std::to_string(getpid());
+  ASSERT_TRUE(kmsg_write(line).ok());
+  auto w = KmsgWatcher::open();
+  ASSERT_TRUE(w.ok()) << w.error();
+  auto has_line = [&](const std::vector<KmsgRecord>& rs) {
+    for (const auto& r : rs)
+      if (r.text == line) return true;
+    return false;
+  };
+  EXPECT_FALSE(has_line(w->drain())) << "a new watcher starts after the newest record";
+  w->rewind();
+  EXPECT_TRUE(has_line(w->drain())) << "rewind() must reach records logged before open()";
+}
+
 // The guest file and line of the assertion in assert_fail (marked CVM-SELFTEST-ASSERT-LINE).
 int guest_assert_line() {
   std::ifstream src(CVM_GUEST_SELFTEST_SOURCE);

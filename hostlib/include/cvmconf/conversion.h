@@ -86,7 +86,6 @@ enum class OffsetReport {
   NotReported, // the ABI has error_offset but the kernel left it untouched
   NotInAbi,    // the back-end's ABI has no error offset (per-VM attributes)
 };
-const char* offset_report_name(OffsetReport r);
 
 struct ConversionResult {
   ConversionAbi abi = ConversionAbi::PerVmAttributes;

@@ -38,6 +38,8 @@ struct StressBudget {
   std::chrono::milliseconds duration{0};  // 0: use the test's default
   uint64_t iterations = 0;                // 0: use the test's default
   std::optional<uint64_t> seed;           // fixed seed for replay
+  // True when the command line set any of them (tests tuned to the defaults then do not apply).
+  bool given() const { return seed || iterations || duration.count(); }
 };
 const StressBudget& stress_budget();
 

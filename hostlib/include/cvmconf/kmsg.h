@@ -36,6 +36,8 @@ class KmsgWatcher {
   static Result<KmsgWatcher> open();
   // Skips everything logged so far.
   void start();
+  // Goes back to the oldest record still in the ring buffer (to read the boot log).
+  void rewind();
   // Returns the records logged since start()/the previous drain(). Non-blocking.
   std::vector<KmsgRecord> drain();
   // Number of records lost to ring-buffer overwrite while watching (EPIPE from /dev/kmsg).

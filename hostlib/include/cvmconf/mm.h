@@ -75,9 +75,7 @@ class HugetlbPool {
                                      std::chrono::milliseconds lock_timeout = std::chrono::seconds(120));
   // Writes the original nr_hugepages back and checks it took effect (idempotent).
   Result<void> restore();
-  size_t page_bytes() const { return bytes_; }
   long original_nr() const { return original_; }
-  bool changed() const { return changed_; }
 
  private:
   SystemLock lock_;
@@ -129,7 +127,6 @@ Result<uint64_t> kpageflags(uint64_t pfn);
 inline constexpr int kKpfThp = 22;       // KPF_THP (include/uapi/linux/kernel-page-flags.h)
 inline constexpr int kKpfZeroPage = 24;  // KPF_ZERO_PAGE: the zero page or the huge zero page
 inline constexpr int kKpfAnon = 12;      // KPF_ANON
-inline constexpr int kKpfHuge = 17;      // KPF_HUGE (hugetlb)
 // What backs the page at addr, as the kernel reports it.
 struct PageIdentity {
   bool present = false;
