@@ -6,7 +6,6 @@ import dataclasses
 import fnmatch
 import os
 import re
-from typing import Iterable
 
 import yaml
 
@@ -168,12 +167,3 @@ def cross_check(cat: Catalogue, declared: dict[str, list[str]]) -> list[str]:
             if not hits:
                 problems.append(f"{req.id}: test pattern '{pat}' matches no test that names {req.id}")
     return problems
-
-
-def tests_of(cat: Catalogue, declared: dict[str, list[str]], rid: str) -> list[str]:
-    return sorted(t for t, ids in declared.items() if rid in ids)
-
-
-def iter_ids(declared: dict[str, list[str]]) -> Iterable[str]:
-    for ids in declared.values():
-        yield from ids

@@ -110,21 +110,21 @@ def _pytest_session(args, plugin, suite_dir: Path, binaries, collect_only: bool)
         return int(pytest.main(pargs, plugins=[plugin]))
 
 
+QEMU_OPTIONS = ("kernel", "modules", "arch", "append", "pkvm", "accel", "max_reboots",
+                "boot_timeout")
+
+
 def _target_options(args) -> dict:
-    """Options of the chosen target (the QEMU target's kernel, modules, architecture, ...)."""
-    qemu_only = {"kernel": args.kernel, "modules": args.modules, "arch": args.arch,
-                 "append": args.append, "pkvm": args.pkvm, "accel": args.accel,
-                 "max_reboots": args.max_reboots, "boot_timeout": args.boot_timeout}
+    """Options of the chosen target (the QEMU target's kernel, modules, architecture, ...). The
+    QEMU options default to None on the command line: only those given are passed on, and
+    QemuTarget owns the defaults."""
+    given = {k: getattr(args, k) for k in QEMU_OPTIONS if getattr(args, k) is not None}
     if args.target != "qemu":
-        given = [f"--{k.replace('_', '-')}" for k, v in qemu_only.items()
-                 if v not in (None, False, "", 3, 300.0)]
         if given:
-            raise UsageError(f"{', '.join(given)} only apply to --target qemu")
+            raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in given)} "
+                             "only apply to --target qemu")
         return {}
-    opts = dict(qemu_only)
-    opts["append"] = opts["append"] or ""
-    opts["suite_dir"] = args.suite_dir
-    return opts
+    return {**given, "suite_dir": args.suite_dir}
 
 
 def _collect(args, cat, target, executor=None):
@@ -345,7 +345,7 @@ def cmd_run(args) -> int:
     not_run = 0
     not_run_reason = "the run was interrupted" if interrupted else "its batch never ran"
     for b in binaries:
-        tests_here, reqs_here = plugin.listings.get(b.name, ([], {}))
+        _, reqs_here = plugin.listings.get(b.name, ([], {}))
         res = got.get(b.name, {})
         for t in selected.get(b.name, []):
             r = res.get(t)
@@ -480,13 +480,13 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
                         "lib/modules/<release> directory, or a .deb")
     q.add_argument("--arch", choices=("x86_64", "arm64"), help="guest architecture (default: host)")
     q.add_argument("--append", metavar="ARGS", help="extra kernel command-line arguments")
-    q.add_argument("--pkvm", action="store_true",
+    q.add_argument("--pkvm", action="store_true", default=None,
                    help="arm64: boot the kernel as a pKVM host (kvm-arm.mode=protected)")
     q.add_argument("--accel", choices=("kvm", "tcg"),
                    help="QEMU accelerator (default: kvm when it can run a full kernel here, else tcg)")
-    q.add_argument("--max-reboots", type=int, default=3, metavar="N",
+    q.add_argument("--max-reboots", type=int, metavar="N",
                    help="times a crashed guest is booted again before the rest is given up (default 3)")
-    q.add_argument("--boot-timeout", type=float, default=300.0, metavar="S",
+    q.add_argument("--boot-timeout", type=float, metavar="S",
                    help="seconds the guest may take to boot (default 300)")
 
 

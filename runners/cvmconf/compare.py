@@ -18,13 +18,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jinja2
+from cvmconf.gtest import BAD, FAIL, PASS, SKIP
+from cvmconf.report import jinja_env
+from cvmconf.rollup import NOT_RUN, info_only
 
-from cvmconf.gtest import ERROR, FAIL, PASS, SKIP, TIMEOUT
-from cvmconf.report import TEMPLATES
-from cvmconf.rollup import NOT_RUN
-
-BAD = (FAIL, ERROR, TIMEOUT)
 VERDICT = (PASS, FAIL)
 # Properties that legitimately differ from run to run; not "changed evidence".
 VOLATILE_PROPERTIES = {"kernel_log", "kmsg_lost", "ops_per_sec", "iterations", "seed",
@@ -41,7 +38,7 @@ def _evidence(t: dict) -> dict:
             "skip_reason": t.get("skip_reason", ""), "properties": props}
 
 
-def _entry(key: str, b: dict | None, n: dict | None) -> dict:
+def _entry(b: dict | None, n: dict | None) -> dict:
     t = n or b
     return {"test": t["name"], "binary": t["binary"], "requirements": t.get("requirements", []),
             "base": b["outcome"] if b else None, "new": n["outcome"] if n else None,
@@ -56,29 +53,35 @@ def _message(t: dict | None) -> str:
     return " ".join(text.split())[:300]
 
 
+def _regression(bo: str | None, no: str | None) -> bool:
+    """BASE outcome -> NEW outcome is a regression: a pass turned bad, or anything but a failure
+    turned into one."""
+    return (bo == PASS and no in BAD) or (bo != FAIL and no == FAIL)
+
+
+def _fix(bo: str | None, no: str | None) -> bool:
+    return bo in BAD and no == PASS
+
+
 def compare(base: dict, new: dict) -> dict:
     bt = {_key(t): t for t in base["tests"]}
     nt = {_key(t): t for t in new["tests"]}
     levels = {r["id"]: r.get("level") for r in base["requirements"]}
     levels.update({r["id"]: r.get("level") for r in new["requirements"]})
-
-    def info_only(t: dict) -> bool:
-        ids = t.get("requirements") or []
-        return bool(ids) and all(levels.get(i) == "INFO" for i in ids)
     out = {k: [] for k in ("regressions", "fixes", "newly_exercised", "newly_skipped",
                            "changed_evidence", "added", "removed")}
     for key in sorted(set(bt) | set(nt)):
         b, n = bt.get(key), nt.get(key)
         bo = b["outcome"] if b else None
         no = n["outcome"] if n else None
-        e = _entry(key, b, n)
-        e["info_only"] = info_only(n or b)
+        e = _entry(b, n)
+        e["info_only"] = info_only((n or b).get("requirements"), levels)
         if n is None:
             out["removed"].append(e)
             continue
-        if (bo == PASS and no in BAD) or (bo != FAIL and no == FAIL):
+        if _regression(bo, no):
             out["regressions"].append(e)
-        elif bo in BAD and no == PASS:
+        elif _fix(bo, no):
             out["fixes"].append(e)
         elif bo in (SKIP, NOT_RUN, None) and no in VERDICT:
             out["newly_exercised"].append(e)
@@ -99,8 +102,8 @@ def compare(base: dict, new: dict) -> dict:
         no = n["outcome"] if n else None
         if bo == no:
             continue
-        kind = ("regression" if (bo == PASS and no in BAD) or (bo != FAIL and no == FAIL) else
-                "fix" if bo in BAD and no == PASS else
+        kind = ("regression" if _regression(bo, no) else
+                "fix" if _fix(bo, no) else
                 "newly exercised" if (not (b and b.get("exercised")) and n and n.get("exercised")) else
                 "newly not exercised" if (b and b.get("exercised") and not (n and n.get("exercised")))
                 else "changed")
@@ -143,10 +146,7 @@ def compare(base: dict, new: dict) -> dict:
 
 
 def render_markdown(diff: dict) -> str:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=False,
-                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-                             undefined=jinja2.StrictUndefined)
-    return env.get_template("compare.md.j2").render(d=diff)
+    return jinja_env(False).get_template("compare.md.j2").render(d=diff)
 
 
 def render_json(diff: dict) -> str:

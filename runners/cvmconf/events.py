@@ -28,9 +28,7 @@ class EventStreamError(ValueError):
 class StreamState:
     """What an event stream says about a batch."""
     finished: dict[str, dict] = dataclasses.field(default_factory=dict)  # test -> end event
-    order: list[str] = dataclasses.field(default_factory=list)           # tests in start order
     running: str | None = None          # started, not ended
-    running_since_us: int | None = None
     started_us: dict[str, int] = dataclasses.field(default_factory=dict)
     program_started: bool = False
     program_ended: bool = False
@@ -110,15 +108,12 @@ def apply(st: StreamState, ev: dict, n: int = 0) -> None:
         if ev["test"] in st.finished:
             raise EventStreamError(f"event line {n}: {ev['test'][:120]} started twice")
         st.running = ev["test"]
-        st.running_since_us = ev["mono_us"]
         st.started_us[ev["test"]] = ev["mono_us"]
-        st.order.append(ev["test"])
     elif kind == "end":
         if st.running != ev["test"]:
             raise EventStreamError(f"event line {n}: {ev['test'][:120]} ended but was not running")
         st.finished[ev["test"]] = ev
         st.running = None
-        st.running_since_us = None
 
 
 def result_from_end(ev: dict, binary: str) -> gtest.TestResult:

@@ -17,7 +17,7 @@ import threading
 from typing import Callable, Protocol
 
 from cvmconf import events, gtest
-from cvmconf.gtest import ERROR, FAIL, PASS, TIMEOUT, TestResult
+from cvmconf.gtest import BAD, ERROR, FAIL, PASS, TIMEOUT, TestResult
 from cvmconf.kmsg import KernelLine
 from cvmconf.targets.base import (KILLED_BATCH_TIMEOUT, KILLED_IDLE_TIMEOUT, KILLED_INTERRUPTED,
                                   KILLED_TEST_TIMEOUT, BatchOutput, BatchPlan, SuiteBinary, Target)
@@ -35,13 +35,12 @@ class Options:
     batch_size: int = 256           # tests per batch before a binary is sharded
     retry_failed: int = 0           # re-runs of FAIL/ERROR/TIMEOUT tests to spot flaky ones
     jobs: int = 1                   # batches run at the same time
-    env: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def effective_test_timeout(self) -> float:
         return self.test_timeout + 2.0 * (self.duration or 0)
 
     def batch_env(self) -> dict[str, str]:
-        env = dict(self.env)
+        env: dict[str, str] = {}
         if self.duration is not None:
             env["CVMCONF_DURATION"] = str(self.duration)
         return env
@@ -388,8 +387,8 @@ class Executor:
                     self.progress.test_done(r, retry)
         return it.results, progressed, it.interrupted
 
-    def _run_until_done(self, binary: SuiteBinary, tests: list[str], all_tests: list[str],
-                        first: BatchPlan, requirements: dict[str, list[str]], retry: int,
+    def _run_until_done(self, binary: SuiteBinary, all_tests: list[str], first: BatchPlan,
+                        requirements: dict[str, list[str]], retry: int,
                         suffix: str) -> dict[str, TestResult]:
         results: dict[str, TestResult] = {}
         announced: set[str] = set()
@@ -411,16 +410,16 @@ class Executor:
                flt: str | None = None) -> dict[str, TestResult]:
         suffix = f"-shard{shard[0]}of{shard[1]}" if shard else ""
         first = self._plan(binary, tests, all_tests, shard, suffix, flt)
-        results = self._run_until_done(binary, tests, all_tests, first, requirements, 0, suffix)
+        results = self._run_until_done(binary, all_tests, first, requirements, 0, suffix)
         for k in range(1, self.options.retry_failed + 1):
             if self.interrupted:
                 break
-            again = [t for t in tests if t in results and results[t].outcome in (FAIL, ERROR, TIMEOUT)
+            again = [t for t in tests if t in results and results[t].outcome in BAD
                      and not results[t].flaky]
             if not again:
                 break
             plan = self._plan(binary, again, all_tests, None, f"{suffix}-retry{k}")
-            got = self._run_until_done(binary, again, all_tests, plan, requirements, k,
+            got = self._run_until_done(binary, all_tests, plan, requirements, k,
                                        f"{suffix}-retry{k}")
             for t in again:
                 r = got.get(t)

@@ -17,7 +17,8 @@ SUITE_PREFIX = "cvm_suite_"
 
 PASS, FAIL, ERROR, TIMEOUT, SKIP = "PASS", "FAIL", "ERROR", "TIMEOUT", "SKIP"
 OUTCOMES = (PASS, FAIL, ERROR, TIMEOUT, SKIP)
-BROKEN = (ERROR, TIMEOUT)
+BROKEN = (ERROR, TIMEOUT)          # the test did not complete
+BAD = (FAIL, ERROR, TIMEOUT)       # the test failed or did not complete
 
 
 @dataclasses.dataclass

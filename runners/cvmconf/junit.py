@@ -6,6 +6,7 @@ import re
 import xml.etree.ElementTree as ET
 
 from cvmconf import gtest
+from cvmconf.text import escape_chars
 
 # Characters XML 1.0 cannot carry at all (ElementTree would write them and produce a file no
 # parser accepts): C0 controls other than tab/newline/CR, surrogates, U+FFFE/U+FFFF.
@@ -13,7 +14,7 @@ _INVALID_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]
 
 
 def xml_text(s: str) -> str:
-    return _INVALID_XML.sub(lambda m: f"\\x{ord(m.group()):02x}", s)
+    return escape_chars(s, _INVALID_XML)
 
 
 def _el(parent, tag: str, text: str | None = None, **attrs) -> ET.Element:
@@ -41,9 +42,9 @@ def build(run: dict) -> ET.ElementTree:
     def counts(ts):
         return {"tests": len(ts),
                 "failures": sum(1 for t in ts if t["outcome"] == gtest.FAIL),
-                "errors": sum(1 for t in ts if t["outcome"] in (gtest.ERROR, gtest.TIMEOUT)),
-                "skipped": sum(1 for t in ts if t["outcome"] not in
-                               (gtest.PASS, gtest.FAIL, gtest.ERROR, gtest.TIMEOUT)),
+                "errors": sum(1 for t in ts if t["outcome"] in gtest.BROKEN),
+                "skipped": sum(1 for t in ts if t["outcome"] != gtest.PASS and
+                               t["outcome"] not in gtest.BAD),
                 "time": f"{sum(float(t.get('duration') or 0) for t in ts):.3f}"}
 
     root = ET.Element("testsuites", {"name": f"cvmconf {run['run_id']}",
@@ -74,7 +75,7 @@ def build(run: dict) -> ET.ElementTree:
             evidence = t.get("evidence") or {}
             if t["outcome"] == gtest.FAIL:
                 _el(case, "failure", "\n\n".join(msgs), message=_first_line(msgs), type="FAIL")
-            elif t["outcome"] in (gtest.ERROR, gtest.TIMEOUT):
+            elif t["outcome"] in gtest.BROKEN:
                 body = "\n\n".join(msgs + [f"{k}: {v}" for k, v in evidence.items()])
                 _el(case, "error", body, message=_first_line(msgs), type=t["outcome"])
             elif t["outcome"] == gtest.SKIP:

@@ -103,7 +103,7 @@ def export(run: dict, origin: str | None = None) -> dict:
     for i, t in enumerate(run["tests"], 1):
         obj = {
             "build_id": build["id"], "origin": origin, "id": f"{origin}:{run_local}.{i}",
-            "path": t["path"], "status": KCIDB_STATUS.get(t["outcome"], "MISS"),
+            "path": t["path"], "status": t["status"],   # set by results.test_entry
             "comment": f"{t['binary']}: {t['name']}", "environment": environment,
             "duration": float(t.get("duration") or 0.0),
             "start_time": t.get("start_time") or None,

@@ -3,7 +3,6 @@ line below them shows the test running now and for how long; elsewhere (a pipe, 
 lines only."""
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 import threading
@@ -12,13 +11,8 @@ from typing import TextIO
 
 from cvmconf import gtest
 from cvmconf.gtest import TestResult
+from cvmconf.text import printable
 
-def printable(text: str) -> str:
-    """Control characters from test output shown as escapes (they would drive the terminal)."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
 COLOURS = {"PASS": "32", "FAIL": "31;1", "ERROR": "35;1", "TIMEOUT": "33;1", "SKIP": "36"}
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import jinja2
 
 from cvmconf import gtest, pincoverage
-from cvmconf.progress import printable
-from cvmconf.rollup import ORDER
+from cvmconf.gtest import BAD
+from cvmconf.rollup import ORDER, outcome_rank
+from cvmconf.text import printable
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "results" / "templates"
-BAD = (gtest.FAIL, gtest.ERROR, gtest.TIMEOUT)
 
 
 def describe_target(t: dict) -> str:
@@ -129,8 +129,7 @@ def pin_coverage(run: dict) -> list:
 
 def view(run: dict) -> dict:
     tests = {f"{t['binary']}:{t['name']}": t for t in run["tests"]}
-    reqs = sorted(run["requirements"], key=lambda r: (ORDER.index(r["outcome"])
-                                                      if r["outcome"] in ORDER else 99, r["id"]))
+    reqs = sorted(run["requirements"], key=lambda r: (outcome_rank(r["outcome"]), r["id"]))
     seeds_cited: list[str] = []
     for r in reqs:
         for s in r.get("seeds", []):
@@ -159,6 +158,7 @@ def view(run: dict) -> dict:
                            "ops_per_sec": p.get("ops_per_sec", ""), "seed": p.get("seed", ""),
                            "duration": float(t.get("duration") or 0)})
     s = run["summary"]
+    pin_rows = pin_coverage(run)
     return {
         "run": run, "env": environment(run), "reqs": req_rows,
         "failing": [r for r in req_rows if r["outcome"] in BAD], "orphans": orphans,
@@ -167,13 +167,14 @@ def view(run: dict) -> dict:
                   for sd in sorted(seeds_cited)],
         "stress": stress, "problems": run.get("problems", []), "summary": s,
         "flaky": [test_view(t) for t in run["tests"] if t.get("flaky")],
-        "pin_rows": pin_coverage(run),
-        "pin_table": pincoverage.format_pin_coverage(pin_coverage(run)),
+        "pin_rows": pin_rows,
+        "pin_table": pincoverage.format_pin_coverage(pin_rows),
         "outcomes": list(ORDER),
     }
 
 
-def _env(autoescape: bool) -> jinja2.Environment:
+def jinja_env(autoescape: bool) -> jinja2.Environment:
+    """The templates' environment (report.*.j2, compare.md.j2); HTML wants autoescape."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
                              autoescape=autoescape, trim_blocks=True, lstrip_blocks=True,
                              keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
@@ -182,11 +183,11 @@ def _env(autoescape: bool) -> jinja2.Environment:
 
 
 def render_markdown(run: dict) -> str:
-    return _env(False).get_template("report.md.j2").render(**view(run))
+    return jinja_env(False).get_template("report.md.j2").render(**view(run))
 
 
 def render_html(run: dict) -> str:
-    return _env(True).get_template("report.html.j2").render(**view(run))
+    return jinja_env(True).get_template("report.html.j2").render(**view(run))
 
 
 def write(run: dict, run_dir: Path) -> None:

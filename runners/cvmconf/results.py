@@ -17,8 +17,8 @@ from pathlib import Path
 
 from cvmconf import gtest
 from cvmconf.errors import UsageError
-from cvmconf.gtest import ERROR, FAIL, PASS, SKIP, TIMEOUT, TestResult
-from cvmconf.rollup import NOT_RUN, ORDER, RequirementResult
+from cvmconf.gtest import BROKEN, ERROR, FAIL, PASS, SKIP, TIMEOUT, TestResult
+from cvmconf.rollup import NOT_RUN, RequirementResult, info_only, outcome_rank
 
 FORMAT = "cvmconf-run"
 FORMAT_VERSION = 1
@@ -34,8 +34,9 @@ EXIT_MEANING = {0: "every exercised requirement conforms",
                 3: "harness error: a test crashed or timed out, a batch broke, or the run is incomplete"}
 
 
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+def now_iso(timespec: str = "seconds") -> str:
+    """The UTC wall clock in ISO 8601 (timespec as for datetime.isoformat)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec=timespec)
 
 
 def path_component(text: str) -> str:
@@ -116,9 +117,9 @@ def verdict(reqs: list[RequirementResult], tests: list[dict], complete: bool,
             problems: list[dict]) -> tuple[int, str]:
     levels = {r.id: r.level for r in reqs}
     nonconf = [r for r in reqs if r.level in ("MUST", "SHOULD") and r.outcome == FAIL]
-    failing = [t for t in tests if t["outcome"] == FAIL and
-               not (t["requirements"] and all(levels.get(i) == "INFO" for i in t["requirements"]))]
-    broken = [t for t in tests if t["outcome"] in (ERROR, TIMEOUT)]
+    failing = [t for t in tests
+               if t["outcome"] == FAIL and not info_only(t["requirements"], levels)]
+    broken = [t for t in tests if t["outcome"] in BROKEN]
     exercised = [r for r in reqs if r.level in ("MUST", "SHOULD") and r.exercised]
     if nonconf or failing:
         n = len(nonconf)
@@ -147,7 +148,7 @@ def summary(reqs: list[RequirementResult], tests: list[dict]) -> dict:
     for r in reqs:
         req_outcomes[r.outcome] = req_outcomes.get(r.outcome, 0) + 1
     def ordered(d: dict[str, int]) -> dict[str, int]:
-        return {k: d[k] for k in sorted(d, key=lambda o: ORDER.index(o) if o in ORDER else 99)}
+        return {k: d[k] for k in sorted(d, key=outcome_rank)}
     return {
         "requirements": len(reqs),
         "requirements_exercised": sum(1 for r in reqs if r.exercised),

@@ -116,9 +116,13 @@ def requirement_results(cat: Catalogue, results: list[TestResult],
     return out
 
 
-def sort_key(r: RequirementResult):
-    return (ORDER.index(r.outcome) if r.outcome in ORDER else len(ORDER), r.id)
+def outcome_rank(outcome: str) -> int:
+    """Sort key of an outcome in reports (ORDER: failures first, unknown outcomes last)."""
+    return ORDER.index(outcome) if outcome in ORDER else len(ORDER)
 
 
-__all__ = ["RequirementResult", "requirement_results", "roll_up", "NOT_RUN", "PRIORITY", "ORDER",
-           "sort_key", "ERROR", "TIMEOUT"]
+def info_only(requirement_ids: list[str] | None, levels: dict[str, str | None]) -> bool:
+    """Whether a test names only INFO requirements (levels: requirement ID -> level): such a
+    test is listed but never counts towards conformance. A test naming none is not INFO-only."""
+    ids = requirement_ids or []
+    return bool(ids) and all(levels.get(i) == "INFO" for i in ids)

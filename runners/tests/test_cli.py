@@ -4,20 +4,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def cvmconf(*args, env=None, prefix=()):
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(REPO / "runners")
-    e.update(env or {})
-    return subprocess.run([*prefix, "/usr/bin/python3", "-m", "cvmconf", *args], env=e,
-                          capture_output=True, text=True, timeout=600)
+from conftest import BROKEN_CATALOGUE, REPO, cvmconf
 
 
 def test_run_without_kvm_device_is_one_line_exit_2(build_dir):
@@ -79,3 +69,17 @@ def test_unknown_command_is_usage_error():
     r = subprocess.run([str(REPO / "cvmconf"), "frobnicate"], capture_output=True, text=True)
     assert r.returncode == 2
     assert "unknown command 'frobnicate'" in r.stderr
+
+
+@pytest.mark.parametrize("option", [
+    ["--max-reboots", "3"],          # the QEMU target's default value: still given
+    ["--boot-timeout", "300"],
+    ["--max-reboots", "0"],
+    ["--kernel", "bzImage"],
+    ["--pkvm"],
+])
+def test_qemu_options_with_the_local_target_are_a_usage_error(tmp_path, option):
+    r = cvmconf("--build-dir", str(tmp_path), "--catalogue", str(BROKEN_CATALOGUE), "list",
+                *option)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip().splitlines() == [f"cvmconf: {option[0]} only apply to --target qemu"]

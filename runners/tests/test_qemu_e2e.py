@@ -2,23 +2,21 @@
 apt-get download and cached in BUILD/qemu-cache), with nested KVM (kvm-amd) on x86_64 and a pKVM
 host on arm64. ./cvmconf test installs QEMU and builds the arm64 guest tools first."""
 import json
-import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+import conftest
+from conftest import REPO
+
 X86_KERNEL = "linux-image-cloud-amd64"
 ARM64_KERNEL = "linux-image-arm64"
 
 
 def cvmconf(build_dir, *args, timeout=1200):
-    env = dict(os.environ, PYTHONPATH=str(REPO / "runners"))
-    return subprocess.run(["/usr/bin/python3", "-m", "cvmconf", "--build-dir", str(build_dir), *args],
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    return conftest.cvmconf("--build-dir", str(build_dir), *args, timeout=timeout)
 
 
 def need(program):

@@ -78,13 +78,22 @@ def test_broken_tests_carry_evidence(broken_run, test, exit_text):
     assert t["messages"] and t["messages"][0]
     assert t["requirements"], "requirement IDs come from the listing when the test died"
     assert t["status"] == "ERROR"          # KCIDB: TIMEOUT maps to ERROR
-    if kmsg_watchable():
-        marker = {"Broken.Aborts": "about to abort", "Broken.Segfaults": "about to segfault",
-                  "Broken.UnexpectedSigbus": "about to take SIGBUS",
-                  "Broken.ExitsWithoutReport": "about to _exit(0)",
-                  "Broken.Hangs": "about to hang"}[test]
-        assert any(marker in line for line in t["kernel_log"]), t["kernel_log"]
-    if test == "Broken.Segfaults" and kmsg_watchable():
+
+
+@pytest.mark.skipif(not kmsg_watchable(), reason="/dev/kmsg is not readable and writable here: "
+                                                 "no kernel-log lines to attribute")
+@pytest.mark.parametrize("test, marker", [
+    ("Broken.Aborts", "about to abort"),
+    ("Broken.Segfaults", "about to segfault"),
+    ("Broken.UnexpectedSigbus", "about to take SIGBUS"),
+    ("Broken.ExitsWithoutReport", "about to _exit(0)"),
+    ("Broken.Hangs", "about to hang"),
+])
+def test_broken_tests_carry_their_kernel_log_lines(broken_run, test, marker):
+    _, _, data = broken_run
+    t = by_name(data)[test]
+    assert any(marker in line for line in t["kernel_log"]), t["kernel_log"]
+    if test == "Broken.Segfaults":
         assert any("segfault at 0" in line for line in t["kernel_log"]), t["kernel_log"]
 
 

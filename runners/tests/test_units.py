@@ -233,3 +233,59 @@ def test_compare_info_only_regression_does_not_count():
     assert [e["test"] for e in d["regressions"]] == ["a"] and d["regressions"][0]["info_only"]
     assert d["regression"] is False
     assert "INFO only" in compare.render_markdown(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# the kill rule and process set-up every target shares (targets.base)
+
+def _plan(**kw):
+    from cvmconf.targets.base import BatchPlan, SuiteBinary
+    args = dict(binary=SuiteBinary("cvm_suite_x", "/x"), label="001-x", tests=["S.a", "S.b"],
+                gtest_filter="*", shard=None, env={}, test_timeout=10.0, idle_timeout=5.0,
+                batch_timeout=100.0)
+    args.update(kw)
+    return BatchPlan(**args)
+
+
+def test_watchdog_kills_in_order_interrupt_test_idle_batch():
+    import threading
+    from cvmconf.targets import base
+    start = {"event": "start", "test": "S.a", "mono_us": 1}
+    end = {"event": "end", "test": "S.a", "mono_us": 2}
+
+    def dog(idle_since=None):
+        out = base.BatchOutput(plan=_plan())
+        return out, base.Watchdog(out, threading.Event(), started=1000.0, idle_since=idle_since)
+
+    out, w = dog()
+    assert w.check(1004.0) is None and out.killed is None
+    assert w.check(1005.5) == base.KILLED_IDLE_TIMEOUT and out.killed_test is None
+    out, w = dog(idle_since=1003.0)          # the idle clock may start later than the batch's
+    assert w.check(1005.5) is None
+    out, w = dog()
+    w.feed(start, 1004.0)                    # a running test: its own clock, no idle timeout
+    assert w.check(1013.9) is None
+    assert w.check(1014.1) == base.KILLED_TEST_TIMEOUT and out.killed_test == "S.a"
+    out, w = dog()
+    w.feed(start, 1001.0)
+    w.feed(end, 1009.0)                      # idle again from its end
+    assert w.check(1013.9) is None
+    assert w.check(1014.1) == base.KILLED_IDLE_TIMEOUT
+    out, w = dog()
+    for t in range(0, 100, 4):               # tests come and go, none too long: the batch limit
+        w.feed(dict(start, test=f"S.t{t}"), 1000.0 + t)
+        w.feed(dict(end, test=f"S.t{t}"), 1003.0 + t)
+    w.feed(dict(start, test="S.last"), 1100.0)
+    assert w.check(1100.5) == base.KILLED_BATCH_TIMEOUT and out.killed_test == "S.last"
+    out, w = dog()
+    w.abort.set()
+    assert w.check(1000.0) == base.KILLED_INTERRUPTED
+
+
+def test_batch_plan_gtest_arguments_and_environment():
+    p = _plan(gtest_filter="S.a:S.b", shard=(1, 3), env={"CVMCONF_DURATION": "5"})
+    assert p.gtest_args("/tmp/r.json") == ["--gtest_filter=S.a:S.b", "--gtest_output=json:/tmp/r.json"]
+    assert p.gtest_env("/tmp/e", "/tmp/p") == {
+        "CVMCONF_DURATION": "5", "CVMCONF_EVENTS": "/tmp/e", "TEST_PREMATURE_EXIT_FILE": "/tmp/p",
+        "GTEST_COLOR": "no", "GTEST_SHARD_INDEX": "1", "GTEST_TOTAL_SHARDS": "3"}
+    assert "GTEST_SHARD_INDEX" not in _plan().gtest_env("/tmp/e", "/tmp/p")

@@ -27,7 +27,9 @@ from cvmconf.qemu import cpustate
 AGENT_PORT = "cvmconf.agent"
 EVENTS_PORT = "cvmconf.events"   # suite binaries' event lines, written directly (see gtest_support)
 KILL_ANSWER = 30.0   # seconds the agent has to report a killed batch before the guest is wedged
-STATUS_PORT = "cvmconf.status"
+STATUS_PORT = "cvmconf.status"   # the guest's init reports the agent's exit (initramfs.INIT)
+# This host's architecture in cvmconf's (and Debian's kernel) naming: x86_64, arm64, ...
+HOST_ARCH = {"x86_64": "x86_64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
 
 # Console lines that mean the guest kernel is broken. A panic ends the guest (panic=-1 and
 # -no-reboot make QEMU exit); an oops or BUG may leave it running but the test that was running
@@ -71,8 +73,7 @@ def choose_accel(arch: str, requested: str | None = None) -> str:
         if requested not in ("kvm", "tcg"):
             raise UsageError(f"--accel must be kvm or tcg, not {requested}")
         return requested
-    host = {"x86_64": "x86_64", "aarch64": "arm64"}.get(os.uname().machine)
-    if host == arch and os.access("/dev/kvm", os.R_OK | os.W_OK):
+    if HOST_ARCH == arch and os.access("/dev/kvm", os.R_OK | os.W_OK):
         if arch == "arm64" or host_has_hw_virt():
             return "kvm"
     return "tcg"
@@ -326,9 +327,8 @@ class QemuVm:
         return msg if isinstance(msg, dict) else {"error": "malformed agent message"}
 
     def run(self, argv: list[str], env: dict[str, str] | None = None, timeout: float = 600.0,
-            events: str = "", report: str = "", cwd: str = "/",
+            events: str = "", report: str = "",
             on_event: Callable[[str], None] | None = None,
-            on_kmsg: Callable[[KernelLine], None] | None = None,
             should_kill: Callable[[], str | None] | None = None,
             output_max: int | None = None) -> BatchOutcome:
         """Runs one batch in the guest. Never raises for guest failures: a dead guest comes back
@@ -341,7 +341,7 @@ class QemuVm:
         rid = self._next_id
         self._next_id += 1
         try:
-            cmd = {"op": "run", "id": rid, "argv": argv, "env": env or {}, "cwd": cwd,
+            cmd = {"op": "run", "id": rid, "argv": argv, "env": env or {}, "cwd": "/",
                    "timeout": timeout, "events": events, "report": report}
             if output_max:
                 cmd["output_max"] = output_max
@@ -389,10 +389,7 @@ class QemuVm:
                 if on_event:
                     on_event(msg["event"])
             elif "kmsg" in msg:
-                line = KernelLine(int(msg.get("usec", 0)), str(msg["kmsg"]))
-                out.kmsg.append(line)
-                if on_kmsg:
-                    on_kmsg(line)
+                out.kmsg.append(KernelLine(int(msg.get("usec", 0)), str(msg["kmsg"])))
             elif msg.get("done"):
                 out.exit, out.signal = msg.get("exit"), msg.get("signal")
                 out.timed_out = bool(msg.get("timed_out"))

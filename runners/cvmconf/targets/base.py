@@ -44,6 +44,23 @@ class BatchPlan:
                  if self.shard else "")
         return f"{env + ' ' if env else ''}{shard}{self.binary.name} --gtest_filter='{self.gtest_filter}'"
 
+    def gtest_args(self, report: str) -> list[str]:
+        """The binary's arguments: the filter, and where GoogleTest writes its JSON report."""
+        return [f"--gtest_filter={self.gtest_filter}", f"--gtest_output=json:{report}"]
+
+    def gtest_env(self, events: str, premature: str) -> dict[str, str]:
+        """The variables the batch's process gets (on top of what a target passes on): the plan's
+        own, where the event stream and GoogleTest's premature-exit file go, no colour, and the
+        shard."""
+        env = dict(self.env)
+        env["CVMCONF_EVENTS"] = events
+        env["TEST_PREMATURE_EXIT_FILE"] = premature
+        env["GTEST_COLOR"] = "no"
+        if self.shard:
+            env["GTEST_SHARD_INDEX"] = str(self.shard[0])
+            env["GTEST_TOTAL_SHARDS"] = str(self.shard[1])
+        return env
+
 
 KILLED_TEST_TIMEOUT = "test-timeout"
 KILLED_IDLE_TIMEOUT = "idle-timeout"
@@ -71,6 +88,46 @@ class BatchOutput:
     kernel_log_error: str | None = None  # why kernel-log lines are unavailable
     kernel_log_lost: int = 0             # records overwritten before they were read
     premature_exit: bool | None = None   # GoogleTest's TEST_PREMATURE_EXIT_FILE was left behind
+
+
+class Watchdog:
+    """When a target kills a running batch, the same for every target. Fed the batch's events as
+    they arrive (a start event starts the test's clock, an end event the idle clock), check()
+    decides, in this order: interrupted (abort is set), the running test exceeded the plan's
+    test_timeout, no test has run for idle_timeout, the whole batch exceeded batch_timeout. It
+    records the decision in the BatchOutput (killed, killed_test) and returns it. Times are
+    time.monotonic() values."""
+
+    def __init__(self, out: BatchOutput, abort: threading.Event, started: float,
+                 idle_since: float | None = None):
+        self.out = out
+        self.abort = abort
+        self.started = started
+        self.running: str | None = None           # the test started and not yet ended
+        self.running_since: float | None = None
+        self.idle_since = started if idle_since is None else idle_since
+
+    def feed(self, ev: dict, now: float) -> None:
+        if ev["event"] == "start":
+            self.running = ev["test"]
+            self.running_since = now
+        elif ev["event"] == "end":
+            self.running = None
+            self.running_since = None
+            self.idle_since = now
+
+    def check(self, now: float) -> str | None:
+        out, plan, running = self.out, self.out.plan, self.running
+        if self.abort.is_set():
+            out.killed = KILLED_INTERRUPTED
+        elif running is not None and self.running_since is not None and \
+                now - self.running_since > plan.test_timeout:
+            out.killed, out.killed_test = KILLED_TEST_TIMEOUT, running
+        elif running is None and now - self.idle_since > plan.idle_timeout:
+            out.killed = KILLED_IDLE_TIMEOUT
+        elif now - self.started > plan.batch_timeout:
+            out.killed, out.killed_test = KILLED_BATCH_TIMEOUT, running
+        return out.killed
 
 
 # Called by a target for every event it sees while a batch runs (for live progress), with the

@@ -2,7 +2,6 @@
 group), watched through its event stream and /dev/kmsg."""
 from __future__ import annotations
 
-import datetime
 import os
 import shutil
 import signal
@@ -12,31 +11,21 @@ import time
 from pathlib import Path
 
 from cvmconf import events, fingerprint, gtest, kmsg
-from cvmconf.targets.base import (KILLED_BATCH_TIMEOUT, KILLED_IDLE_TIMEOUT, KILLED_INTERRUPTED,
-                                  KILLED_TEST_TIMEOUT, BatchOutput, BatchPlan, EventCallback,
-                                  SuiteBinary, Target)
+from cvmconf.results import now_iso
+from cvmconf.targets.base import (BatchOutput, BatchPlan, EventCallback, SuiteBinary, Target,
+                                  Watchdog)
 
 POLL_INTERVAL = 0.05          # seconds between looks at the event stream and the kernel log
 OUTPUT_TAIL_BYTES = 256 * 1024
 KILL_GRACE = 10.0             # seconds to wait for a SIGKILLed group (a task stuck in the kernel)
 
 
-def _iso_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
-
-
 def batch_environment(plan: BatchPlan, events_path: str, premature_path: str) -> dict[str, str]:
     """The process environment for a batch: inherited, minus anything that would change what
-    GoogleTest runs or where it reports, plus the plan's variables."""
+    GoogleTest runs or where it reports, plus the plan's variables (BatchPlan.gtest_env)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("GTEST_") and k not in ("CVMCONF_EVENTS", "TEST_PREMATURE_EXIT_FILE")}
-    env.update(plan.env)
-    env["CVMCONF_EVENTS"] = events_path
-    env["TEST_PREMATURE_EXIT_FILE"] = premature_path
-    env["GTEST_COLOR"] = "no"
-    if plan.shard:
-        env["GTEST_SHARD_INDEX"] = str(plan.shard[0])
-        env["GTEST_TOTAL_SHARDS"] = str(plan.shard[1])
+    env.update(plan.gtest_env(events_path, premature_path))
     return env
 
 
@@ -110,13 +99,12 @@ class LocalTarget(Target):
             shutil.rmtree(work, ignore_errors=True)
 
     def _run(self, plan: BatchPlan, on_event: EventCallback | None, work: Path) -> BatchOutput:
-        out = BatchOutput(plan=plan, started=_iso_now())
+        out = BatchOutput(plan=plan, started=now_iso("milliseconds"))
         report = work / "report.json"
         events_path = work / "events.jsonl"
         premature = work / "premature-exit"
         log_path = work / "output.log"
-        cmd = [str(plan.binary.host_path), f"--gtest_filter={plan.gtest_filter}",
-               f"--gtest_output=json:{report}"]
+        cmd = [str(plan.binary.host_path), *plan.gtest_args(str(report))]
         env = batch_environment(plan, str(events_path), str(premature))
         watcher = kmsg.KmsgReader(self.kmsg_path)
         out.kernel_log_error = watcher.error
@@ -132,35 +120,19 @@ class LocalTarget(Target):
             out.duration = time.monotonic() - t0
             return out
         reader = events.LiveReader(events_path)
-        running_since: float | None = None
-        idle_since = t0
+        watchdog = Watchdog(out, self.abort, started=t0)
         try:
             while True:
                 exited = _exited(proc.pid)
                 now = time.monotonic()
                 for ev in reader.poll():
-                    if ev["event"] == "start":
-                        running_since = now
-                    elif ev["event"] == "end":
-                        running_since = None
-                        idle_since = now
+                    watchdog.feed(ev, now)
                     if on_event:
                         on_event(ev)
                 out.kernel_log += watcher.drain()
                 if exited:
                     break
-                running = reader.state.running
-                if self.abort.is_set():
-                    out.killed = KILLED_INTERRUPTED
-                elif running is not None and running_since is not None and \
-                        now - running_since > plan.test_timeout:
-                    out.killed, out.killed_test = KILLED_TEST_TIMEOUT, running
-                elif running is None and now - idle_since > plan.idle_timeout:
-                    out.killed = KILLED_IDLE_TIMEOUT
-                elif now - t0 > plan.batch_timeout:
-                    out.killed = KILLED_BATCH_TIMEOUT
-                    out.killed_test = running
-                if out.killed:
+                if watchdog.check(now):
                     break
                 time.sleep(POLL_INTERVAL)
         finally:

@@ -9,7 +9,6 @@ with the local target.
 """
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import os
@@ -21,11 +20,11 @@ from cvmconf import events, fingerprint, gtest
 from cvmconf.errors import HarnessError, UsageError
 from cvmconf.kmsg import KernelLine
 from cvmconf.qemu import initramfs, kernel, vm
-from cvmconf.targets.base import (KILLED_BATCH_TIMEOUT, KILLED_IDLE_TIMEOUT, KILLED_INTERRUPTED,
-                                  KILLED_TEST_TIMEOUT, BatchOutput, BatchPlan, EventCallback,
-                                  SuiteBinary, Target)
+from cvmconf.qemu.vm import HOST_ARCH
+from cvmconf.results import now_iso
+from cvmconf.targets.base import (BatchOutput, BatchPlan, EventCallback, SuiteBinary, Target,
+                                  Watchdog)
 
-HOST_ARCH = {"x86_64": "x86_64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
 CONSOLE_LINE_RE = re.compile(r"^\[\s*(\d+)\.(\d{1,6})\]\s?(.*)$")
 GUEST_BIN = "/cvmconf/bin"
 LISTING_MAX = 64 << 20   # test lists and probe output come back whole
@@ -74,7 +73,6 @@ class QemuTarget(Target):
     def __init__(self, build_dir, kernel: str | None = None, modules: str | None = None,
                  arch: str | None = None, append: str = "", pkvm: bool = False,
                  accel: str | None = None, max_reboots: int = 3, boot_timeout: float = 300.0,
-                 memory_mb: int = 2048, extra_binaries: list[Path] | None = None,
                  suite_dir: str | None = None):
         super().__init__()
         if not kernel:
@@ -91,8 +89,7 @@ class QemuTarget(Target):
         self.kernel_spec, self.modules_spec = kernel, modules
         self.append, self.pkvm = append, pkvm
         self.accel = vm.choose_accel(self.arch, accel)
-        self.max_reboots, self.boot_timeout, self.memory_mb = max_reboots, boot_timeout, memory_mb
-        self.extra_binaries = list(extra_binaries or [])
+        self.max_reboots, self.boot_timeout = max_reboots, boot_timeout
         self._suite_dir = Path(suite_dir) if suite_dir else None
         self.cache = self.main_build / "qemu-cache"
         self.workdir = self.main_build / "qemu-work" / f"{os.getpid()}"
@@ -120,13 +117,13 @@ class QemuTarget(Target):
 
     def _binaries(self, suite_binaries: list[Path]) -> list[Path]:
         tools = [self.tree / "bin" / "cvm-agent", self.tree / "bin" / "cvm-probe"]
-        for b in tools + suite_binaries + self.extra_binaries:
+        for b in tools + suite_binaries:
             if not b.exists():
                 raise HarnessError(f"{b} is missing (the ./cvmconf script builds it for --arch {self.arch})")
             if not is_static_elf(b):
                 raise UsageError(f"{b} is dynamically linked: the QEMU target needs binaries built "
                                  "with -DCVMCONF_STATIC=ON")
-        return tools + suite_binaries + self.extra_binaries
+        return tools + suite_binaries
 
     # --- the guest ------------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -144,8 +141,7 @@ class QemuTarget(Target):
         assert self.bundle and self.initrd
         if self.vm is None:
             self.vm = vm.QemuVm(self.arch, self.bundle.image, self.initrd, self.workdir, self.accel,
-                                append=self.append, pkvm=self.pkvm, boot_timeout=self.boot_timeout,
-                                memory_mb=self.memory_mb)
+                                append=self.append, pkvm=self.pkvm, boot_timeout=self.boot_timeout)
         try:
             self.vm.start()
         except vm.BootError as e:
@@ -245,8 +241,7 @@ class QemuTarget(Target):
         return gtest.parse_requirement_list(self._list(binary, "--cvm_list_requirements"))
 
     def run_batch(self, plan: BatchPlan, on_event: EventCallback | None = None) -> BatchOutput:
-        out = BatchOutput(plan=plan, started=datetime.datetime.now(datetime.timezone.utc)
-                          .isoformat(timespec="milliseconds"))
+        out = BatchOutput(plan=plan, started=now_iso("milliseconds"))
         t0 = time.monotonic()
         why = self._ensure_guest()
         if why:
@@ -256,44 +251,24 @@ class QemuTarget(Target):
         report = f"/tmp/{plan.label}.json"
         events_path = f"/tmp/{plan.label}.events"
         premature = f"/tmp/{plan.label}.premature"
-        env = dict(plan.env)
-        env.update({"CVMCONF_EVENTS": events_path, "TEST_PREMATURE_EXIT_FILE": premature,
-                    "GTEST_COLOR": "no", "PATH": "/bin:/cvmconf/bin"})
-        if plan.shard:
-            env["GTEST_SHARD_INDEX"], env["GTEST_TOTAL_SHARDS"] = str(plan.shard[0]), str(plan.shard[1])
-        argv = [f"{GUEST_BIN}/{plan.binary.name}", f"--gtest_filter={plan.gtest_filter}",
-                f"--gtest_output=json:{report}"]
+        env = plan.gtest_env(events_path, premature)
+        env["PATH"] = "/bin:/cvmconf/bin"
+        argv = [f"{GUEST_BIN}/{plan.binary.name}", *plan.gtest_args(report)]
         stream = events.LiveState()
-        clock = {"running_since": None, "idle_since": time.monotonic()}
+        # The batch clock started before the guest was (re)booted; the idle clock starts now.
+        watchdog = Watchdog(out, self.abort, started=t0, idle_since=time.monotonic())
 
         def event(line: str) -> None:
             ev = stream.feed(line)
             if ev is None:
                 return
-            now = time.monotonic()
-            if ev["event"] == "start":
-                clock["running_since"] = now
-            elif ev["event"] == "end":
-                clock["running_since"], clock["idle_since"] = None, now
+            watchdog.feed(ev, time.monotonic())
             if on_event:
                 on_event(ev)
 
-        def should_kill() -> str | None:
-            now = time.monotonic()
-            running = stream.running
-            if self.abort.is_set():
-                out.killed = KILLED_INTERRUPTED
-            elif running is not None and clock["running_since"] is not None and \
-                    now - clock["running_since"] > plan.test_timeout:
-                out.killed, out.killed_test = KILLED_TEST_TIMEOUT, running
-            elif running is None and now - clock["idle_since"] > plan.idle_timeout:
-                out.killed = KILLED_IDLE_TIMEOUT
-            elif now - t0 > plan.batch_timeout:
-                out.killed, out.killed_test = KILLED_BATCH_TIMEOUT, running
-            return out.killed
-
         r = self.vm.run(argv, env=env, timeout=plan.batch_timeout + 30, events=events_path,
-                        report=report, on_event=event, should_kill=should_kill)
+                        report=report, on_event=event,
+                        should_kill=lambda: watchdog.check(time.monotonic()))
         out.duration = time.monotonic() - t0
         out.events = "\n".join(r.events) + ("\n" if r.events else "")
         out.output = r.output_tail
