@@ -334,12 +334,20 @@ PinRequest ro_longterm_request(GupFlavour flavour) {
   return r;
 }
 
+PinRequest rw_longterm_request() {
+  PinRequest r;
+  r.write = true;
+  r.longterm = true;
+  r.foll_pin = true;
+  r.reads_through = true;
+  return r;
+}
+
 std::vector<const PinProvider*> rw_longterm_providers() {
+  const PinRequest req = rw_longterm_request();
   std::vector<const PinProvider*> v;
-  for (const PinProvider* p : pin_providers()) {
-    PinKind k = p->kind();
-    if (k.write && k.longterm && k.foll_pin && k.reads_through) v.push_back(p);
-  }
+  for (const PinProvider* p : pin_providers())
+    if (req.matches(p->kind())) v.push_back(p);
   return v;
 }
 

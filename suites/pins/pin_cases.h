@@ -106,7 +106,9 @@ void record_wanted(const PinRequest& req, const std::string& backing);
 // can be read through the pin (gup_test on most kernels).
 PinRequest ro_longterm_request(GupFlavour flavour);
 
-// Providers of R/W long-term pins that can be read through (io_uring, gup_test_rw[_fast]).
+// R/W long-term FOLL_PIN pins that can be read through (io_uring, gup_test_rw[_fast]).
+PinRequest rw_longterm_request();
+// Every provider (available or not) of rw_longterm_request().
 std::vector<const PinProvider*> rw_longterm_providers();
 
 // GoogleTest parameter names: only [A-Za-z0-9_].
