@@ -52,40 +52,26 @@ void make_file(NonAnon kind, size_t huge, CowRegion& r) {
       fd = memfd_create("cvmconf-pin-memfd", MFD_CLOEXEC);
       ASSERT_GE(fd, 0) << "memfd_create: " << strerror(errno);
       break;
-    case NonAnon::Tmpfile: {
+    case NonAnon::Tmpfile:
       // tmpfile() semantics: an unnamed file in /tmp, on whatever file system /tmp is.
-      fd = open("/tmp", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
-      if (fd < 0) {
-        char path[] = "/tmp/cvmconf-pin-XXXXXX";
-        fd = mkstemp(path);
-        ASSERT_GE(fd, 0) << "no temporary file in /tmp: " << strerror(errno);
-        unlink(path);
-      }
+      fd = unnamed_file_in("/tmp");
+      ASSERT_GE(fd, 0) << "no temporary file in /tmp: " << strerror(errno);
       break;
-    }
-    case NonAnon::MemfdHugetlb: {
-      auto sizes = hugetlb_sizes();
-      if (std::find(sizes.begin(), sizes.end(), huge) == sizes.end())
-        GTEST_SKIP() << kCapabilityAbsent << "hugetlb " << hugetlb_size_name(huge)
-                     << " pages: not offered by this kernel (" << kHugepagesSysfs << ")";
+    case NonAnon::MemfdHugetlb:
       // Two pages: the page-cache page and the anonymous copy a write (or unsharing) creates.
-      auto pool = HugetlbPool::reserve(huge, 2);
-      if (!pool) GTEST_SKIP() << kCapabilityAbsent << pool.error().message();
-      r.pool.emplace(std::move(pool.value()));
-      fd = memfd_create("cvmconf-pin-hugetlb", MFD_CLOEXEC | memfd_hugetlb_flags(huge));
+      hugetlb_memfd(huge, 2, r.pool, fd);
+      if (::testing::Test::IsSkipped()) return;
       ASSERT_GE(fd, 0) << "memfd_create(MFD_HUGETLB " << hugetlb_size_name(huge)
                        << "): " << strerror(errno);
       break;
-    }
     default:
       FAIL() << "not a file backing";
   }
   r.fd.reset(fd);
   auto fs = fs_type_of_fd(fd);
   r.fs = fs ? *fs : "unknown";
-  ASSERT_EQ(ftruncate(fd, static_cast<off_t>(r.size)), 0) << strerror(errno);
-  if (fallocate(fd, 0, 0, static_cast<off_t>(r.size)) != 0 && errno != EOPNOTSUPP)
-    FAIL() << "fallocate on " << r.fs << ": " << strerror(errno);
+  size_file(fd, r.size, r.fs);
+  if (::testing::Test::HasFatalFailure()) return;
   auto shared = Mapping::map(r.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   ASSERT_TRUE(shared.ok()) << shared.error();
   std::memset(shared->data(), r.initial, r.size);
@@ -105,6 +91,33 @@ std::vector<size_t> hugetlb_sizes_to_test() {
     if (std::find(v.begin(), v.end(), s) == v.end()) v.push_back(s);
   std::sort(v.begin(), v.end());
   return v;
+}
+
+int unnamed_file_in(const std::string& dir) {
+  int fd = open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+  if (fd >= 0) return fd;
+  std::string path = dir + "/cvmconf-pin-XXXXXX";
+  fd = mkstemp(path.data());
+  if (fd >= 0) unlink(path.c_str());
+  return fd;
+}
+
+void hugetlb_memfd(size_t huge, size_t pages, std::optional<HugetlbPool>& pool, int& fd) {
+  fd = -1;
+  auto sizes = hugetlb_sizes();
+  if (std::find(sizes.begin(), sizes.end(), huge) == sizes.end())
+    GTEST_SKIP() << kCapabilityAbsent << "hugetlb " << hugetlb_size_name(huge)
+                 << " pages: not offered by this kernel (" << kHugepagesSysfs << ")";
+  auto reserved = HugetlbPool::reserve(huge, pages);
+  if (!reserved) GTEST_SKIP() << kCapabilityAbsent << reserved.error().message();
+  pool.emplace(std::move(reserved.value()));
+  fd = memfd_create("cvmconf-pin-hugetlb", MFD_CLOEXEC | memfd_hugetlb_flags(huge));
+}
+
+void size_file(int fd, size_t size, const std::string& fs) {
+  ASSERT_EQ(ftruncate(fd, static_cast<off_t>(size)), 0) << strerror(errno);
+  if (fallocate(fd, 0, 0, static_cast<off_t>(size)) != 0 && errno != EOPNOTSUPP)
+    FAIL() << "fallocate on " << fs << ": " << strerror(errno);
 }
 
 std::string NonAnonBacking::name() const {

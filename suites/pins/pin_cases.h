@@ -66,6 +66,17 @@ struct CowRegion {
   std::string verified;  // how the backing was confirmed, or why it could not be
 };
 
+// An unnamed file in dir: O_TMPFILE, else a created-and-unlinked one. -1 with errno on failure.
+int unnamed_file_in(const std::string& dir);
+// A hugetlb memfd (MFD_CLOEXEC) of huge page size `huge`, after reserving `pages` free pages of
+// that size in `pool`. SKIPs (fd stays -1) when the kernel does not offer the size or the pool
+// cannot grow; otherwise fd is the memfd, or -1 with errno set when memfd_create failed (the
+// caller asserts).
+void hugetlb_memfd(size_t huge, size_t pages, std::optional<HugetlbPool>& pool, int& fd);
+// Sizes the file to `size` bytes and allocates its blocks (where fs supports fallocate); fails
+// the test otherwise.
+void size_file(int fd, size_t size, const std::string& fs);
+
 // Prepares a non-anonymous backing (mapped and read-faulted: nothing is written through the
 // private mapping, so the page table maps the zeropage or the page-cache page R/O).
 void prepare_non_anon(const NonAnonBacking& b, CowRegion& r);

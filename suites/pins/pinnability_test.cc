@@ -4,7 +4,6 @@
 // Expected, as upstream: R/O pins and pins of MAP_PRIVATE mappings work; R/W long-term pins of
 // MAP_SHARED mappings work on tmpfs and hugetlbfs and are refused on writeback file systems.
 // memfd_secret memory cannot be pinned at all. Requirements: PIN-006, PIN-007.
-#include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -49,18 +48,6 @@ struct MatrixCase {
 };
 std::ostream& operator<<(std::ostream& os, const MatrixCase& c) { return os << c.name(); }
 
-// An unnamed file in dir (O_TMPFILE, or a created-and-unlinked one).
-int unnamed_file_in(const std::string& dir) {
-  int fd = open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
-  if (fd >= 0) return fd;
-  std::string tmpl = dir + "/cvmconf-pin-XXXXXX";
-  std::vector<char> p(tmpl.begin(), tmpl.end());
-  p.push_back(0);
-  fd = mkstemp(p.data());
-  if (fd >= 0) unlink(p.data());
-  return fd;
-}
-
 class Pinnability : public ::testing::TestWithParam<MatrixCase> {
  protected:
   // Creates and sizes the file; SKIPs when the backing does not exist here.
@@ -88,19 +75,12 @@ class Pinnability : public ::testing::TestWithParam<MatrixCase> {
         fd = unnamed_file_in(*dir);
         break;
       }
-      case Backing::Hugetlb: {
-        auto sizes = hugetlb_sizes();
-        if (std::find(sizes.begin(), sizes.end(), c.huge) == sizes.end())
-          GTEST_SKIP() << kCapabilityAbsent << "hugetlb " << hugetlb_size_name(c.huge)
-                       << " pages: not offered by this kernel (" << kHugepagesSysfs << ")";
+      case Backing::Hugetlb:
         // MAP_PRIVATE: writing the mapping copies the page-cache page, a second huge page.
-        auto pool = HugetlbPool::reserve(c.huge, c.shared ? 1 : 2);
-        if (!pool) GTEST_SKIP() << kCapabilityAbsent << pool.error().message();
-        pool_.emplace(std::move(pool.value()));
+        hugetlb_memfd(c.huge, c.shared ? 1 : 2, pool_, fd);
+        if (IsSkipped()) return;
         size_ = c.huge;
-        fd = memfd_create("cvmconf-pinnability", MFD_CLOEXEC | memfd_hugetlb_flags(c.huge));
         break;
-      }
     }
     ASSERT_GE(fd, 0) << "creating the " << c.backing_name() << " file: " << strerror(errno);
     fd_.reset(fd);
@@ -108,9 +88,7 @@ class Pinnability : public ::testing::TestWithParam<MatrixCase> {
     ASSERT_TRUE(fs.ok()) << fs.error();
     fs_ = *fs;
     RecordProperty("fs", fs_);
-    ASSERT_EQ(ftruncate(fd, static_cast<off_t>(size_)), 0) << strerror(errno);
-    if (fallocate(fd, 0, 0, static_cast<off_t>(size_)) != 0 && errno != EOPNOTSUPP)
-      FAIL() << "fallocate on " << fs_ << ": " << strerror(errno);
+    size_file(fd, size_, fs_);
   }
 
   // Unmaps, closes, and puts the hugetlb pool back (failing the test if it does not go back).
