@@ -20,13 +20,6 @@ constexpr uint8_t kViaMapping = 0x5c;  // written through the page table
 constexpr uint8_t kViaPin = 0x3b;      // written through the pin
 constexpr uint8_t kInChild = 0xd7;     // written by a forked child into its copy
 
-Result<std::unique_ptr<Pin>> pin_or_report(const PinProvider& p, CowRegion& r, bool& skipped) {
-  skipped = false;
-  auto pin = p.pin(r.data, r.size);
-  if (!pin.ok() && p.is_unsupported(pin.err())) skipped = true;
-  return pin;
-}
-
 // After the pin: page-table writes visible through the pin, pin writes visible in the mapping.
 void check_coherent(const PinProvider& p, Pin& pin, CowRegion& r) {
   std::memset(r.data, kViaMapping, r.size);
@@ -48,9 +41,8 @@ void check_coherent(const PinProvider& p, Pin& pin, CowRegion& r) {
 
 // Pins, optionally forks while pinned, checks coherence, releases.
 void run_rw_case(const PinProvider& p, CowRegion& r, bool fork_while_pinned) {
-  bool unsupported = false;
-  auto pin = pin_or_report(p, r, unsupported);
-  if (unsupported)
+  auto pin = p.pin(r.data, r.size);
+  if (!pin.ok() && p.is_unsupported(pin.err()))
     GTEST_SKIP() << kCapabilityAbsent << p.name() << " cannot take this pin: " << pin.error();
   ASSERT_TRUE(pin.ok()) << "R/W long-term pin of a private mapping with " << p.name()
                         << " failed (MAP_PRIVATE can always be pinned): " << pin.error();
@@ -181,9 +173,8 @@ CVM_TEST_P(RwPinZeropage, PinsAPopulatedPageNotTheZeropage, "PIN-004") {
   RecordProperty("backing_verified", r.verified);
   auto before = page_identity(r.data);
   ASSERT_TRUE(before.ok()) << before.error();
-  bool unsupported = false;
-  auto pin = pin_or_report(*c.provider, r, unsupported);
-  if (unsupported)
+  auto pin = c.provider->pin(r.data, r.size);
+  if (!pin.ok() && c.provider->is_unsupported(pin.err()))
     GTEST_SKIP() << kCapabilityAbsent << c.provider->name() << " cannot take this pin: " << pin.error();
   ASSERT_TRUE(pin.ok()) << "R/W long-term pin of a zeropage-mapped range: " << pin.error();
   auto after = page_identity(r.data);
