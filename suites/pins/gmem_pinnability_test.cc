@@ -17,7 +17,6 @@ namespace {
 using pins::check_bytes;
 using pins::check_through_pin;
 using pins::record_case;
-using testing::kCapabilityAbsent;
 
 constexpr uint64_t kMmap = uapi::kGmemFlagMmap;
 constexpr uint64_t kShared = uapi::kGmemFlagMmap | uapi::kGmemFlagInitShared;
@@ -58,8 +57,7 @@ class GmemPinnability : public PlatformTest {
       (void)pin.value()->release();
       return;
     }
-    if (p.is_unsupported(pin.err()))
-      GTEST_SKIP() << kCapabilityAbsent << p.name() << " cannot take this pin: " << pin.error();
+    CVM_SKIP_IF_PIN_UNSUPPORTED(p, pin);
     RecordProperty("outcome", std::string("refused (") + errno_name(pin.err()) + ")");
     EXPECT_EQ(pin.err(), EFAULT) << p.name() << " on private guest_memfd pages: " << pin.error();
   }
@@ -74,8 +72,7 @@ class GmemPinnability : public PlatformTest {
     ASSERT_TRUE(m.ok()) << m.error();
     std::memset(m->data(), 0xa5, m->size());
     auto pin = p.pin(m->data(), m->size());
-    if (!pin.ok() && p.is_unsupported(pin.err()))
-      GTEST_SKIP() << kCapabilityAbsent << p.name() << " cannot take this pin: " << pin.error();
+    CVM_SKIP_IF_PIN_UNSUPPORTED(p, pin);
     RecordProperty("outcome", pin.ok() ? std::string("pinned")
                                        : std::string("refused (") + errno_name(pin.err()) + ")");
     ASSERT_TRUE(pin.ok()) << p.name() << " could not pin shared guest_memfd pages: " << pin.error();

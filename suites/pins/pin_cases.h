@@ -129,3 +129,12 @@ std::string param_safe(std::string s);
 void restore_pool_or_fail(std::optional<HugetlbPool>& pool);
 
 }  // namespace cvm::suites::pins
+
+// SKIPs the test when pin_result (of provider.pin()) failed with an error the provider reports as
+// a pin it cannot take at all (PinProvider::is_unsupported); does nothing otherwise.
+#define CVM_SKIP_IF_PIN_UNSUPPORTED(provider, pin_result)                     \
+  do {                                                                        \
+    if (!(pin_result).ok() && (provider).is_unsupported((pin_result).err()))  \
+      GTEST_SKIP() << ::cvm::testing::kCapabilityAbsent << (provider).name()  \
+                   << " cannot take this pin: " << (pin_result).error();      \
+  } while (0)

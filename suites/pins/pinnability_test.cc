@@ -153,8 +153,7 @@ CVM_TEST_P(Pinnability, FollowsLongtermRules, "PIN-006") {
     EXPECT_TRUE(rel.ok()) << rel.error();
     return;
   }
-  if (p.is_unsupported(pin.err()))
-    GTEST_SKIP() << kCapabilityAbsent << p.name() << " cannot take this pin: " << pin.error();
+  CVM_SKIP_IF_PIN_UNSUPPORTED(p, pin);
   RecordProperty("outcome", std::string("refused (") + errno_name(pin.err()) + ")");
   ASSERT_TRUE(p.is_refusal(pin.err()))
       << p.name() << " failed with an error that is not a refusal: " << pin.error();
@@ -207,8 +206,7 @@ CVM_TEST_P(SecretmemPinnability, Refused, "PIN-007") {
     (void)pin.value()->release();
     return;
   }
-  if (p.is_unsupported(pin.err()))
-    GTEST_SKIP() << kCapabilityAbsent << p.name() << " cannot take this pin: " << pin.error();
+  CVM_SKIP_IF_PIN_UNSUPPORTED(p, pin);
   RecordProperty("outcome", std::string("refused (") + errno_name(pin.err()) + ")");
   EXPECT_TRUE(p.is_refusal(pin.err())) << "a refusal is expected, got " << pin.error();
 }

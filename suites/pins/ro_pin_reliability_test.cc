@@ -46,8 +46,7 @@ void pin_write_and_read_back(const PinProvider& p, CowRegion& r, bool r_o_mapped
   }
   auto pin = p.pin(r.data, r.size);
   if (!pin.ok()) {
-    if (p.is_unsupported(pin.err()))
-      GTEST_SKIP() << kCapabilityAbsent << p.name() << " cannot take this pin: " << pin.error();
+    CVM_SKIP_IF_PIN_UNSUPPORTED(p, pin);
     FAIL() << "R/O long-term pin with " << p.name() << " failed: " << pin.error();
   }
   if (r_o_mapped) {
@@ -166,8 +165,7 @@ CVM_TEST_P(RoPinZeropage, PopulatesInsteadOfPinningZeropage, "PIN-003") {
 
   auto pin = p->pin(r.data, r.size);
   if (!pin.ok()) {
-    if (p->is_unsupported(pin.err()))
-      GTEST_SKIP() << kCapabilityAbsent << p->name() << " cannot take this pin: " << pin.error();
+    CVM_SKIP_IF_PIN_UNSUPPORTED(*p, pin);
     FAIL() << "R/O long-term pin of a zeropage-mapped range with " << p->name()
            << " failed: " << pin.error();
   }

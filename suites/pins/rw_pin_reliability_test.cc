@@ -42,8 +42,7 @@ void check_coherent(const PinProvider& p, Pin& pin, CowRegion& r) {
 // Pins, optionally forks while pinned, checks coherence, releases.
 void run_rw_case(const PinProvider& p, CowRegion& r, bool fork_while_pinned) {
   auto pin = p.pin(r.data, r.size);
-  if (!pin.ok() && p.is_unsupported(pin.err()))
-    GTEST_SKIP() << kCapabilityAbsent << p.name() << " cannot take this pin: " << pin.error();
+  CVM_SKIP_IF_PIN_UNSUPPORTED(p, pin);
   ASSERT_TRUE(pin.ok()) << "R/W long-term pin of a private mapping with " << p.name()
                         << " failed (MAP_PRIVATE can always be pinned): " << pin.error();
   if (fork_while_pinned) {
@@ -174,8 +173,7 @@ CVM_TEST_P(RwPinZeropage, PinsAPopulatedPageNotTheZeropage, "PIN-004") {
   auto before = page_identity(r.data);
   ASSERT_TRUE(before.ok()) << before.error();
   auto pin = c.provider->pin(r.data, r.size);
-  if (!pin.ok() && c.provider->is_unsupported(pin.err()))
-    GTEST_SKIP() << kCapabilityAbsent << c.provider->name() << " cannot take this pin: " << pin.error();
+  CVM_SKIP_IF_PIN_UNSUPPORTED(*c.provider, pin);
   ASSERT_TRUE(pin.ok()) << "R/W long-term pin of a zeropage-mapped range: " << pin.error();
   auto after = page_identity(r.data);
   ASSERT_TRUE(after.ok()) << after.error();
