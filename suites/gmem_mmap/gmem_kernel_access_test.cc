@@ -1,10 +1,10 @@
-// Kernel users of a guest_memfd mapping: io_uring buffer registration (GUP, FOLL_LONGTERM),
-// read() and O_DIRECT into it (copy_to_user / GUP), process_vm_readv/writev (GUP of a remote
-// range). On private pages each must fail with EFAULT (and the kernel log stays clean: the
-// listener fails any test with a splat); on shared pages each must work.
-// Requirements: MMAP-008 (private), MMAP-009 (shared).
+// Kernel users of a guest_memfd mapping: read() and O_DIRECT into it (copy_to_user / GUP),
+// process_vm_readv/writev (GUP of a remote range). On private pages each must fail with EFAULT
+// (and the kernel log stays clean: the listener fails any test with a splat); on shared pages each
+// must work. Requirements: MMAP-008 (private), MMAP-009 (shared). Their io_uring buffer
+// registration (GUP, FOLL_LONGTERM) is GmemPinnability.{PrivateRefused,SharedPinnable}_io_uring
+// (suites/pins/gmem_pinnability_test.cc).
 #include <fcntl.h>
-#include <liburing.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -65,49 +65,6 @@ class GmemKernelAccess : public PlatformTest {
   GuestMemfd gmem_;
   Mapping map_;
 };
-
-std::optional<std::string> io_uring_unavailable(io_uring& ring) {
-  int r = io_uring_queue_init(4, &ring, 0);
-  if (r < 0)
-    return std::string(testing::kCapabilityAbsent) + "io_uring_setup: " + strerror(-r) +
-           " (kernel.io_uring_disabled or no CONFIG_IO_URING)";
-  return std::nullopt;
-}
-
-CVM_TEST_P(GmemKernelAccess, IoUringRegistrationOfPrivatePageFails, "MMAP-008") {
-  CVM_SKIP_IF(gmem_flags_unsupported(kMmap));
-  map_one(kMmap);
-  io_uring ring;
-  CVM_SKIP_IF(io_uring_unavailable(ring));
-  iovec iov{map_.data(), page_size()};
-  int r = io_uring_register_buffers(&ring, &iov, 1);
-  EXPECT_EQ(r, -EFAULT) << "registering a private guest_memfd page: " << strerror(-r);
-  io_uring_queue_exit(&ring);
-}
-
-CVM_TEST_P(GmemKernelAccess, IoUringRegistrationOfSharedPageWorks, "MMAP-009") {
-  CVM_SKIP_IF(gmem_flags_unsupported(kShared));
-  map_one(kShared);
-  DataFile f;
-  ASSERT_TRUE(f.ok()) << "cannot create a data file: " << strerror(errno);
-  io_uring ring;
-  CVM_SKIP_IF(io_uring_unavailable(ring));
-  iovec iov{map_.data(), page_size()};
-  int r = io_uring_register_buffers(&ring, &iov, 1);
-  ASSERT_EQ(r, 0) << "registering a shared guest_memfd page: " << strerror(-r);
-  // Use the pinned buffer: a fixed-buffer read must land in the guest_memfd page.
-  io_uring_sqe* sqe = io_uring_get_sqe(&ring);
-  io_uring_prep_read_fixed(sqe, f.fd(), map_.data(), static_cast<unsigned>(page_size()), 0, 0);
-  ASSERT_EQ(io_uring_submit(&ring), 1);
-  io_uring_cqe* cqe = nullptr;
-  ASSERT_EQ(io_uring_wait_cqe(&ring, &cqe), 0);
-  EXPECT_EQ(cqe->res, static_cast<int>(page_size())) << strerror(-cqe->res);
-  io_uring_cqe_seen(&ring, cqe);
-  for (size_t i = 0; i < page_size(); i += 97)
-    ASSERT_EQ(map_.data()[i], DataFile::expected(i)) << "at " << i;
-  io_uring_unregister_buffers(&ring);
-  io_uring_queue_exit(&ring);
-}
 
 CVM_TEST_P(GmemKernelAccess, ReadIntoPrivatePageFails, "MMAP-008") {
   CVM_SKIP_IF(gmem_flags_unsupported(kMmap));

@@ -2,7 +2,8 @@
 // provider (seeds 002, 003, 004): private pages (a guest_memfd created with MMAP but without
 // INIT_SHARED) refuse every pin with EFAULT and leave no kernel splat; shared pages (MMAP |
 // INIT_SHARED) can be pinned long-term, as vhost or an IOMMU would.
-// Requirements: PIN-008 (private), PIN-009 (shared).
+// Requirements: PIN-008 (private), PIN-009 (shared); the io_uring cases also MMAP-008 and MMAP-009
+// (io_uring buffer registration through the host mapping).
 #include <sys/mman.h>
 
 #include <cstring>
@@ -100,7 +101,15 @@ class GmemPinnability : public PlatformTest {
     shared_pinnable(#provider);                                                        \
   }
 
-CVM_GMEM_PIN_TESTS(io_uring)
+// io_uring's pair is also the io_uring buffer registration of MMAP-008 (a private page: EFAULT)
+// and MMAP-009 (a shared page registers, and a fixed-buffer read lands in the guest_memfd page).
+CVM_TEST_P(GmemPinnability, PrivateRefused_io_uring, "PIN-008", "MMAP-008") {
+  private_refused("io_uring");
+}
+CVM_TEST_P(GmemPinnability, SharedPinnable_io_uring, "PIN-009", "MMAP-009") {
+  shared_pinnable("io_uring");
+}
+
 CVM_GMEM_PIN_TESTS(vmsplice)
 CVM_GMEM_PIN_TESTS(gup_test_ro)
 CVM_GMEM_PIN_TESTS(gup_test_ro_fast)
