@@ -27,15 +27,7 @@ void ConversionTest::SetUp() {
 }
 
 void ConversionTest::make_env(std::unique_ptr<ConversionEnv>& env, ConversionEnvOptions o) {
-  env.reset();
-  CVM_SKIP_IF(conversion_env_unsupported(abi(), platform(), vm_caps(), o));
-  auto e = ConversionEnv::create(kvm(), platform(), abi(), o);
-  if (!e) {
-    ADD_FAILURE() << "setting up " << conversion_abi_name(abi()) << " conversion memory on "
-                  << platform().id() << " failed: " << e.error();
-    return;
-  }
-  env = std::move(e.value());
+  make_conversion_env(env, kvm(), platform(), vm_caps(), abi(), o);
 }
 
 std::unique_ptr<Pin> ConversionTest::pin_page(ConversionEnv& env, uint64_t page,

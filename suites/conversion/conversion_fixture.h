@@ -25,8 +25,9 @@ class ConversionTest : public PlatformTest {
   bool payloads_ok() const { return !payloads_unsupported(); }
   bool preserves_content() const { return content_preserved_expected(abi(), platform()); }
 
-  // Creates an environment for the back-end, or SKIPs / fails and leaves env empty. A per-VM
-  // environment always gets a guest (its page state is only visible to one).
+  // Creates an environment for the back-end, or SKIPs / fails and leaves env empty
+  // (make_conversion_env). A per-VM environment always gets a guest (its page state is only
+  // visible to one).
   void make_env(std::unique_ptr<ConversionEnv>& env, ConversionEnvOptions o);
 
   // One pin on the shared pages [page, page + n) of env by provider p; nullptr (reason in
