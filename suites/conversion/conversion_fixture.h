@@ -30,6 +30,10 @@ class ConversionTest : public PlatformTest {
   // visible to one).
   void make_env(std::unique_ptr<ConversionEnv>& env, ConversionEnvOptions o);
 
+  // The available pin providers; none, and in `why` the SKIP reason that names every provider's
+  // missing capability, when no provider is available.
+  static std::vector<const PinProvider*> usable_pin_providers(std::string& why);
+
   // One pin on the shared pages [page, page + n) of env by provider p; nullptr (reason in
   // *why) when the provider cannot pin them. (gup_test holds one pinned set per system: take
   // one pin at a time.)
