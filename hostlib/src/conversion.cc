@@ -72,8 +72,6 @@ class RfcV2Backend final : public ConversionBackend {
   }
 };
 
-std::string errno_text(int e) { return e == 0 ? "success" : errno_name(e); }
-
 // Why one in-place style back-end is or is not usable, from its two probe answers.
 std::optional<std::string> ioctl_probe_problem(const char* what, int invalid_errno,
                                                int noop_errno, const std::string& gmem_error,
@@ -87,7 +85,7 @@ std::optional<std::string> ioctl_probe_problem(const char* what, int invalid_err
            ") but the file for a no-op could not be created: " + gmem_error;
   if (noop_errno != 0)
     return std::string(what) + " exists (" + invalid_desc + ": " + errno_name(invalid_errno) +
-           ") but refuses a request that changes nothing with " + errno_text(noop_errno) +
+           ") but refuses a request that changes nothing with " + probe_errno_text(noop_errno) +
            (noop_errno == EINVAL ? " (no private memory for this VM type)" : "");
   return std::nullopt;
 }
@@ -198,6 +196,11 @@ std::unique_ptr<ConversionBackend> make_conversion_backend(ConversionAbi abi, co
 }
 
 // --- probing and selection -------------------------------------------------------------------
+std::string probe_errno_text(int e) {
+  if (e < 0) return "not tried";
+  return e == 0 ? "success" : errno_name(e);
+}
+
 ConversionSelection select_conversion_backend(const ConversionProbeFacts& f) {
   ConversionSelection s;
   if (!f.vm_creatable) {
@@ -217,7 +220,7 @@ ConversionSelection select_conversion_backend(const ConversionProbeFacts& f) {
              " lacks KVM_MEMORY_ATTRIBUTE_PRIVATE (0x8)";
   else if (f.per_vm_noop_errno != 0)
     per_vm = "KVM_SET_MEMORY_ATTRIBUTES refuses a request that changes nothing with " +
-             (f.per_vm_noop_errno < 0 ? std::string("(not probed)") : errno_text(f.per_vm_noop_errno));
+             (f.per_vm_noop_errno < 0 ? std::string("(not probed)") : probe_errno_text(f.per_vm_noop_errno));
   else if (f.guest_memfd_cap <= 0)
     per_vm = "private memory needs guest_memfd: KVM_CAP_GUEST_MEMFD=" + hexval(f.guest_memfd_cap);
 
@@ -273,12 +276,13 @@ ConversionProbeFacts conversion_facts_without_vm(const std::string& why) {
   return f;
 }
 
-ConversionProbeFacts probe_conversion(const Vm& vm) {
+ConversionProbeFacts probe_conversion(const Vm& vm, long guest_memfd_cap,
+                                      long memory_attributes_cap) {
   ConversionProbeFacts f;
   f.vm_creatable = true;
   const uint64_t ps = page_size();
-  f.memory_attributes_cap = vm.check_extension(uapi::cap::kMemoryAttributes);
-  f.guest_memfd_cap = vm.check_extension(uapi::cap::kGuestMemfd);
+  f.memory_attributes_cap = memory_attributes_cap;
+  f.guest_memfd_cap = guest_memfd_cap;
   if (f.memory_attributes_cap > 0 &&
       (static_cast<uint64_t>(f.memory_attributes_cap) & uapi::kMemoryAttributePrivate))
     f.per_vm_noop_errno = vm.set_memory_attributes(0, ps, 0).err();  // shared -> shared

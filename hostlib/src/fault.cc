@@ -177,7 +177,8 @@ ChildProcess ChildProcess::spawn(const std::function<int(const ChildReport&)>& f
 ChildProcess::ChildProcess(ChildProcess&& o) noexcept
     : pid_(std::exchange(o.pid_, -1)),
       report_fd_(std::exchange(o.report_fd_, -1)),
-      reaped_(std::exchange(o.reaped_, true)) {}
+      reaped_(std::exchange(o.reaped_, true)),
+      outcome_(std::exchange(o.outcome_, std::nullopt)) {}
 
 ChildProcess::~ChildProcess() {
   if (pid_ > 0 && !reaped_) {
@@ -188,6 +189,7 @@ ChildProcess::~ChildProcess() {
 }
 
 ChildOutcome ChildProcess::wait(std::chrono::milliseconds timeout) {
+  if (outcome_) return *outcome_;
   ChildOutcome out;
   if (pid_ <= 0 || reaped_) return out;  // ForkFailed
   int pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid_, 0));
@@ -236,6 +238,7 @@ ChildOutcome ChildProcess::wait(std::chrono::milliseconds timeout) {
     out.output.append(buf, static_cast<size_t>(r));
   }
   if (pidfd >= 0) close(pidfd);
+  outcome_ = out;
   return out;
 }
 

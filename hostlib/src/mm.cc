@@ -6,6 +6,7 @@
 #include <linux/memfd.h>
 #include <sys/file.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/syscall.h>
@@ -15,13 +16,15 @@
 #include <cctype>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
+#include <mutex>
 #include <sstream>
 #include <thread>
 
 namespace cvm {
-namespace {
 
+// --- sysfs, procfs and debugfs files ------------------------------------------------------------
 Result<std::string> read_text(const std::string& path) {
   std::ifstream f(path);
   if (!f) return last_error("open " + path);
@@ -30,6 +33,33 @@ Result<std::string> read_text(const std::string& path) {
   if (f.bad()) return last_error("read " + path);
   return ss.str();
 }
+
+Result<void> write_text(const std::string& path, const std::string& text) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return last_error("open " + path + " for writing");
+  UniqueFd f(fd);
+  if (::write(fd, text.data(), text.size()) != static_cast<ssize_t>(text.size()))
+    return last_error("write " + text + " to " + path);
+  return {};
+}
+
+bool is_debugfs(const std::string& dir) {
+  struct statfs s;
+  return ::statfs(dir.c_str(), &s) == 0 && static_cast<unsigned long>(s.f_type) == DEBUGFS_MAGIC;
+}
+
+std::optional<std::string> ensure_debugfs() {
+  static std::mutex mu;
+  std::lock_guard<std::mutex> g(mu);
+  if (is_debugfs(kDebugfsDir)) return std::nullopt;
+  if (::mount("debugfs", kDebugfsDir, "debugfs", 0, nullptr) == 0 || is_debugfs(kDebugfsDir))
+    return std::nullopt;
+  int e = errno;
+  return std::string("debugfs is not mounted at ") + kDebugfsDir + " and mounting it failed: " +
+         strerror(e) + " (" + errno_name(e) + ")" + (e == EPERM ? " (needs root)" : "");
+}
+
+namespace {
 
 Result<long> read_long(const std::string& path) {
   auto t = read_text(path);
@@ -41,15 +71,7 @@ Result<long> read_long(const std::string& path) {
   return v;
 }
 
-Result<void> write_long(const std::string& path, long v) {
-  int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
-  if (fd < 0) return last_error("open " + path + " for writing");
-  UniqueFd f(fd);
-  std::string s = std::to_string(v);
-  if (::write(fd, s.data(), s.size()) != static_cast<ssize_t>(s.size()))
-    return last_error("write " + s + " to " + path);
-  return {};
-}
+Result<void> write_long(const std::string& path, long v) { return write_text(path, std::to_string(v)); }
 
 std::string size_dir(const std::string& root, size_t bytes) {
   return root + "/hugepages-" + hugetlb_size_name(bytes);

@@ -5,18 +5,14 @@
 #include <fcntl.h>
 #include <infiniband/verbs.h>
 #include <liburing.h>
-#include <linux/magic.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
-#include <sys/mount.h>
 #include <sys/stat.h>
-#include <sys/statfs.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cstring>
-#include <mutex>
 
 #include "cvmconf/fd.h"
 #include "cvmconf/mm.h"
@@ -188,24 +184,6 @@ const VmspliceProvider kVmsplice;
 // One pinned set for the whole system (facts §7.1): a process-local flag and the system lock
 // "gup_test" keep cvmconf's users from stepping on each other.
 std::atomic<bool> g_gup_test_pin_held{false};
-
-bool is_debugfs(const char* dir) {
-  struct statfs s;
-  return ::statfs(dir, &s) == 0 && static_cast<unsigned long>(s.f_type) == DEBUGFS_MAGIC;
-}
-
-// Mounts debugfs at /sys/kernel/debug when it is not mounted there. nullopt: mounted now.
-std::optional<std::string> ensure_debugfs() {
-  static std::mutex mu;
-  std::lock_guard<std::mutex> g(mu);
-  const char* dir = "/sys/kernel/debug";
-  if (is_debugfs(dir)) return std::nullopt;
-  if (::mount("debugfs", dir, "debugfs", 0, nullptr) == 0 || is_debugfs(dir)) return std::nullopt;
-  int e = errno;
-  return std::string("capability absent: debugfs is not mounted at /sys/kernel/debug and mounting "
-                     "it failed: ") + strerror(e) + " (" + errno_name(e) + ")" +
-         (e == EPERM ? " (needs root)" : "");
-}
 
 class GupTestPin final : public Pin {
  public:
@@ -448,9 +426,8 @@ bool PinProvider::is_refusal(int err) const { return err == EFAULT; }
 bool PinProvider::is_unsupported(int) const { return false; }
 
 std::optional<std::string> gup_test_unavailable(const std::string& path) {
-  const std::string debugfs = "/sys/kernel/debug/";
-  if (path.rfind(debugfs, 0) == 0)
-    if (auto why = ensure_debugfs()) return why;
+  if (path.rfind(std::string(kDebugfsDir) + "/", 0) == 0)
+    if (auto why = ensure_debugfs()) return "capability absent: " + *why;
   struct stat st;
   if (::stat(path.c_str(), &st) != 0) {
     int e = errno;

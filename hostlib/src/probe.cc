@@ -62,10 +62,6 @@ void fill_vm_caps(const Vm& vm, VmTypeCaps& c) {
 // (errno names; "not tried" where a step was skipped).
 nlohmann::json conversion_json(const VmTypeCaps& v) {
   const ConversionProbeFacts& f = v.conversion_facts;
-  auto en = [](int e) -> nlohmann::json {
-    if (e < 0) return "not tried";
-    return e == 0 ? "success" : errno_name(e);
-  };
   nlohmann::json j;
   j["backend"] = v.conversion.backend ? nlohmann::json(conversion_abi_name(*v.conversion.backend))
                                       : nlohmann::json(nullptr);
@@ -76,11 +72,11 @@ nlohmann::json conversion_json(const VmTypeCaps& v) {
     nlohmann::json facts = {
         {"KVM_CAP_MEMORY_ATTRIBUTES", f.memory_attributes_cap},
         {"KVM_CAP_GUEST_MEMFD", f.guest_memfd_cap},
-        {"KVM_SET_MEMORY_ATTRIBUTES_noop", en(f.per_vm_noop_errno)},
-        {"KVM_SET_MEMORY_ATTRIBUTES2_unknown_flag", en(f.v8_invalid_errno)},
-        {"KVM_SET_MEMORY_ATTRIBUTES2_noop", en(f.v8_noop_errno)},
-        {"KVM_GMEM_CONVERT_PRIVATE_unaligned", en(f.rfc_v2_invalid_errno)},
-        {"KVM_GMEM_CONVERT_PRIVATE_noop", en(f.rfc_v2_noop_errno)}};
+        {"KVM_SET_MEMORY_ATTRIBUTES_noop", probe_errno_text(f.per_vm_noop_errno)},
+        {"KVM_SET_MEMORY_ATTRIBUTES2_unknown_flag", probe_errno_text(f.v8_invalid_errno)},
+        {"KVM_SET_MEMORY_ATTRIBUTES2_noop", probe_errno_text(f.v8_noop_errno)},
+        {"KVM_GMEM_CONVERT_PRIVATE_unaligned", probe_errno_text(f.rfc_v2_invalid_errno)},
+        {"KVM_GMEM_CONVERT_PRIVATE_noop", probe_errno_text(f.rfc_v2_noop_errno)}};
     if (!f.gmem_error.empty()) facts["guest_memfd_error"] = f.gmem_error;
     if (!f.v8_gmem_error.empty()) facts["v8_guest_memfd_error"] = f.v8_gmem_error;
     if (!f.rfc_v2_gmem_error.empty()) facts["rfc_v2_guest_memfd_error"] = f.rfc_v2_gmem_error;
@@ -174,21 +170,15 @@ Capabilities probe_capabilities() {
     bool adv = !kHasVmTypesCap || ((advertised >> t) & 1);
     if (!adv) {
       vc.create_error = "not advertised in KVM_CAP_VM_TYPES (" + hexval(c.vm_types_cap) + ")";
-      vc.conversion_facts = conversion_facts_without_vm(vc.create_error);
-      vc.conversion = select_conversion_backend(vc.conversion_facts);
-      c.per_type.push_back(vc);
-      continue;
-    }
-    auto vm = kvm->create_vm(t);
-    if (!vm) {
+    } else if (auto vm = kvm->create_vm(t); !vm) {
       vc.create_error = vm.error().message();
-      vc.conversion_facts = conversion_facts_without_vm(vc.create_error);
     } else {
       vc.creatable = true;
       c.vm_types |= 1ULL << t;
       fill_vm_caps(vm.value(), vc);
-      vc.conversion_facts = probe_conversion(vm.value());
+      vc.conversion_facts = probe_conversion(vm.value(), vc.guest_memfd, vc.memory_attributes);
     }
+    if (!vc.creatable) vc.conversion_facts = conversion_facts_without_vm(vc.create_error);
     vc.conversion = select_conversion_backend(vc.conversion_facts);
     c.per_type.push_back(vc);
   }

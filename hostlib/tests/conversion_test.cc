@@ -420,32 +420,101 @@ TEST(GuestConversionHandling, HandlerCompletesTheHypercallInKvmRun) {
 }
 
 // --- the probe on this kernel ---------------------------------------------------------------
-TEST(ConversionProbe, SelectionAgreesWithTheFactsForEveryVmType) {
+// The probe's record (and its JSON) for every VM type, checked against the kernel through the
+// back-ends on a fresh VM of the type: the selected back-end converts a page of a guest_memfd
+// bound in a memslot; without one, each back-end's requests get exactly the errnos recorded.
+TEST(ConversionProbe, BackendsBehaveAsTheFactsSayForEveryVmType) {
   const Capabilities& c = cached_capabilities();
   if (!c.kvm_available) GTEST_SKIP() << "capability absent: " << c.kvm_error;
+  auto kvm = Kvm::open();
+  ASSERT_TRUE(kvm.ok()) << kvm.error();
   auto j = c.to_json();
   ASSERT_EQ(j["vm_types"].size(), c.per_type.size());
+  const uint64_t ps = page_size();
   for (size_t i = 0; i < c.per_type.size(); i++) {
     const VmTypeCaps& t = c.per_type[i];
-    ConversionSelection again = select_conversion_backend(t.conversion_facts);
-    EXPECT_EQ(again.backend, t.conversion.backend) << t.name;
-    EXPECT_EQ(again.reason, t.conversion.reason) << t.name;
-    EXPECT_EQ(t.conversion_facts.vm_creatable, t.creatable) << t.name;
-    EXPECT_FALSE(t.conversion.reason.empty()) << t.name;
+    const ConversionProbeFacts& f = t.conversion_facts;
+    SCOPED_TRACE(t.name + ": " + t.conversion.reason);
+    EXPECT_EQ(f.vm_creatable, t.creatable);
+    EXPECT_FALSE(t.conversion.reason.empty());
     const auto& jc = j["vm_types"][i]["conversion"];
     EXPECT_EQ(jc["reason"], t.conversion.reason);
     if (t.conversion.backend)
       EXPECT_EQ(jc["backend"], conversion_abi_name(*t.conversion.backend));
     else
       EXPECT_TRUE(jc["backend"].is_null());
-    if (t.creatable) {
-      // Each ioctl probe either was not tried or got an answer; the probe files were created
-      // whenever the VM has guest_memfd.
-      EXPECT_TRUE(jc.contains("facts")) << t.name;
-      if (t.conversion_facts.guest_memfd_cap > 0) {
-        EXPECT_NE(t.conversion_facts.v8_invalid_errno, -1) << t.name;
-        EXPECT_NE(t.conversion_facts.rfc_v2_invalid_errno, -1) << t.name;
-      }
+    if (!t.creatable) {
+      EXPECT_FALSE(t.conversion.backend) << "no back-end without a VM";
+      continue;
+    }
+    EXPECT_TRUE(jc.contains("facts"));
+    if (f.guest_memfd_cap > 0) {
+      // Each ioctl probe got an answer: the probe files were created whenever the VM has
+      // guest_memfd.
+      EXPECT_NE(f.v8_invalid_errno, -1);
+      EXPECT_NE(f.rfc_v2_invalid_errno, -1);
+    }
+    auto vm = kvm->create_vm(t.type);
+    ASSERT_TRUE(vm.ok()) << "the probe created this VM type: " << vm.error();
+
+    if (t.conversion.backend) {
+      const ConversionAbi abi = *t.conversion.backend;
+      auto backend = make_conversion_backend(abi, vm.value());
+      auto gmem = vm->create_guest_memfd(ps, conversion_gmem_flags(abi, true));
+      ASSERT_TRUE(gmem.ok()) << gmem.error();
+      // Shared memory: the guest_memfd itself (in place) or separate host memory (per-VM).
+      auto shared = backend->in_place() ? gmem->map(ps) : Mapping::anonymous(ps);
+      ASSERT_TRUE(shared.ok()) << shared.error();
+      MemslotSpec s;
+      s.slot = 1;
+      s.flags = uapi::kMemGuestMemfd;
+      s.gpa = 1ULL << 32;
+      s.size = ps;
+      s.hva = reinterpret_cast<uint64_t>(shared->data());
+      s.gmem_fd = gmem->fd();
+      auto slot = vm->set_memslot(s);
+      ASSERT_TRUE(slot.ok()) << slot.error();
+      ConversionResult r = backend->set_private(GmemRange{gmem->fd(), 0, ps, s.gpa});
+      EXPECT_TRUE(r.ok()) << conversion_abi_name(abi)
+                          << " was selected, but converting a page to private failed: "
+                          << r.describe();
+      continue;
+    }
+
+    // No back-end: asked again, the kernel answers each back-end's probe requests as recorded.
+    uint64_t raw = 0;
+    if (f.per_vm_noop_errno != -1) {
+      auto per_vm = make_conversion_backend(ConversionAbi::PerVmAttributes, vm.value());
+      const ConversionRequest noop{{-1, 0, ps, 0}, false};
+      EXPECT_EQ(probe_errno_text(per_vm->issue(noop, &raw)), probe_errno_text(f.per_vm_noop_errno))
+          << per_vm->describe_request(noop);
+    }
+    if (f.guest_memfd_cap <= 0 || !f.gmem_error.empty()) continue;
+    auto plain = vm->create_guest_memfd(2 * ps, 0);
+    ASSERT_TRUE(plain.ok()) << plain.error();
+    struct InPlace {
+      ConversionAbi abi;
+      int invalid_errno, noop_errno;
+      ConversionRequest invalid;
+      uint64_t noop_size;
+    };
+    ConversionRequest unknown_flag{{plain->fd(), 0, ps, 0}, false};
+    unknown_flag.extra_flags = 1ULL << 63;
+    const ConversionRequest unaligned{{plain->fd(), 1, ps, 0}, true};
+    const InPlace in_place[] = {
+        {ConversionAbi::InPlaceV8, f.v8_invalid_errno, f.v8_noop_errno, unknown_flag, 2 * ps},
+        {ConversionAbi::RfcV2, f.rfc_v2_invalid_errno, f.rfc_v2_noop_errno, unaligned, ps}};
+    for (const InPlace& b : in_place) {
+      auto backend = make_conversion_backend(b.abi, vm.value());
+      EXPECT_EQ(probe_errno_text(backend->issue(b.invalid, &raw)), probe_errno_text(b.invalid_errno))
+          << backend->describe_request(b.invalid);
+      if (b.noop_errno == -1) continue;
+      // A file that starts private: setting PRIVATE on it changes nothing.
+      auto g = vm->create_guest_memfd(2 * ps, conversion_gmem_flags(b.abi, false));
+      ASSERT_TRUE(g.ok()) << g.error();
+      const ConversionRequest noop{{g->fd(), 0, b.noop_size, 0}, true};
+      EXPECT_EQ(probe_errno_text(backend->issue(noop, &raw)), probe_errno_text(b.noop_errno))
+          << backend->describe_request(noop);
     }
   }
 }

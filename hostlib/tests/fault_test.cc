@@ -5,6 +5,8 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
+#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -101,6 +103,42 @@ TEST(ChildProcess, TimesOutAndKills) {
       },
       std::chrono::milliseconds(200));
   EXPECT_EQ(o.kind, ChildOutcome::TimedOut) << o.describe();
+}
+
+TEST(ChildProcess, RepeatedWaitReturnsTheSameOutcome) {
+  ChildProcess c = ChildProcess::spawn([](const ChildReport& rep) {
+    rep.write("once");
+    return 5;
+  });
+  ASSERT_GT(c.pid(), 0);
+  ChildOutcome first = c.wait();
+  EXPECT_TRUE(first.exited_with(5)) << first.describe();
+  EXPECT_EQ(first.output, "once");
+  ChildOutcome again = c.wait();
+  EXPECT_TRUE(again.exited_with(5)) << "a second wait(): " << again.describe();
+  EXPECT_EQ(again.output, "once");
+  ChildProcess moved(std::move(c));
+  ChildOutcome after_move = moved.wait();
+  EXPECT_TRUE(after_move.exited_with(5)) << "wait() after a move: " << after_move.describe();
+  EXPECT_EQ(after_move.output, "once");
+  EXPECT_EQ(c.wait().kind, ChildOutcome::ForkFailed) << "the moved-from object has no child";
+}
+
+TEST(ChildProcess, DestroyingARunningChildKillsIt) {
+  pid_t pid = -1;
+  {
+    ChildProcess c = ChildProcess::spawn([](const ChildReport&) {
+      for (;;) pause();
+      return 0;
+    });
+    pid = c.pid();
+    ASSERT_GT(pid, 0);
+    EXPECT_EQ(kill(pid, 0), 0) << "the child runs: " << strerror(errno);
+  }
+  // The destructor killed and reaped it: the pid names no process any more.
+  errno = 0;
+  EXPECT_EQ(kill(pid, 0), -1);
+  EXPECT_EQ(errno, ESRCH) << strerror(errno);
 }
 
 }  // namespace

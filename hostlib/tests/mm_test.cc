@@ -14,6 +14,41 @@
 namespace cvm {
 namespace {
 
+TEST(KernelFiles, TextRoundTripAndErrorsNameThePath) {
+  char tmpl[] = "/tmp/cvmconf-kf-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl, file = dir + "/attr";
+  int fd = ::open(file.c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
+  ASSERT_GE(fd, 0);
+  ::close(fd);
+  ASSERT_TRUE(write_text(file, "Y\n").ok());
+  auto t = read_text(file);
+  ASSERT_TRUE(t.ok()) << t.error();
+  EXPECT_EQ(t.value(), "Y\n");
+  auto missing = read_text(dir + "/missing");
+  ASSERT_FALSE(missing.ok());
+  EXPECT_EQ(missing.err(), ENOENT);
+  EXPECT_NE(missing.error().message().find(dir + "/missing"), std::string::npos) << missing.error();
+  auto w = write_text(dir + "/missing", "1");
+  ASSERT_FALSE(w.ok()) << "write_text writes existing attributes only";
+  EXPECT_NE(w.error().message().find(dir + "/missing"), std::string::npos) << w.error();
+  ::unlink(file.c_str());
+  ::rmdir(dir.c_str());
+}
+
+TEST(KernelFiles, EnsureDebugfsMountsItOrSaysWhy) {
+  EXPECT_FALSE(is_debugfs("/proc")) << "procfs is not debugfs";
+  auto why = ensure_debugfs();
+  if (why) {
+    EXPECT_EQ(why->rfind("debugfs is not mounted at /sys/kernel/debug and mounting it failed: ", 0), 0u)
+        << *why;
+    EXPECT_FALSE(is_debugfs(kDebugfsDir));
+    return;
+  }
+  EXPECT_TRUE(is_debugfs(kDebugfsDir));
+  EXPECT_EQ(ensure_debugfs(), std::nullopt) << "mounted once, found mounted again";
+}
+
 TEST(Hugetlb, ParsesSysfsDirectoryNames) {
   EXPECT_EQ(parse_hugepages_dirname("hugepages-2048kB"), std::optional<size_t>(2u << 20));
   EXPECT_EQ(parse_hugepages_dirname("hugepages-1048576kB"), std::optional<size_t>(1u << 30));

@@ -20,7 +20,6 @@ namespace {
 
 constexpr uint32_t kFirstSlot = 1;  // slot 0 is the boot region
 
-
 }  // namespace
 
 Result<std::unique_ptr<ConversionEnv>> ConversionEnv::create(const Kvm& kvm,
@@ -197,10 +196,14 @@ ConversionSelection probed_conversion_selection(const Platform& p) {
   return none;
 }
 
+bool conversion_env_needs_guest(ConversionAbi abi) {
+  return abi == ConversionAbi::PerVmAttributes;
+}
+
 std::optional<std::string> conversion_env_unsupported(ConversionAbi abi, const Platform& p,
                                                       const VmTypeCaps& caps,
                                                       ConversionEnvOptions& o) {
-  if (abi == ConversionAbi::PerVmAttributes) {
+  if (conversion_env_needs_guest(abi)) {
     if (auto why = payloads_unsupported(p))
       return std::string(testing::kNotApplicable) +
              "the per-vm-attributes back-end's page state is visible only to a guest, and " + *why;
@@ -212,6 +215,19 @@ std::optional<std::string> conversion_env_unsupported(ConversionAbi abi, const P
     if (auto why = gmem_flags_unsupported(p, caps, conversion_gmem_flags(abi, o.init_shared)))
       return why;
   return std::nullopt;
+}
+
+void make_conversion_env(std::unique_ptr<ConversionEnv>& env, const Kvm& kvm, const Platform& p,
+                         const VmTypeCaps& caps, ConversionAbi abi, ConversionEnvOptions o) {
+  env.reset();
+  CVM_SKIP_IF(conversion_env_unsupported(abi, p, caps, o));
+  auto e = ConversionEnv::create(kvm, p, abi, o);
+  if (!e) {
+    ADD_FAILURE() << "setting up " << conversion_abi_name(abi) << " conversion memory on "
+                  << p.id() << " failed: " << e.error();
+    return;
+  }
+  env = std::move(e.value());
 }
 
 bool content_preserved_expected(ConversionAbi abi, const Platform& p) {

@@ -104,12 +104,22 @@ class ConversionEnv {
 // selection without back-end, saying why, when the VM type was not probed.
 ConversionSelection probed_conversion_selection(const Platform& p);
 
+// Whether every environment of the back-end has the payload guest: per-VM attributes, whose
+// page state is visible only to a guest.
+bool conversion_env_needs_guest(ConversionAbi abi);
+
 // Why an environment with options o cannot be made for abi on platform p (a SKIP reason), or
-// nullopt. A per-VM environment always needs the guest (its page state is visible only to one):
-// o.guest is set for it.
+// nullopt. When the back-end needs the guest (conversion_env_needs_guest), o.guest is set.
 std::optional<std::string> conversion_env_unsupported(ConversionAbi abi, const Platform& p,
                                                       const VmTypeCaps& caps,
                                                       ConversionEnvOptions& o);
+
+// The environment for abi on p (VM type capabilities caps) with options o, in env; leaves env
+// empty after a SKIP (conversion_env_unsupported's reason) or a test failure (creating it
+// failed). Options that depend on having a guest should be chosen with
+// conversion_env_needs_guest(abi) in mind: o.guest is only switched on here.
+void make_conversion_env(std::unique_ptr<ConversionEnv>& env, const Kvm& kvm, const Platform& p,
+                         const VmTypeCaps& caps, ConversionAbi abi, ConversionEnvOptions o);
 
 // Whether the back-end on this platform is expected to keep page contents across conversion:
 // in-place v8 on SW_PROTECTED VMs (the v8 selftests rely on it). Elsewhere contents are

@@ -10,8 +10,6 @@ namespace cvm::suites {
 void ConversionTest::SetUp() {
   PlatformTest::SetUp();
   if (IsSkipped() || HasFatalFailure()) return;
-  if (!cached_capabilities().vm(platform().vm_type()))
-    GTEST_SKIP() << testing::kCapabilityAbsent << "VM type " << platform().id() << " was not probed";
   selection_ = probed_conversion_selection(platform());
   RecordProperty("conversion_backend",
                  selection_.backend ? conversion_abi_name(*selection_.backend)
@@ -27,15 +25,17 @@ void ConversionTest::SetUp() {
 }
 
 void ConversionTest::make_env(std::unique_ptr<ConversionEnv>& env, ConversionEnvOptions o) {
-  env.reset();
-  CVM_SKIP_IF(conversion_env_unsupported(abi(), platform(), vm_caps(), o));
-  auto e = ConversionEnv::create(kvm(), platform(), abi(), o);
-  if (!e) {
-    ADD_FAILURE() << "setting up " << conversion_abi_name(abi()) << " conversion memory on "
-                  << platform().id() << " failed: " << e.error();
-    return;
+  make_conversion_env(env, kvm(), platform(), vm_caps(), abi(), o);
+}
+
+std::vector<const PinProvider*> ConversionTest::usable_pin_providers(std::string& why) {
+  // find_pin_provider fails exactly when no provider is available, and says why.
+  auto first = find_pin_provider({});
+  if (!first) {
+    why = first.error().op;
+    return {};
   }
-  env = std::move(e.value());
+  return available_pin_providers();
 }
 
 std::unique_ptr<Pin> ConversionTest::pin_page(ConversionEnv& env, uint64_t page,
@@ -50,10 +50,10 @@ std::unique_ptr<Pin> ConversionTest::pin_page(ConversionEnv& env, uint64_t page,
 
 std::unique_ptr<Pin> ConversionTest::pin_page_any(ConversionEnv& env, uint64_t page,
                                                   std::string* why, std::string* provider) {
-  auto all = available_pin_providers();
+  std::string none;
+  auto all = usable_pin_providers(none);
   if (all.empty()) {
-    auto f = find_pin_provider({});
-    if (why) *why = f ? std::string("no pin provider") : f.error().op;
+    if (why) *why = none;
     return nullptr;
   }
   std::string reasons;

@@ -25,9 +25,14 @@ class ConversionTest : public PlatformTest {
   bool payloads_ok() const { return !payloads_unsupported(); }
   bool preserves_content() const { return content_preserved_expected(abi(), platform()); }
 
-  // Creates an environment for the back-end, or SKIPs / fails and leaves env empty. A per-VM
-  // environment always gets a guest (its page state is only visible to one).
+  // Creates an environment for the back-end, or SKIPs / fails and leaves env empty
+  // (make_conversion_env). A per-VM environment always gets a guest (its page state is only
+  // visible to one).
   void make_env(std::unique_ptr<ConversionEnv>& env, ConversionEnvOptions o);
+
+  // The available pin providers; none, and in `why` the SKIP reason that names every provider's
+  // missing capability, when no provider is available.
+  static std::vector<const PinProvider*> usable_pin_providers(std::string& why);
 
   // One pin on the shared pages [page, page + n) of env by provider p; nullptr (reason in
   // *why) when the provider cannot pin them. (gup_test holds one pinned set per system: take

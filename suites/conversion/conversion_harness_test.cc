@@ -15,6 +15,7 @@
 #include "cvmconf/probe.h"
 #include "cvmconf/uapi.h"
 #include "fault_injection.h"
+#include "platform_fixture.h"
 
 namespace cvm::suites {
 namespace {
@@ -28,15 +29,14 @@ class ConversionHarness : public ::testing::Test {
     const VmTypeCaps* d = cached_capabilities().vm(default_platform().vm_type());
     ASSERT_NE(d, nullptr);
     caps_ = *d;
-    if (auto why = default_platform().cannot_run_payloads()) GTEST_SKIP() << *why;
   }
+  // Why the default VM type cannot create guest_memfd files with `flags`, or nullopt.
   std::optional<std::string> no_gmem(uint64_t flags = 0) const {
     if (caps_.guest_memfd <= 0) return "capability absent: KVM_CAP_GUEST_MEMFD";
-    if ((static_cast<uint64_t>(caps_.guest_memfd_flags) & flags) != flags)
-      return "capability absent: guest_memfd flags " + hexval(static_cast<long>(flags)) +
-             " on the default VM (KVM_CAP_GUEST_MEMFD_FLAGS=" + hexval(caps_.guest_memfd_flags) + ")";
-    return std::nullopt;
+    return gmem_flags_unsupported(default_platform(), caps_, flags);
   }
+  // Why payload guests cannot run on the default VM type, or nullopt (tests that boot one).
+  static std::optional<std::string> no_payloads() { return default_platform().cannot_run_payloads(); }
   std::unique_ptr<ConversionEnv> make(ConversionAbi abi, ConversionEnvOptions o) {
     auto e = ConversionEnv::create(*kvm_, default_platform(), abi, o);
     EXPECT_TRUE(e.ok()) << e.error();
@@ -48,6 +48,7 @@ class ConversionHarness : public ::testing::Test {
 
 TEST_F(ConversionHarness, InPlaceLayoutIsTheGuestMemfdMapping) {
   if (auto why = no_gmem(3)) GTEST_SKIP() << *why;
+  if (auto why = no_payloads()) GTEST_SKIP() << *why;
   ConversionEnvOptions o;
   o.pages = 4;
   o.guest = true;
@@ -91,6 +92,8 @@ TEST_F(ConversionHarness, PerVmLayoutKeepsSharedMemorySeparate) {
   EXPECT_FALSE(env->can_observe_state()) << "without a guest the per-VM state is invisible";
   EXPECT_FALSE(env->state(0).ok());
   env.reset();
+  // The rest needs the guest that observes the per-VM state.
+  if (auto why = no_payloads()) GTEST_SKIP() << *why;
   o.guest = true;
   env = make(ConversionAbi::PerVmAttributes, o);
   ASSERT_TRUE(env);
@@ -112,6 +115,7 @@ TEST_F(ConversionHarness, PerVmLayoutKeepsSharedMemorySeparate) {
 
 TEST_F(ConversionHarness, TwoMemslotsCoverConsecutiveGpasAndOffsets) {
   if (auto why = no_gmem(3)) GTEST_SKIP() << *why;
+  if (auto why = no_payloads()) GTEST_SKIP() << *why;
   ConversionEnvOptions o;
   o.pages = 4;
   o.slots = 2;
@@ -170,6 +174,7 @@ TEST_F(ConversionHarness, FaultInjectionIsUsableOrSaysExactlyWhy) {
 }
 
 TEST_F(ConversionHarness, HypercallExitProbeIsPreciseAndCached) {
+  if (auto why = no_payloads()) GTEST_SKIP() << *why;
   const HypercallExitProbe& a = probe_map_gpa_range_exit(*kvm_, default_platform());
   EXPECT_TRUE(a.failure.empty()) << a.failure;
   if (!a.exits) {

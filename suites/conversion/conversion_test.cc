@@ -8,6 +8,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -16,6 +17,7 @@
 #include <thread>
 
 #include "conversion_fixture.h"
+#include "race.h"
 #include "cvmconf/fault.h"
 #include "cvmconf/uapi.h"
 
@@ -340,6 +342,12 @@ CVM_TEST_P(ConversionGuest, WhileVcpusFault, "CONV-009") {
   constexpr uint64_t kPages = 16;
   const uint64_t stop_gpa = CVM_SCRATCH_GPA + 0x800;
   auto count_gpa = [&](int w) { return CVM_SCRATCH_GPA + 0x808 + 8 * static_cast<uint64_t>(w); };
+  // One second of conversions unless the stress budget says otherwise (race.h).
+  RaceDefaults budget;
+  budget.duration = 1000ms;
+  // The vCPUs' watchdog outlasts the longest the race may run.
+  const auto watchdog =
+      std::max({budget.duration, budget.iteration_time_cap, testing::stress_budget().duration}) + 60s;
   ConversionEnvOptions o;
   o.pages = kPages;
   o.guest = true;
@@ -356,41 +364,37 @@ CVM_TEST_P(ConversionGuest, WhileVcpusFault, "CONV-009") {
                         {env->gpa(0), kPages * page_size(), stop_gpa, count_gpa(w)}).ok());
   }
   for (int w = 1; w <= kWorkers; w++)
-    threads.emplace_back([&, w] { ends[static_cast<size_t>(w)] = g.run(w, 120s); });
+    threads.emplace_back([&, w] { ends[static_cast<size_t>(w)] = g.run(w, watchdog); });
   auto started = std::chrono::steady_clock::now();
   while ((*word(count_gpa(1)) == 0 || *word(count_gpa(2)) == 0) &&
          std::chrono::steady_clock::now() - started < 10s)
     std::this_thread::sleep_for(1ms);
 
-  const auto& budget = testing::stress_budget();
-  const auto duration = budget.duration.count() ? budget.duration : std::chrono::milliseconds(1000);
-  const uint64_t seed = budget.seed.value_or(std::random_device{}());
-  RecordProperty("seed", std::to_string(seed));
-  std::mt19937_64 rng(seed);
+  // The test thread converts seeded ranges while the vCPUs fault the pages; every conversion
+  // must succeed (a failure is a violation, reported with the seed and the replay command).
+  Race race(budget);
+  std::mt19937_64 rng = race.rng(0);
   std::vector<bool> priv(kPages, false);
-  uint64_t conversions = 0, failures = 0;
-  std::string first_failure;
-  const auto deadline = std::chrono::steady_clock::now() + duration;
-  while (std::chrono::steady_clock::now() < deadline &&
-         (budget.iterations == 0 || conversions < budget.iterations)) {
-    uint64_t first = rng() % kPages, n = 1 + rng() % 4;
-    if (first + n > kPages) n = kPages - first;
+  while (race.next_iteration()) {
+    const uint64_t first = Race::pick(rng, 0, kPages - 1);
+    const uint64_t n = std::min<uint64_t>(Race::pick(rng, 1, 4), kPages - first);
     const bool to_private = !priv[first];
     ConversionResult r = to_private ? env->to_private(first, n) : env->to_shared(first, n);
-    conversions++;
+    race.ops();
     if (!r.ok()) {
-      if (failures++ == 0) first_failure = r.describe();
+      race.violation(race.iteration(), "converter",
+                     std::string(to_private ? "to private" : "to shared") + " of pages " +
+                         std::to_string(first) + ".." + std::to_string(first + n - 1) +
+                         " failed while vCPUs faulted the pages: " + r.describe());
       continue;
     }
     for (uint64_t p = first; p < first + n; p++) priv[p] = to_private;
   }
   *word(stop_gpa) = 1;
   for (auto& t : threads) t.join();
-  RecordProperty("conversions", std::to_string(conversions));
-  EXPECT_EQ(failures, 0u) << failures << " of " << conversions
-                          << " conversions failed while vCPUs faulted the pages; first: "
-                          << first_failure << " (seed " << seed << ")";
-  EXPECT_GT(conversions, 0u);
+  const RaceSummary summary = race.finish();  // fails the test when a conversion failed
+  RecordProperty("conversions", std::to_string(summary.iterations));
+  EXPECT_GT(summary.iterations, 0u);
   for (int w = 1; w <= kWorkers; w++) {
     SCOPED_TRACE("vCPU " + std::to_string(w));
     const UcallEvent& ev = ends[static_cast<size_t>(w)];

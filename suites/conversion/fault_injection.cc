@@ -1,51 +1,24 @@
 #include "fault_injection.h"
 
 #include <fcntl.h>
-#include <sys/mount.h>
 #include <sys/stat.h>
-#include <sys/vfs.h>
 #include <unistd.h>
 
-#include <cerrno>
-#include <cstring>
-#include <fstream>
-#include <sstream>
+#include <cstdlib>
+
+#include "cvmconf/mm.h"
 
 namespace cvm::suites {
 namespace {
 
-constexpr const char* kDebugfs = "/sys/kernel/debug";
 constexpr const char* kFailNth = "/proc/thread-self/fail-nth";
-constexpr long kDebugfsMagic = 0x64626720;
 
 bool exists(const std::string& p) {
   struct stat st {};
   return stat(p.c_str(), &st) == 0;
 }
 
-std::string read_value(const std::string& p) {
-  std::ifstream f(p);
-  std::string s;
-  std::getline(f, s);
-  return s;
-}
-
-bool write_value(const std::string& p, const std::string& v) {
-  int fd = ::open(p.c_str(), O_WRONLY | O_CLOEXEC);
-  if (fd < 0) return false;
-  bool ok = ::write(fd, v.data(), v.size()) == static_cast<ssize_t>(v.size());
-  ::close(fd);
-  return ok;
-}
-
-// Mounts debugfs when it is not mounted; "" on success, otherwise why not.
-std::string ensure_debugfs() {
-  struct statfs sf {};
-  if (statfs(kDebugfs, &sf) == 0 && static_cast<long>(sf.f_type) == kDebugfsMagic) return "";
-  if (mount("debugfs", kDebugfs, "debugfs", 0, nullptr) == 0) return "";
-  return std::string("debugfs is not mounted at ") + kDebugfs + " and mounting it failed: " +
-         strerror(errno);
-}
+std::string point_dir(const char* point) { return std::string(kDebugfsDir) + "/" + point; }
 
 // Settings that make ordinary allocations eligible, per injection point directory.
 const std::vector<std::pair<const char*, std::vector<std::pair<const char*, const char*>>>>&
@@ -64,13 +37,13 @@ std::optional<std::string> ThreadFaultInjection::unavailable() {
   const std::string prefix = "capability absent: fault injection: ";
   if (!exists(kFailNth))
     return prefix + kFailNth + " is missing (kernel built without CONFIG_FAULT_INJECTION)";
-  if (std::string why = ensure_debugfs(); !why.empty()) return prefix + why;
+  if (auto why = ensure_debugfs()) return prefix + *why;
   bool any = false;
   for (const auto& [dir, _] : point_settings())
-    if (exists(std::string(kDebugfs) + "/" + dir)) any = true;
+    if (exists(point_dir(dir))) any = true;
   if (!any)
-    return prefix + "neither " + kDebugfs + "/failslab nor " + kDebugfs +
-           "/fail_page_alloc exists (CONFIG_FAILSLAB, CONFIG_FAIL_PAGE_ALLOC)";
+    return prefix + "neither " + point_dir("failslab") + " nor " + point_dir("fail_page_alloc") +
+           " exists (CONFIG_FAILSLAB, CONFIG_FAIL_PAGE_ALLOC)";
   return std::nullopt;
 }
 
@@ -78,13 +51,16 @@ Result<std::unique_ptr<ThreadFaultInjection>> ThreadFaultInjection::setup() {
   if (auto why = unavailable()) return SysError{0, *why};
   std::unique_ptr<ThreadFaultInjection> t(new ThreadFaultInjection());
   for (const auto& [dir, settings] : point_settings()) {
-    const std::string base = std::string(kDebugfs) + "/" + dir;
+    const std::string base = point_dir(dir);
     if (!exists(base)) continue;
     for (const auto& [name, value] : settings) {
       const std::string p = base + "/" + name;
       if (!exists(p)) continue;
-      t->saved_.emplace_back(p, read_value(p));
-      if (!write_value(p, value)) return last_error("write " + std::string(value) + " to " + p);
+      auto old = read_text(p);
+      if (!old) return old.error();
+      // The value alone (the attribute's first line), as it is written back.
+      t->saved_.emplace_back(p, old->substr(0, old->find('\n')));
+      if (auto w = write_text(p, value); !w) return w.error();
     }
     t->points_.push_back(dir);
   }
@@ -97,7 +73,7 @@ Result<std::unique_ptr<ThreadFaultInjection>> ThreadFaultInjection::setup() {
 
 ThreadFaultInjection::~ThreadFaultInjection() {
   if (fail_nth_.valid()) (void)disarm();
-  for (auto it = saved_.rbegin(); it != saved_.rend(); ++it) write_value(it->first, it->second);
+  for (auto it = saved_.rbegin(); it != saved_.rend(); ++it) (void)write_text(it->first, it->second);
 }
 
 std::string ThreadFaultInjection::points() const {

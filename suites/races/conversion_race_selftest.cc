@@ -312,38 +312,23 @@ HarnessRun run_harness_race(ConversionEnv& env, bool punch, bool preserved, uint
   return out;
 }
 
-// The default platform's capabilities and an environment for `abi`, or a SKIP reason.
+// The default platform's capabilities and an environment for `abi`; leaves env empty after a
+// SKIP or a failure.
 struct HarnessEnv {
   std::optional<Kvm> kvm;
   const VmTypeCaps* caps = nullptr;
   std::unique_ptr<ConversionEnv> env;
-  std::string skip;
 };
 void make_harness_env(ConversionAbi abi, bool want_guest, HarnessEnv& h) {
   auto k = Kvm::open();
-  if (!k) {
-    h.skip = std::string(testing::kCapabilityAbsent) + k.error().message();
-    return;
-  }
+  if (!k) GTEST_SKIP() << testing::kCapabilityAbsent << k.error().message();
   h.kvm.emplace(std::move(k.value()));
   const Platform& p = default_platform();
   h.caps = cached_capabilities().vm(p.vm_type());
-  if (!h.caps || h.caps->guest_memfd <= 0) {
-    h.skip = std::string(testing::kCapabilityAbsent) + "KVM_CAP_GUEST_MEMFD on " + p.id();
-    return;
-  }
-  ConversionEnvOptions o = ConversionRace::env_options(want_guest && !payloads_unsupported(p));
-  if (auto why = conversion_env_unsupported(abi, p, *h.caps, o)) {
-    h.skip = *why;
-    return;
-  }
-  o = ConversionRace::env_options(o.guest);
-  auto e = ConversionEnv::create(*h.kvm, p, abi, o);
-  if (!e) {
-    ADD_FAILURE() << "setting up the environment: " << e.error();
-    return;
-  }
-  h.env = std::move(e.value());
+  if (!h.caps || h.caps->guest_memfd <= 0)
+    GTEST_SKIP() << testing::kCapabilityAbsent << "KVM_CAP_GUEST_MEMFD on " << p.id();
+  const bool guest = (want_guest && !payloads_unsupported(p)) || conversion_env_needs_guest(abi);
+  make_conversion_env(h.env, *h.kvm, p, *h.caps, abi, ConversionRace::env_options(guest));
 }
 
 // (back-end, with the puncher: ConversionVsPunch's race, or without: ConversionVsFaults's)
@@ -360,7 +345,7 @@ TEST_P(ConversionRaceHarness, RefusedConversionsAreTheOnlyViolations) {
     GTEST_SKIP() << "not applicable: a stress budget was given on the command line";
   HarnessEnv h;
   make_harness_env(abi(), true, h);
-  if (!h.skip.empty()) GTEST_SKIP() << h.skip;
+  if (IsSkipped()) return;
   ASSERT_TRUE(h.env);
   for (ConversionAbi a : h.caps->conversion.available)
     if (a == abi())
@@ -497,7 +482,7 @@ class EmulatedConversionRace : public ::testing::TestWithParam<EmulatedCase> {
     // Host-only: KVM on some hosts (PVM) reaches guest_memfd memslots through their host
     // mapping too, which the emulation remaps, so a guest would see the emulation, not memory.
     make_harness_env(ConversionAbi::InPlaceV8, false, h_);
-    if (!h_.skip.empty()) GTEST_SKIP() << h_.skip;
+    if (IsSkipped()) return;
     ASSERT_TRUE(h_.env);
     auto sig = h_.env->vm().create_guest_memfd(page_size(), uapi::kGmemFlagMmap);
     ASSERT_TRUE(sig.ok()) << sig.error();

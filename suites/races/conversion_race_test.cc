@@ -14,28 +14,28 @@ namespace cvm::suites {
 namespace {
 
 // The back-end of p's VM type and an environment for the conversion races in env; leaves env
-// empty after a SKIP (no back-end: the probe's reason) or a failure.
+// empty after a SKIP (no back-end: the probe's reason) or a failure. The property
+// conversion_backend is recorded here only for a race that does not run (ConversionRace::record
+// records it for one that does).
 void make_race_env(const Kvm& kvm, const Platform& p, const VmTypeCaps& caps,
                    std::unique_ptr<ConversionEnv>& env) {
   env.reset();
   const ConversionSelection sel = probed_conversion_selection(p);
-  ::testing::Test::RecordProperty("conversion_backend", sel.backend
-                                                            ? conversion_abi_name(*sel.backend)
-                                                            : "none: " + sel.reason);
-  if (auto why = conversion_unavailable(p.id(), sel)) GTEST_SKIP() << *why;
+  if (auto why = conversion_unavailable(p.id(), sel)) {
+    ::testing::Test::RecordProperty("conversion_backend", "none: " + sel.reason);
+    GTEST_SKIP() << *why;
+  }
+  const ConversionAbi abi = *sel.backend;
   const std::optional<std::string> no_payloads = payloads_unsupported(p);
-  ConversionEnvOptions o = ConversionRace::env_options(!no_payloads);
-  CVM_SKIP_IF(conversion_env_unsupported(*sel.backend, p, caps, o));
-  o = ConversionRace::env_options(o.guest);  // per-VM always has the guest
-  if (!o.guest)
-    ::testing::Test::RecordProperty("guest_checks", "skipped: " + no_payloads.value_or("no guest"));
-  auto e = ConversionEnv::create(kvm, p, *sel.backend, o);
-  if (!e) {
-    ADD_FAILURE() << "setting up " << conversion_abi_name(*sel.backend) << " conversion memory on "
-                  << p.id() << " failed: " << e.error();
+  const ConversionEnvOptions o =
+      ConversionRace::env_options(!no_payloads || conversion_env_needs_guest(abi));
+  make_conversion_env(env, kvm, p, caps, abi, o);
+  if (!env) {
+    ::testing::Test::RecordProperty("conversion_backend", conversion_abi_name(abi));
     return;
   }
-  env = std::move(e.value());
+  if (!o.guest)
+    ::testing::Test::RecordProperty("guest_checks", "skipped: " + no_payloads.value_or("no guest"));
 }
 
 // What every conversion race must have done before it may pass: raced at all, and (when it ran
@@ -81,11 +81,12 @@ CVM_TEST_P(PunchRace, ConversionVsPunch, "RACE-006") {
   cr.run();
   RaceSummary s = race.finish();
   cr.record();
-  expect_raced(cr, s, env->in_place(), coverage_expected(s));
+  const bool coverage = coverage_expected(s);
+  expect_raced(cr, s, env->in_place(), coverage);
   if (s.violations == 0) {
     EXPECT_GT(cr.stats().checked_punches.load(), 0u) << "no range was punched while converting";
   }
-  if (coverage_expected(s)) {
+  if (coverage) {
     EXPECT_GT(cr.stats().punches.load(), cr.stats().checked_punches.load())
         << "the puncher made no hot punch";
   }
@@ -103,8 +104,9 @@ CVM_TEST_P(PunchRace, ConversionVsFaults, "RACE-006") {
   cr.run();
   RaceSummary s = race.finish();
   cr.record();
-  expect_raced(cr, s, env->in_place(), coverage_expected(s));
-  if (coverage_expected(s)) {
+  const bool coverage = coverage_expected(s);
+  expect_raced(cr, s, env->in_place(), coverage);
+  if (coverage) {
     EXPECT_GT(cr.stats().hot_conversions.load(), 0u) << "no conversion raced the faults";
   }
 }

@@ -148,6 +148,8 @@ struct ConversionProbeFacts {
   int rfc_v2_noop_errno = -1;       // ... on a SUPPORT_SHARED|INIT_PRIVATE file's first page
   std::string rfc_v2_gmem_error;    // creating that file failed
 };
+// One errno field of the facts as text: "not tried" (-1), "success" (0) or the errno's name.
+std::string probe_errno_text(int e);
 
 struct ConversionSelection {
   std::optional<ConversionAbi> backend;  // the back-end tests use
@@ -161,9 +163,12 @@ struct ConversionSelection {
 // RFC v2 (the file's own state wins over per-VM attributes there, facts §3.5), then per-VM.
 ConversionSelection select_conversion_backend(const ConversionProbeFacts& f);
 
-// Asks the kernel, on vm (a VM of the type being probed). Creates and closes small guest_memfd
-// files; issues only requests that must be refused or that change nothing.
-ConversionProbeFacts probe_conversion(const Vm& vm);
+// Asks the kernel, on vm (a VM of the type being probed) whose KVM_CAP_GUEST_MEMFD and
+// KVM_CAP_MEMORY_ATTRIBUTES answers the caller has already read (they are recorded in the
+// facts). Creates and closes small guest_memfd files; issues only requests that must be refused
+// or that change nothing.
+ConversionProbeFacts probe_conversion(const Vm& vm, long guest_memfd_cap,
+                                      long memory_attributes_cap);
 // Facts for a VM type that could not be created.
 ConversionProbeFacts conversion_facts_without_vm(const std::string& why);
 

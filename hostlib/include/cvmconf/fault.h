@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 
 namespace cvm {
@@ -67,7 +68,9 @@ class ChildProcess {
   ChildProcess& operator=(ChildProcess&&) = delete;
   ~ChildProcess();
   pid_t pid() const { return pid_; }
-  // Waits at most timeout, then kills the child (TimedOut). Collects its report.
+  // Waits at most timeout, then kills the child (TimedOut). Collects its report. Once the child
+  // is reaped, every later wait() (also on the object it was moved to) returns the same outcome;
+  // ForkFailed when there never was a child (or on a moved-from object).
   ChildOutcome wait(std::chrono::milliseconds timeout = std::chrono::seconds(30));
 
  private:
@@ -75,6 +78,7 @@ class ChildProcess {
   pid_t pid_ = -1;
   int report_fd_ = -1;
   bool reaped_ = false;
+  std::optional<ChildOutcome> outcome_;  // set when wait() reaped the child
 };
 
 // spawn + wait: runs fn in a child and waits for it.

@@ -19,6 +19,21 @@
 
 namespace cvm {
 
+// --- sysfs, procfs and debugfs files ------------------------------------------------------------
+// The whole content of a (small) kernel text file.
+Result<std::string> read_text(const std::string& path);
+// One write(2) of `text` to an existing file (sysfs and debugfs attributes take a value in one
+// write); the error names the path and the value.
+Result<void> write_text(const std::string& path, const std::string& text);
+
+inline constexpr const char* kDebugfsDir = "/sys/kernel/debug";
+// Whether dir is a mounted debugfs.
+bool is_debugfs(const std::string& dir);
+// Mounts debugfs at kDebugfsDir when it is not mounted there (serialised within the process;
+// another process mounting it at the same moment counts as mounted). nullopt: mounted now;
+// otherwise why not: "debugfs is not mounted at /sys/kernel/debug and mounting it failed: ...".
+std::optional<std::string> ensure_debugfs();
+
 // --- system-wide locks ------------------------------------------------------------------------
 // An advisory lock (flock on /run/lock/cvmconf-<name>.lock, or $TMPDIR/... when /run/lock is not
 // writable) that serialises cvmconf processes which change global kernel state (hugetlb pool
