@@ -3,25 +3,16 @@
 #include <gtest/gtest.h>
 
 #include <cerrno>
-#include <cstring>
 #include <thread>
 
 #include "cvmconf/fault.h"
+#include "guest_race.h"
 #include "page_model.h"
 
 namespace cvm::suites {
 namespace {
 
 using namespace std::chrono_literals;
-
-template <typename T>
-T vload(const T& x) {
-  return *const_cast<const volatile T*>(&x);
-}
-template <typename T>
-void vstore(T& x, T v) {
-  *const_cast<volatile T*>(&x) = v;
-}
 
 const char* state_name(PageState s) { return s == PageState::Shared ? "shared" : "private"; }
 const char* yes_no(bool b) { return b ? "yes" : "no"; }
@@ -201,10 +192,7 @@ void ConversionRace::read_page(uint64_t p, const std::string& actor, uint64_t it
     const uint64_t owner = p / kHostPages;
     for (uint64_t i = 0; i < n; i++) {
       const uint64_t v = buf[i];
-      if (v == 0) continue;
-      if (CVM_RACE_TAG_IS_MARKED(v) && CVM_RACE_TAG_VCPU(v) == owner && CVM_RACE_TAG_PAGE(v) == p &&
-          CVM_RACE_TAG_PASS(v) != 0)
-        continue;
+      if (guest_word_ok(v, owner, p)) continue;
       race_.violation(it, actor,
                       where + std::to_string(i) + " reads " + hex(v) +
                           " through the host's view: not 0 and not vCPU " + std::to_string(owner) +
@@ -241,11 +229,7 @@ bool ConversionRace::read_whole(uint64_t p, std::vector<uint64_t>& out, const st
 bool ConversionRace::punch(uint64_t first, uint64_t n, const std::string& actor, uint64_t it) {
   const uint64_t ps = page_size();
   for (uint64_t p = first; p < first + n; p++) hp_[p].punch_begin.fetch_add(1);
-  if (ctl_) vstore(ctl_->punch_begin, vload(ctl_->punch_begin) + 1);  // only the puncher writes it
-  std::atomic_thread_fence(std::memory_order_seq_cst);
-  auto r = env_.gmem().punch_hole(first * ps, n * ps);
-  std::atomic_thread_fence(std::memory_order_seq_cst);
-  if (ctl_) vstore(ctl_->punch_end, vload(ctl_->punch_end) + 1);
+  auto r = guest_visible_punch(ctl_, [&] { return env_.gmem().punch_hole(first * ps, n * ps); });
   for (uint64_t p = first; p < first + n; p++) hp_[p].punch_end.fetch_add(1);
   stats_.punches.fetch_add(1, std::memory_order_relaxed);
   if (!r) {
@@ -570,8 +554,7 @@ void ConversionRace::start_guest() {
     no_guest_ = vm ? "the environment has no vCPUs for punch_race" : "the environment has no guest";
     return;
   }
-  auto* ctl = reinterpret_cast<cvm_race_ctl*>(vm->boot_hva(CVM_SCRATCH_GPA));
-  std::memset(ctl, 0, sizeof *ctl);
+  cvm_race_ctl* ctl = reset_race_ctl(*vm);
   for (int v = 1; v <= kGuestVcpus; v++) {
     vstore(ctl->vcpu[v].req, static_cast<uint64_t>(CVM_RACE_REQ(0, CVM_RACE_MODE_RUN)));
     auto r = vm->start(v, "punch_race",
@@ -587,20 +570,10 @@ void ConversionRace::start_guest() {
   ctl_ = ctl;
   guest_vcpus_ = kGuestVcpus;
   race_.on_stop([ctl] { vstore(ctl->stop, uint64_t{1}); });
-  const auto timeout = std::chrono::duration_cast<std::chrono::milliseconds>(
-                           race_.deadline() - std::chrono::steady_clock::now()) +
-                       30s;
+  const auto timeout = guest_run_timeout(race_);
   for (int v = 1; v <= kGuestVcpus; v++)
-    race_.spawn("vcpu " + std::to_string(v), [this, vm, v, timeout](RaceWorker& me) {
-      UcallEvent ev = vm->run(v, timeout);
-      guest_exited_[v] = true;
-      if (ev.kind == UcallEvent::Kind::Sync && ev.stage() == 1 && ev.args.size() >= 2) {
-        stats_.guest_passes[v] = ev.args[1];
-        me.ops(ev.args[1] * kHostPages);
-      } else {
-        race_.violation(race_.iteration(), me.name(), "the guest stopped early: " + ev.describe());
-      }
-    });
+    spawn_guest_runner(race_, *vm, v, timeout, kHostPages, guest_exited_[v],
+                       stats_.guest_passes[v]);
 }
 
 void ConversionRace::wait_for_guest_passes() {
@@ -614,23 +587,10 @@ void ConversionRace::wait_for_guest_passes() {
 
 void ConversionRace::collect_guest_results() {
   if (!ctl_) return;
-  for (int v = 1; v <= kGuestVcpus; v++) {
-    const cvm_race_vcpu& vc = ctl_->vcpu[v];
-    if (vload(vc.violations) == 0) continue;
-    const uint64_t kind = vload(vc.v_kind);
-    const std::string expected =
-        kind == CVM_RACE_LOST_WRITE || kind == CVM_RACE_STALE
-            ? hex(vload(vc.v_expected)) +
-                  " (just written; no punch, and no conversion that may "
-                  "change contents, overlapped the write)"
-            : "0 or its own pattern (now " + hex(vload(vc.v_expected)) + ")";
-    race_.violation(vload(vc.v_iteration), "vcpu " + std::to_string(v),
-                    std::string(cvm_race_violation_name(kind)) + " at gpa " +
-                        hex(vload(vc.v_gpa)) + ": read " + hex(vload(vc.v_value)) +
-                        ", expected " + expected + " (pass " + std::to_string(vload(vc.v_pass)) +
-                        ", " + std::to_string(vload(vc.violations)) +
-                        " violation(s) on this vCPU)");
-  }
+  // (This race never asks for a zero pass, so CVM_RACE_NOT_ZERO does not occur.)
+  report_guest_violations(race_, *ctl_, 1, kGuestVcpus,
+                          "just written; no punch, and no conversion that may change contents, "
+                          "overlapped the write");
 }
 
 void ConversionRace::final_checks() {
