@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -102,6 +103,13 @@ std::mt19937_64 Race::rng(uint64_t stream) const { return stream_rng(seed_, stre
 uint64_t Race::pick(std::mt19937_64& g, uint64_t lo, uint64_t hi) {
   if (hi <= lo) return lo;
   return std::uniform_int_distribution<uint64_t>(lo, hi)(g);
+}
+
+Race::Range Race::pick_range(std::mt19937_64& g, uint64_t lo, uint64_t hi, uint64_t max_n) {
+  Range r;
+  r.first = pick(g, lo, hi - 1);
+  r.n = pick(g, 1, std::min(max_n, hi - r.first));
+  return r;
 }
 
 bool Race::chance(std::mt19937_64& g, uint64_t num, uint64_t den) {

@@ -106,6 +106,12 @@ class Race {
   static uint64_t pick(std::mt19937_64& g, uint64_t lo, uint64_t hi);
   // True with probability num/den.
   static bool chance(std::mt19937_64& g, uint64_t num, uint64_t den);
+  // A range [first, first + n) inside [lo, hi) (hi > lo) with 1 <= n <= max_n. Draws from g in
+  // this order: first = pick(g, lo, hi - 1), then n = pick(g, 1, min(max_n, hi - first)).
+  struct Range {
+    uint64_t first = 0, n = 0;
+  };
+  static Range pick_range(std::mt19937_64& g, uint64_t lo, uint64_t hi, uint64_t max_n);
 
   // Driver: true when one more iteration should run; the first call starts iteration 0.
   bool next_iteration();

@@ -1,7 +1,5 @@
 #include "conversion_model.h"
 
-#include "page_model.h"
-
 namespace cvm::suites {
 
 std::string StateWindow::describe() const {
@@ -81,54 +79,10 @@ bool ConversionModel::all(uint64_t first, uint64_t n, PageState s) const {
 
 // --- content -------------------------------------------------------------------------------------
 
-WordKind classify_word(uint64_t p, uint64_t v, uint64_t gen_now) {
-  if (v == 0) return WordKind::Zero;
-  if ((v & (0xffull << 56)) != PageModel::kMark) return WordKind::Garbage;
-  if (((v >> 32) & 0xffffff) != p) return WordKind::Foreign;
-  const uint64_t g = v & 0xffffffffu, now = gen_now & 0xffffffffu;
-  if (g == 0 || g > now) return WordKind::Future;
-  return g == now ? WordKind::Current : WordKind::Older;
-}
-
-std::string describe_word(uint64_t p, uint64_t v, uint64_t gen_now) {
-  const uint64_t g = v & 0xffffffffu;
-  switch (classify_word(p, v, gen_now)) {
-    case WordKind::Zero:
-      return "0";
-    case WordKind::Current:
-      return hex(v) + " (its current pattern)";
-    case WordKind::Older:
-      return hex(v) + " (its own pattern of generation " + std::to_string(g) +
-             ", older than the current " + std::to_string(gen_now) + ": stale data)";
-    case WordKind::Future:
-      return hex(v) + " (generation " + std::to_string(g) +
-             ", which was never written; current " + std::to_string(gen_now) + ")";
-    case WordKind::Foreign:
-      return "foreign data " + hex(v) + " (the pattern of page " +
-             std::to_string((v >> 32) & 0xffffff) + ")";
-    case WordKind::Garbage:
-      return "garbage " + hex(v) + " (never written by this test)";
-  }
-  return hex(v);
-}
-
 bool read_value_ok(uint64_t p, uint64_t v, uint64_t gen_now, bool must_be_zero) {
   if (must_be_zero) return v == 0;
   const WordKind k = classify_word(p, v, gen_now);
   return k == WordKind::Zero || k == WordKind::Current || k == WordKind::Older;
-}
-
-bool readback_ok(uint64_t p, uint64_t v, uint64_t gen, const ReadbackRules& r) {
-  switch (classify_word(p, v, gen)) {
-    case WordKind::Current:
-      return true;
-    case WordKind::Zero:
-      return r.punched || r.conversion_may_change;
-    case WordKind::Older:
-      return r.conversion_may_change;
-    default:
-      return false;
-  }
 }
 
 bool round_trip_ok(uint64_t before, uint64_t after, const RoundTripRules& r) {

@@ -20,8 +20,9 @@
 // kernel changes no page when it fails); the driver checks the pages afterwards.
 //
 // Content of host-written pages: word i of page p holds PageModel::tag(p, g) for the generation
-// g of its last write, or 0 (never written, punched, or zeroed by a conversion). The pure
-// functions below classify what an access read.
+// g of its last write, or 0 (never written, punched, or zeroed by a conversion).
+// classify_word / describe_word / readback_ok (page_model.h, shared with the punch races) and
+// the pure functions below classify what an access read.
 #pragma once
 
 #include <atomic>
@@ -30,6 +31,7 @@
 #include <string>
 
 #include "conversion_env.h"
+#include "page_model.h"
 
 namespace cvm::suites {
 
@@ -85,30 +87,9 @@ class ConversionModel {
 
 // --- content classification (pure) -------------------------------------------------------------
 
-enum class WordKind {
-  Zero,
-  Current,  // tag(p, g) of the current generation (the value a read-back expects)
-  Older,    // tag(p, g') with 0 < g' < current: an older generation of the page itself
-  Future,   // tag(p, g') with g' > current or g' == 0: never written
-  Foreign,  // another page's tag
-  Garbage,  // a value this test never writes
-};
-// What word v of page p is, given the page's current generation.
-WordKind classify_word(uint64_t p, uint64_t v, uint64_t gen_now);
-// "0", "the page's current pattern", "foreign data 0x... (the pattern of page 3)", ...
-std::string describe_word(uint64_t p, uint64_t v, uint64_t gen_now);
-
 // Whether a value a reader saw is possible for a page whose current generation is gen_now (0,
 // or one of its own generations up to gen_now); when must_be_zero only 0 is.
 bool read_value_ok(uint64_t p, uint64_t v, uint64_t gen_now, bool must_be_zero);
-
-// What a writer may read back right after writing tag(p, gen) to page p.
-struct ReadbackRules {
-  bool punched = false;                // a punch of the page overlapped the write: 0 allowed
-  bool conversion_may_change = false;  // a conversion that may change contents overlapped:
-                                       // 0 or an older own generation allowed
-};
-bool readback_ok(uint64_t p, uint64_t v, uint64_t gen, const ReadbackRules& r);
 
 // What a page may read after a round trip through private (shared -> private -> shared) with
 // nothing written to it meanwhile, when it read `before` word for word before the trip.

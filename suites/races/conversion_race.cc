@@ -3,25 +3,16 @@
 #include <gtest/gtest.h>
 
 #include <cerrno>
-#include <cstring>
 #include <thread>
 
 #include "cvmconf/fault.h"
+#include "guest_race.h"
 #include "page_model.h"
 
 namespace cvm::suites {
 namespace {
 
 using namespace std::chrono_literals;
-
-template <typename T>
-T vload(const T& x) {
-  return *const_cast<const volatile T*>(&x);
-}
-template <typename T>
-void vstore(T& x, T v) {
-  *const_cast<volatile T*>(&x) = v;
-}
 
 const char* state_name(PageState s) { return s == PageState::Shared ? "shared" : "private"; }
 const char* yes_no(bool b) { return b ? "yes" : "no"; }
@@ -46,17 +37,9 @@ ConversionRace::ConversionRace(Race& race, ConversionEnv& env, ConversionRaceOpt
       pages_(env.pages()),
       words_(page_size() / sizeof(uint64_t)),
       model_(env.pages(), PageState::Shared),
-      hp_(new HostPage[env.pages()]) {}
+      host_(race, kHostPages, o.writers, "a host thread") {}
 
 ConversionRace::~ConversionRace() { race_.join(); }
-
-ConversionRace::Range ConversionRace::pick_range(std::mt19937_64& g, uint64_t lo,
-                                                 uint64_t hi) const {
-  Range r;
-  r.first = Race::pick(g, lo, hi - 1);
-  r.n = Race::pick(g, 1, std::min<uint64_t>(kMaxRange, hi - r.first));
-  return r;
-}
 
 std::string ConversionRace::pages_text(uint64_t first, uint64_t n) const {
   return n == 1 ? "page " + std::to_string(first)
@@ -74,6 +57,14 @@ ConversionRace::Observed ConversionRace::access(uint64_t p, const std::function<
   x.after = model_.snapshot(p);
   x.window = state_window(x.before, x.after);
   return x;
+}
+
+ConversionRace::Observed ConversionRace::access_read(uint64_t p, const uint8_t* addr,
+                                                     std::vector<uint64_t>& out) {
+  out.assign(words_, 0);
+  const uint64_t n = words_;
+  uint64_t* o = out.data();
+  return access(p, [addr, n, o] { read_words(addr, n, o); });
 }
 
 bool ConversionRace::judge(const Observed& x, uint64_t p, const char* op, const std::string& actor,
@@ -126,28 +117,20 @@ bool ConversionRace::judge(const Observed& x, uint64_t p, const char* op, const 
 
 bool ConversionRace::write_page(uint64_t p, const std::string& actor, uint64_t it,
                                 bool owner_while_frozen) {
-  HostPage& s = hp_[p];
-  if (!owner_while_frozen) {
-    if (s.frozen.load()) return false;
-    s.in_write.fetch_add(1);
-    if (s.frozen.load()) {
-      s.in_write.fetch_sub(1);
-      return false;
-    }
-  }
-  const uint64_t pe0 = s.punch_end.load();
-  const uint64_t gen = s.gen.fetch_add(1) + 1;
+  if (!owner_while_frozen && !host_.enter(p)) return false;
+  const uint64_t pe0 = host_.punch_end(p);
+  const uint64_t gen = host_.next_gen(p);
   const uint64_t want = PageModel::tag(p, gen);
   std::vector<uint64_t> back(words_);
-  volatile uint64_t* w = reinterpret_cast<volatile uint64_t*>(env_.shared_hva(p));
+  uint8_t* a = env_.shared_hva(p);
   const uint64_t n = words_;
   uint64_t* out = back.data();
-  Observed x = access(p, [w, n, want, out] {
-    for (uint64_t i = 0; i < n; i++) w[i] = want;
-    for (uint64_t i = 0; i < n; i++) out[i] = w[i];
+  Observed x = access(p, [a, n, want, out] {
+    fill_words(a, n, want);
+    read_words(a, n, out);
   });
-  const uint64_t pb1 = s.punch_begin.load();
-  if (!owner_while_frozen) s.in_write.fetch_sub(1);
+  const uint64_t pb1 = host_.punch_begin(p);
+  if (!owner_while_frozen) host_.leave(p);
   stats_.writes.fetch_add(1, std::memory_order_relaxed);
   if (!judge(x, p, "writing", actor, it)) return false;
   // The separate shared memory of the per-VM back-end is touched by nobody else: exact.
@@ -174,37 +157,22 @@ void ConversionRace::read_page(uint64_t p, const std::string& actor, uint64_t it
   // Per-VM: the driver's state observer writes a marker into frozen pages' shared memory, so
   // readers keep out of frozen pages (and register, so freezing waits for them).
   const bool registered = host && !in_place();
-  if (registered) {
-    if (hp_[p].frozen.load()) return;
-    hp_[p].in_write.fetch_add(1);
-    if (hp_[p].frozen.load()) {
-      hp_[p].in_write.fetch_sub(1);
-      return;
-    }
-  }
-  const uint64_t z0 = host ? hp_[p].zero_epoch.load() : 0;
-  std::vector<uint64_t> buf(words_);
-  const volatile uint64_t* w = reinterpret_cast<const volatile uint64_t*>(env_.shared_hva(p));
-  const uint64_t n = words_;
-  uint64_t* out = buf.data();
-  Observed x = access(p, [w, n, out] {
-    for (uint64_t i = 0; i < n; i++) out[i] = w[i];
-  });
-  const uint64_t gen_now = host ? hp_[p].gen.load() : 0;
-  const uint64_t z1 = host ? hp_[p].zero_epoch.load() : 0;
-  if (registered) hp_[p].in_write.fetch_sub(1);
+  if (registered && !host_.enter(p)) return;
+  const uint64_t z0 = host ? host_.zero_epoch(p) : 0;
+  std::vector<uint64_t> buf;
+  Observed x = access_read(p, env_.shared_hva(p), buf);
+  const uint64_t gen_now = host ? host_.gen(p) : 0;
+  const uint64_t z1 = host ? host_.zero_epoch(p) : 0;
+  if (registered) host_.leave(p);
   stats_.reads.fetch_add(1, std::memory_order_relaxed);
   if (!judge(x, p, "reading", actor, it)) return;
   const std::string where = "page " + std::to_string(p) + " word ";
   if (!host) {
     // A guest page: 0 or its owner vCPU's pattern for it.
     const uint64_t owner = p / kHostPages;
-    for (uint64_t i = 0; i < n; i++) {
+    for (uint64_t i = 0; i < words_; i++) {
       const uint64_t v = buf[i];
-      if (v == 0) continue;
-      if (CVM_RACE_TAG_IS_MARKED(v) && CVM_RACE_TAG_VCPU(v) == owner && CVM_RACE_TAG_PAGE(v) == p &&
-          CVM_RACE_TAG_PASS(v) != 0)
-        continue;
+      if (guest_word_ok(v, owner, p)) continue;
       race_.violation(it, actor,
                       where + std::to_string(i) + " reads " + hex(v) +
                           " through the host's view: not 0 and not vCPU " + std::to_string(owner) +
@@ -215,7 +183,7 @@ void ConversionRace::read_page(uint64_t p, const std::string& actor, uint64_t it
   }
   const bool must_be_zero = z0 != 0 && z0 == z1;
   if (must_be_zero) stats_.reader_zero_checks.fetch_add(1, std::memory_order_relaxed);
-  for (uint64_t i = 0; i < n; i++) {
+  for (uint64_t i = 0; i < words_; i++) {
     if (read_value_ok(p, buf[i], gen_now, must_be_zero)) continue;
     race_.violation(it, actor,
                     where + std::to_string(i) + " reads " + describe_word(p, buf[i], gen_now) +
@@ -228,25 +196,14 @@ void ConversionRace::read_page(uint64_t p, const std::string& actor, uint64_t it
 
 bool ConversionRace::read_whole(uint64_t p, std::vector<uint64_t>& out, const std::string& actor,
                                 uint64_t it) {
-  out.assign(words_, 0);
-  const volatile uint64_t* w = reinterpret_cast<const volatile uint64_t*>(env_.shared_hva(p));
-  const uint64_t n = words_;
-  uint64_t* o = out.data();
-  Observed x = access(p, [w, n, o] {
-    for (uint64_t i = 0; i < n; i++) o[i] = w[i];
-  });
-  return judge(x, p, "reading", actor, it);
+  return judge(access_read(p, env_.shared_hva(p), out), p, "reading", actor, it);
 }
 
 bool ConversionRace::punch(uint64_t first, uint64_t n, const std::string& actor, uint64_t it) {
   const uint64_t ps = page_size();
-  for (uint64_t p = first; p < first + n; p++) hp_[p].punch_begin.fetch_add(1);
-  if (ctl_) vstore(ctl_->punch_begin, vload(ctl_->punch_begin) + 1);  // only the puncher writes it
-  std::atomic_thread_fence(std::memory_order_seq_cst);
-  auto r = env_.gmem().punch_hole(first * ps, n * ps);
-  std::atomic_thread_fence(std::memory_order_seq_cst);
-  if (ctl_) vstore(ctl_->punch_end, vload(ctl_->punch_end) + 1);
-  for (uint64_t p = first; p < first + n; p++) hp_[p].punch_end.fetch_add(1);
+  host_.punch_started(first, n);  // guest pages have no host bookkeeping
+  auto r = guest_visible_punch(ctl_, [&] { return env_.gmem().punch_hole(first * ps, n * ps); });
+  host_.punch_finished(first, n);
   stats_.punches.fetch_add(1, std::memory_order_relaxed);
   if (!r) {
     race_.violation(it, actor, "punching " + pages_text(first, n) + ": " + r.error().message());
@@ -332,31 +289,6 @@ bool ConversionRace::check_states(uint64_t first, uint64_t n, uint64_t it,
   return ok;
 }
 
-bool ConversionRace::freeze(uint64_t first, uint64_t n, uint64_t it) {
-  for (uint64_t p = first; p < first + n; p++) hp_[p].frozen.store(true);
-  const auto limit = std::chrono::steady_clock::now() + 5s;
-  for (uint64_t p = first; p < first + n; p++) {
-    while (hp_[p].in_write.load() != 0) {
-      if (std::chrono::steady_clock::now() > limit) {
-        race_.violation(it, "converter",
-                        "a host thread did not leave page " + std::to_string(p) +
-                            " within 5 s (harness stall)");
-        unfreeze(first, n);
-        return false;
-      }
-      std::this_thread::yield();
-    }
-  }
-  return true;
-}
-
-void ConversionRace::unfreeze(uint64_t first, uint64_t n) {
-  for (uint64_t p = first; p < first + n; p++) {
-    hp_[p].zero_epoch.store(0);
-    hp_[p].frozen.store(false);
-  }
-}
-
 bool ConversionRace::punch_on_puncher(uint64_t first, uint64_t n, std::mt19937_64& rng, uint64_t it,
                                       PageState to) {
   req_first_.store(first);
@@ -384,7 +316,7 @@ bool ConversionRace::punch_on_puncher(uint64_t first, uint64_t n, std::mt19937_6
 }
 
 void ConversionRace::hot_conversion(std::mt19937_64& rng, uint64_t it) {
-  const Range r = pick_range(rng, 0, pages_);
+  const Race::Range r = pick_range(rng, 0, pages_);
   const PageState to = Race::chance(rng, 1, 2) ? PageState::Private : PageState::Shared;
   Race::jitter(rng, 50);
   convert(r.first, r.n, to, it, "hot conversion");
@@ -394,8 +326,8 @@ void ConversionRace::hot_conversion(std::mt19937_64& rng, uint64_t it) {
 }
 
 void ConversionRace::round_trip(std::mt19937_64& rng, uint64_t it) {
-  const Range r = pick_range(rng, 0, kHostPages);
-  if (!freeze(r.first, r.n, it)) return;
+  const Race::Range r = pick_range(rng, 0, kHostPages);
+  if (!host_.freeze(r.first, r.n, "converter", it)) return;
   bool ok = bring(r.first, r.n, PageState::Shared, it, "round trip: making the range shared") &&
             check_states(r.first, r.n, it, "before the round trip");
   // A fresh pattern in every page, so that the comparison after the trip means something.
@@ -404,7 +336,7 @@ void ConversionRace::round_trip(std::mt19937_64& rng, uint64_t it) {
   std::vector<std::vector<uint64_t>> before(r.n);
   std::vector<uint64_t> pe0(r.n);
   for (uint64_t i = 0; ok && i < r.n; i++) {
-    pe0[i] = hp_[r.first + i].punch_end.load();
+    pe0[i] = host_.punch_end(r.first + i);
     ok = read_whole(r.first + i, before[i], "converter", it);
   }
   if (ok) {
@@ -424,7 +356,7 @@ void ConversionRace::round_trip(std::mt19937_64& rng, uint64_t it) {
     std::vector<uint64_t> after;
     if (!read_whole(p, after, "converter", it)) continue;
     RoundTripRules rules;
-    rules.punched = in_place() && hp_[p].punch_begin.load() > pe0[i];
+    rules.punched = in_place() && host_.punch_begin(p) > pe0[i];
     rules.contents_preserved = !in_place() || o_.contents_preserved;
     bool zeroed = false;
     for (uint64_t w = 0; w < words_; w++) {
@@ -433,7 +365,7 @@ void ConversionRace::round_trip(std::mt19937_64& rng, uint64_t it) {
             it, "converter",
             "page " + std::to_string(p) + " word " + std::to_string(w) + " read " +
                 hex(before[i][w]) + " before a round trip through private and " +
-                describe_word(p, after[w], hp_[p].gen.load()) +
+                describe_word(p, after[w], host_.gen(p)) +
                 " after it (a punch overlapped: " + yes_no(rules.punched) +
                 "; contents kept across conversion: " + yes_no(rules.contents_preserved) +
                 (in_place() ? "" : "; the per-VM back-end's shared memory is separate") + ")");
@@ -444,12 +376,12 @@ void ConversionRace::round_trip(std::mt19937_64& rng, uint64_t it) {
     if (zeroed) stats_.zeroed_by_round_trip.fetch_add(1);
   }
   if (ok) stats_.round_trips.fetch_add(1);
-  unfreeze(r.first, r.n);
+  host_.unfreeze(r.first, r.n);
 }
 
 void ConversionRace::punch_while_converting_in_place(std::mt19937_64& rng, uint64_t it) {
-  const Range r = pick_range(rng, 0, kHostPages);
-  if (!freeze(r.first, r.n, it)) return;
+  const Race::Range r = pick_range(rng, 0, kHostPages);
+  if (!host_.freeze(r.first, r.n, "converter", it)) return;
   // A pattern in every page first, so that reading zeroes afterwards means something.
   bool ok = bring(r.first, r.n, PageState::Shared, it, "checked punch: making the range shared");
   for (uint64_t p = r.first; ok && p < r.first + r.n; p++)
@@ -470,20 +402,14 @@ void ConversionRace::punch_while_converting_in_place(std::mt19937_64& rng, uint6
          "a second mapping"}};
     for (const auto& [addr, name] : views) {
       if (!addr || !ok) continue;
-      std::vector<uint64_t> buf(words_);
-      const volatile uint64_t* w = reinterpret_cast<const volatile uint64_t*>(addr);
-      const uint64_t n = words_;
-      uint64_t* out = buf.data();
-      Observed x = access(p, [w, n, out] {
-        for (uint64_t i = 0; i < n; i++) out[i] = w[i];
-      });
-      if (!judge(x, p, "reading", "converter", it)) {
+      std::vector<uint64_t> buf;
+      if (!judge(access_read(p, addr, buf), p, "reading", "converter", it)) {
         ok = false;
         break;
       }
       // What a stale view would show: the pattern written before the punch.
-      const uint64_t stale = PageModel::tag(p, hp_[p].gen.load());
-      for (uint64_t i = 0; i < n; i++) {
+      const uint64_t stale = PageModel::tag(p, host_.gen(p));
+      for (uint64_t i = 0; i < words_; i++) {
         const uint64_t v = race_.observe(buf[i], stale, it);
         if (v == 0) continue;
         race_.violation(it, "converter",
@@ -498,19 +424,15 @@ void ConversionRace::punch_while_converting_in_place(std::mt19937_64& rng, uint6
   }
   if (ok) {
     // Readers check the zeroes for a while too.
-    const uint64_t e = zero_epoch_seq_.fetch_add(1) + 1;
-    for (uint64_t p = r.first; p < r.first + r.n; p++) hp_[p].zero_epoch.store(e);
-    const auto until =
-        std::chrono::steady_clock::now() + std::chrono::microseconds(Race::pick(rng, 0, 200));
-    while (std::chrono::steady_clock::now() < until) std::this_thread::yield();
+    host_.publish_zero(r.first, r.n, Race::pick(rng, 0, 200));
     stats_.checked_punches.fetch_add(1);
   }
-  unfreeze(r.first, r.n);
+  host_.unfreeze(r.first, r.n);
 }
 
 void ConversionRace::punch_while_converting_per_vm(std::mt19937_64& rng, uint64_t it) {
-  const Range r = pick_range(rng, 0, kHostPages);
-  if (!freeze(r.first, r.n, it)) return;
+  const Race::Range r = pick_range(rng, 0, kHostPages);
+  if (!host_.freeze(r.first, r.n, "converter", it)) return;
   // The host's separate shared memory, which neither punches nor conversions may change.
   std::vector<std::vector<uint64_t>> host_before(r.n);
   bool ok = true;
@@ -559,7 +481,7 @@ void ConversionRace::punch_while_converting_per_vm(std::mt19937_64& rng, uint64_
     }
   }
   if (ok) stats_.checked_punches.fetch_add(1);
-  unfreeze(r.first, r.n);
+  host_.unfreeze(r.first, r.n);
 }
 
 // --- guest ---------------------------------------------------------------------------------------
@@ -570,8 +492,7 @@ void ConversionRace::start_guest() {
     no_guest_ = vm ? "the environment has no vCPUs for punch_race" : "the environment has no guest";
     return;
   }
-  auto* ctl = reinterpret_cast<cvm_race_ctl*>(vm->boot_hva(CVM_SCRATCH_GPA));
-  std::memset(ctl, 0, sizeof *ctl);
+  cvm_race_ctl* ctl = reset_race_ctl(*vm);
   for (int v = 1; v <= kGuestVcpus; v++) {
     vstore(ctl->vcpu[v].req, static_cast<uint64_t>(CVM_RACE_REQ(0, CVM_RACE_MODE_RUN)));
     auto r = vm->start(v, "punch_race",
@@ -587,20 +508,10 @@ void ConversionRace::start_guest() {
   ctl_ = ctl;
   guest_vcpus_ = kGuestVcpus;
   race_.on_stop([ctl] { vstore(ctl->stop, uint64_t{1}); });
-  const auto timeout = std::chrono::duration_cast<std::chrono::milliseconds>(
-                           race_.deadline() - std::chrono::steady_clock::now()) +
-                       30s;
+  const auto timeout = guest_run_timeout(race_);
   for (int v = 1; v <= kGuestVcpus; v++)
-    race_.spawn("vcpu " + std::to_string(v), [this, vm, v, timeout](RaceWorker& me) {
-      UcallEvent ev = vm->run(v, timeout);
-      guest_exited_[v] = true;
-      if (ev.kind == UcallEvent::Kind::Sync && ev.stage() == 1 && ev.args.size() >= 2) {
-        stats_.guest_passes[v] = ev.args[1];
-        me.ops(ev.args[1] * kHostPages);
-      } else {
-        race_.violation(race_.iteration(), me.name(), "the guest stopped early: " + ev.describe());
-      }
-    });
+    spawn_guest_runner(race_, *vm, v, timeout, kHostPages, guest_exited_[v],
+                       stats_.guest_passes[v]);
 }
 
 void ConversionRace::wait_for_guest_passes() {
@@ -614,23 +525,10 @@ void ConversionRace::wait_for_guest_passes() {
 
 void ConversionRace::collect_guest_results() {
   if (!ctl_) return;
-  for (int v = 1; v <= kGuestVcpus; v++) {
-    const cvm_race_vcpu& vc = ctl_->vcpu[v];
-    if (vload(vc.violations) == 0) continue;
-    const uint64_t kind = vload(vc.v_kind);
-    const std::string expected =
-        kind == CVM_RACE_LOST_WRITE || kind == CVM_RACE_STALE
-            ? hex(vload(vc.v_expected)) +
-                  " (just written; no punch, and no conversion that may "
-                  "change contents, overlapped the write)"
-            : "0 or its own pattern (now " + hex(vload(vc.v_expected)) + ")";
-    race_.violation(vload(vc.v_iteration), "vcpu " + std::to_string(v),
-                    std::string(cvm_race_violation_name(kind)) + " at gpa " +
-                        hex(vload(vc.v_gpa)) + ": read " + hex(vload(vc.v_value)) +
-                        ", expected " + expected + " (pass " + std::to_string(vload(vc.v_pass)) +
-                        ", " + std::to_string(vload(vc.violations)) +
-                        " violation(s) on this vCPU)");
-  }
+  // (This race never asks for a zero pass, so CVM_RACE_NOT_ZERO does not occur.)
+  report_guest_violations(race_, *ctl_, 1, kGuestVcpus,
+                          "just written; no punch, and no conversion that may change contents, "
+                          "overlapped the write");
 }
 
 void ConversionRace::final_checks() {
@@ -655,15 +553,11 @@ void ConversionRace::run() {
   start_guest();
   const int writers = std::max(1, o_.writers);
   for (int w = 0; w < writers; w++)
-    race_.spawn("writer " + std::to_string(w), [this, w, writers](RaceWorker& me) {
+    race_.spawn("writer " + std::to_string(w), [this, w](RaceWorker& me) {
       workers_started_.fetch_add(1);
-      const uint64_t owned =
-          (kHostPages - static_cast<uint64_t>(w) + static_cast<uint64_t>(writers) - 1) /
-          static_cast<uint64_t>(writers);
       while (!race_.stopping()) {
         const uint64_t it = race_.iteration();
-        const uint64_t p = static_cast<uint64_t>(w) +
-                           Race::pick(me.rng(), 0, owned - 1) * static_cast<uint64_t>(writers);
+        const uint64_t p = host_.pick_owned(me.rng(), w);
         if (write_page(p, me.name(), it, false)) me.ops();
         Race::jitter(me.rng(), 20);
       }
@@ -694,7 +588,7 @@ void ConversionRace::run() {
           me.ops();
           continue;
         }
-        const Range x = pick_range(me.rng(), 0, pages_);
+        const Race::Range x = pick_range(me.rng(), 0, pages_);
         punch(x.first, x.n, me.name(), it);
         me.ops();
         // Short pauses, watching for the driver's requests.

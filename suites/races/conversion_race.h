@@ -43,6 +43,7 @@
 #include "conversion_model.h"
 #include "cvmconf/fault.h"
 #include "cvmconf_guest/race.h"
+#include "page_model.h"
 #include "race.h"
 
 namespace cvm::suites {
@@ -97,30 +98,25 @@ class ConversionRace {
   bool has_guest() const { return guest_vcpus_ > 0; }
 
  private:
-  struct HostPage {
-    std::atomic<uint64_t> gen{0};
-    std::atomic<uint64_t> punch_begin{0}, punch_end{0};
-    std::atomic<uint64_t> zero_epoch{0};  // != 0: the page must read zeroes
-    std::atomic<bool> frozen{false};
-    std::atomic<int> in_write{0};
-  };
   struct Observed {
     FaultResult fault;
     StateSnapshot before, after;
     StateWindow window;
     bool converted_during() const { return after.seq != before.seq || before.in_flight(); }
   };
-  struct Range {
-    uint64_t first = 0, n = 0;
-  };
 
   bool in_place() const { return env_.in_place(); }
   bool is_host_page(uint64_t p) const { return p < kHostPages; }
-  Range pick_range(std::mt19937_64& g, uint64_t lo, uint64_t hi) const;  // inside [lo, hi)
+  // A seeded range of at most kMaxRange pages inside [lo, hi).
+  static Race::Range pick_range(std::mt19937_64& g, uint64_t lo, uint64_t hi) {
+    return Race::pick_range(g, lo, hi, kMaxRange);
+  }
   std::string pages_text(uint64_t first, uint64_t n) const;
 
   // Accesses (any thread).
   Observed access(uint64_t p, const std::function<void()>& body);
+  // Reads the whole page p through addr (a mapping of it) into out, as one access().
+  Observed access_read(uint64_t p, const uint8_t* addr, std::vector<uint64_t>& out);
   bool judge(const Observed& x, uint64_t p, const char* op, const std::string& actor, uint64_t it);
   bool write_page(uint64_t p, const std::string& actor, uint64_t it, bool owner_while_frozen);
   void read_page(uint64_t p, const std::string& actor, uint64_t it);
@@ -132,8 +128,6 @@ class ConversionRace {
                            const std::string& why);
   bool bring(uint64_t first, uint64_t n, PageState to, uint64_t it, const std::string& why);
   bool check_states(uint64_t first, uint64_t n, uint64_t it, const std::string& when);
-  bool freeze(uint64_t first, uint64_t n, uint64_t it);
-  void unfreeze(uint64_t first, uint64_t n);
   bool punch_on_puncher(uint64_t first, uint64_t n, std::mt19937_64& rng, uint64_t it,
                         PageState to);
   void hot_conversion(std::mt19937_64& rng, uint64_t it);
@@ -151,8 +145,9 @@ class ConversionRace {
   uint64_t pages_;
   uint64_t words_;
   ConversionModel model_;
-  std::unique_ptr<HostPage[]> hp_;
-  std::atomic<uint64_t> zero_epoch_seq_{0};
+  // The host pages' bookkeeping (generations, punch counters, freezing, published zeroes);
+  // the accesses themselves are this race's (bracketed by access()).
+  PageModel host_;
   Mapping second_view_;  // in place: another mapping of the guest_memfd
   Stats stats_;
 

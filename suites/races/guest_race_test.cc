@@ -7,9 +7,7 @@
 // that still sees its old pattern after the punch returned has a stale mapping). A host reader
 // faults the same pages through the mapping concurrently. Any foreign, garbage, stale or lost
 // value the guest sees is reported with the host iteration it happened in.
-#include <cstring>
-
-#include "cvmconf_guest/race.h"
+#include "guest_race.h"
 #include "punch_race.h"
 
 namespace cvm::suites {
@@ -22,15 +20,6 @@ constexpr uint32_t kTestSlot = 1;
 // The guest checks and writes every kStride-th word of a page: guest memory accesses cost
 // microseconds on some hosts (PVM), and a sample keeps the passes, and so the race, fast.
 constexpr uint64_t kStride = 31;
-
-template <typename T>
-T load(const T& x) {
-  return *const_cast<const volatile T*>(&x);
-}
-template <typename T>
-void store(T& x, T v) {
-  *const_cast<volatile T*>(&x) = v;
-}
 
 CVM_TEST_P(PunchRace, GuestAccesses, "RACE-002") {
   CVM_SKIP_IF(shared_gmem_unsupported());
@@ -56,30 +45,19 @@ CVM_TEST_P(PunchRace, GuestAccesses, "RACE-002") {
   slot.gmem_fd = g.fd();
   ASSERT_TRUE(vm.vm().set_memslot(slot).ok());
 
-  auto* ctl = reinterpret_cast<cvm_race_ctl*>(vm.boot_hva(CVM_SCRATCH_GPA));
-  std::memset(ctl, 0, sizeof *ctl);
+  cvm_race_ctl* ctl = reset_race_ctl(vm);
   for (int v = 0; v < kVcpus; v++) {
-    store(ctl->vcpu[v].req, CVM_RACE_REQ(0, CVM_RACE_MODE_RUN));
+    vstore(ctl->vcpu[v].req, CVM_RACE_REQ(0, CVM_RACE_MODE_RUN));
     ASSERT_TRUE(vm.start(v, "punch_race", {CVM_TEST_MEM_GPA, kPagesPerVcpu, CVM_SCRATCH_GPA, kStride}).ok());
   }
 
   Race race(defaults());
-  race.on_stop([ctl] { store(ctl->stop, uint64_t{1}); });
-  const auto vcpu_timeout = std::chrono::duration_cast<std::chrono::milliseconds>(
-      race.deadline() - std::chrono::steady_clock::now()) + std::chrono::seconds(30);
+  race.on_stop([ctl] { vstore(ctl->stop, uint64_t{1}); });
+  const auto vcpu_timeout = guest_run_timeout(race);
   std::atomic<bool> exited[kVcpus] = {};
   uint64_t final_passes[kVcpus] = {};
   for (int v = 0; v < kVcpus; v++)
-    race.spawn("vcpu " + std::to_string(v), [&, v](RaceWorker& me) {
-      UcallEvent ev = vm.run(v, vcpu_timeout);
-      exited[v] = true;
-      if (ev.kind == UcallEvent::Kind::Sync && ev.stage() == 1 && ev.args.size() >= 2) {
-        final_passes[v] = ev.args[1];
-        me.ops(ev.args[1] * kPagesPerVcpu);
-      } else {
-        race.violation(race.iteration(), me.name(), "the guest stopped early: " + ev.describe());
-      }
-    });
+    spawn_guest_runner(race, vm, v, vcpu_timeout, kPagesPerVcpu, exited[v], final_passes[v]);
   race.spawn("host reader", [&](RaceWorker& me) {
     const uint64_t words = ps / sizeof(uint64_t);
     std::vector<uint64_t> buf(words);
@@ -91,10 +69,7 @@ CVM_TEST_P(PunchRace, GuestAccesses, "RACE-002") {
       me.ops();
       for (uint64_t i = 0; i < words; i++) {
         uint64_t x = buf[i];
-        if (x == 0) continue;
-        if (CVM_RACE_TAG_IS_MARKED(x) && CVM_RACE_TAG_VCPU(x) == p / kPagesPerVcpu &&
-            CVM_RACE_TAG_PAGE(x) == p && CVM_RACE_TAG_PASS(x) != 0)
-          continue;
+        if (guest_word_ok(x, p / kPagesPerVcpu, p)) continue;
         race.violation(it, me.name(), "page " + std::to_string(p) + " word " + std::to_string(i) +
                                           " reads " + hex(x) + " through the mapping: not 0 and not vCPU " +
                                           std::to_string(p / kPagesPerVcpu) + "'s pattern for it");
@@ -113,11 +88,7 @@ CVM_TEST_P(PunchRace, GuestAccesses, "RACE-002") {
     return true;
   };
   auto punch = [&](uint64_t first, uint64_t n, uint64_t it) {
-    store(ctl->punch_begin, load(ctl->punch_begin) + 1);
-    std::atomic_thread_fence(std::memory_order_seq_cst);
-    auto r = g.punch_hole(first * ps, n * ps);
-    std::atomic_thread_fence(std::memory_order_seq_cst);
-    store(ctl->punch_end, load(ctl->punch_end) + 1);
+    auto r = guest_visible_punch(ctl, [&] { return g.punch_hole(first * ps, n * ps); });
     if (!r) race.violation(it, "puncher", "punching pages [" + std::to_string(first) + ", " +
                                               std::to_string(first + n) + "): " + r.error().message());
     return r.ok();
@@ -127,15 +98,14 @@ CVM_TEST_P(PunchRace, GuestAccesses, "RACE-002") {
   auto rng = race.rng(0);
   while (race.next_iteration()) {
     const uint64_t it = race.iteration();
-    store(ctl->iteration, it);
+    vstore(ctl->iteration, it);
     if (it == 0 || Race::chance(rng, 1, 2)) {  // the first punch is always a checked one
       const int v = static_cast<int>(Race::pick(rng, 0, kVcpus - 1));
-      const uint64_t zf = Race::pick(rng, 0, kPagesPerVcpu - 1);
-      const uint64_t zn = Race::pick(rng, 1, std::min<uint64_t>(3, kPagesPerVcpu - zf));
+      const auto [zf, zn] = Race::pick_range(rng, 0, kPagesPerVcpu, 3);
       cvm_race_vcpu& vc = ctl->vcpu[v];
       const uint64_t hold = CVM_RACE_REQ(epoch++, CVM_RACE_MODE_HOLD);
-      store(vc.req, hold);
-      if (!wait_for(v, [&] { return load(vc.ack) == hold; })) {
+      vstore(vc.req, hold);
+      if (!wait_for(v, [&] { return vload(vc.ack) == hold; })) {
         race.violation(it, "puncher", "vCPU " + std::to_string(v) + " did not hold still within 5 s");
         break;
       }
@@ -156,42 +126,27 @@ CVM_TEST_P(PunchRace, GuestAccesses, "RACE-002") {
         }
       }
       // Then the guest's: a full pass in which the punched pages must read zeroes.
-      store(vc.zero_first, zf);
-      store(vc.zero_npages, zn);
+      vstore(vc.zero_first, zf);
+      vstore(vc.zero_npages, zn);
       const uint64_t zero = CVM_RACE_REQ(epoch++, CVM_RACE_MODE_ZERO);
       std::atomic_thread_fence(std::memory_order_seq_cst);
-      store(vc.req, ok ? zero : CVM_RACE_REQ(epoch++, CVM_RACE_MODE_RUN));
-      if (ok && !wait_for(v, [&] { return load(vc.done) == zero; })) {
+      vstore(vc.req, ok ? zero : CVM_RACE_REQ(epoch++, CVM_RACE_MODE_RUN));
+      if (ok && !wait_for(v, [&] { return vload(vc.done) == zero; })) {
         race.violation(it, "puncher", "vCPU " + std::to_string(v) + " did not finish its check pass within 5 s");
         break;
       }
-      store(vc.req, CVM_RACE_REQ(epoch++, CVM_RACE_MODE_RUN));
+      vstore(vc.req, CVM_RACE_REQ(epoch++, CVM_RACE_MODE_RUN));
       checked++;
     } else {
-      const uint64_t first = Race::pick(rng, 0, kPages - 1);
-      const uint64_t n = Race::pick(rng, 1, std::min<uint64_t>(4, kPages - first));
+      const Race::Range r = Race::pick_range(rng, 0, kPages, 4);
       Race::jitter(rng, 100);
-      punch(first, n, it);
+      punch(r.first, r.n, it);
       hot++;
     }
     race.ops();
   }
   race.join();  // sets ctl->stop; the vCPUs report their last pass
-  for (int v = 0; v < kVcpus; v++) {
-    const cvm_race_vcpu& vc = ctl->vcpu[v];
-    if (load(vc.violations) == 0) continue;
-    const uint64_t kind = load(vc.v_kind);
-    const std::string expected =
-        kind == CVM_RACE_NOT_ZERO ? std::string("0")
-        : kind == CVM_RACE_LOST_WRITE || kind == CVM_RACE_STALE
-            ? hex(load(vc.v_expected)) + " (just written)"
-            : "0 or its own pattern (now " + hex(load(vc.v_expected)) + ")";
-    race.violation(load(vc.v_iteration), "vcpu " + std::to_string(v),
-                   std::string(cvm_race_violation_name(kind)) + " at gpa " + hex(load(vc.v_gpa)) + ": read " +
-                       hex(load(vc.v_value)) + ", expected " + expected + " (pass " +
-                       std::to_string(load(vc.v_pass)) + ", " + std::to_string(load(vc.violations)) +
-                       " violation(s) on this vCPU)");
-  }
+  report_guest_violations(race, *ctl, 0, kVcpus - 1, "just written");
   RaceSummary s = race.finish();
   record("checked_punches", checked);
   record("hot_punches", hot);

@@ -12,16 +12,6 @@ namespace {
 constexpr uint64_t kPages = 16;
 constexpr uint64_t kMaxRange = 4;
 
-// A seeded page range [first, first + n) with 1 <= n <= max_n inside [0, pages).
-struct Range {
-  uint64_t first, n;
-};
-Range pick_range(std::mt19937_64& g, uint64_t pages, uint64_t max_n) {
-  uint64_t first = Race::pick(g, 0, pages - 1);
-  uint64_t n = Race::pick(g, 1, std::min(max_n, pages - first));
-  return {first, n};
-}
-
 // Writers fill their own pages, readers read any page, through the mapping at base.
 void spawn_faulters(Race& race, PageModel& model, uint8_t* base, int writers, int readers) {
   const uint64_t ps = page_size();
@@ -71,7 +61,7 @@ CVM_TEST_P(PunchRace, HostFaults, "RACE-001") {
   auto rng = race.rng(0);
   while (race.next_iteration()) {
     const uint64_t it = race.iteration();
-    Range r = pick_range(rng, kPages, kMaxRange);
+    Race::Range r = Race::pick_range(rng, 0, kPages, kMaxRange);
     Race::jitter(rng, 50);
     if (it == 0 || Race::chance(rng, 1, 2))  // the first punch is always a checked one
       model.checked_punch(g, r.first, r.n, {racing.data(), second.data()}, Race::pick(rng, 0, 200),
@@ -110,7 +100,7 @@ CVM_TEST_P(PunchRace, MmapMunmap, "RACE-004") {
     race.spawn("mapper " + std::to_string(w), [&, w](RaceWorker& me) {
       while (!race.stopping()) {
         const uint64_t it = race.iteration();
-        Range r = pick_range(me.rng(), kPages, 6);
+        Race::Range r = Race::pick_range(me.rng(), 0, kPages, 6);
         auto m = g.map(r.n * ps, PROT_READ | PROT_WRITE, r.first * ps);
         if (!m) {
           race.violation(it, me.name(), "mmap of pages [" + std::to_string(r.first) + ", " +
@@ -142,7 +132,7 @@ CVM_TEST_P(PunchRace, MmapMunmap, "RACE-004") {
   auto rng = race.rng(0);
   while (race.next_iteration()) {
     const uint64_t it = race.iteration();
-    Range r = pick_range(rng, kPages, kMaxRange);
+    Race::Range r = Race::pick_range(rng, 0, kPages, kMaxRange);
     Race::jitter(rng, 50);
     if (it == 0 || Race::chance(rng, 1, 2)) {  // the first punch is always a checked one
       auto fresh = g.map(g.size());
@@ -189,7 +179,7 @@ CVM_TEST_P(PunchRace, Reallocate, "RACE-004") {
   race.spawn("allocator", [&](RaceWorker& me) {
     while (!race.stopping()) {
       const uint64_t it = race.iteration();
-      Range r = pick_range(me.rng(), kPages, kMaxRange);
+      Race::Range r = Race::pick_range(me.rng(), 0, kPages, kMaxRange);
       if (model.allocate(g, r.first, r.n, me.name(), it)) allocations.fetch_add(1, std::memory_order_relaxed);
       me.ops();
       Race::jitter(me.rng(), 100);
@@ -200,7 +190,7 @@ CVM_TEST_P(PunchRace, Reallocate, "RACE-004") {
   auto rng = race.rng(0);
   while (race.next_iteration()) {
     const uint64_t it = race.iteration();
-    Range r = pick_range(rng, kPages, kMaxRange);
+    Race::Range r = Race::pick_range(rng, 0, kPages, kMaxRange);
     Race::jitter(rng, 50);
     // The first iterations make sure that each checked operation runs at least once.
     switch (it < 2 ? it + 1 : Race::pick(rng, 0, 2)) {

@@ -59,9 +59,8 @@ PinRaceCounters run_pin_race(Race& race, const PinProvider& provider, bool rerea
   race.spawn("puncher", [&](RaceWorker& me) {
     while (!race.stopping()) {
       const uint64_t it = race.iteration();
-      uint64_t first = Race::pick(me.rng(), 0, kPages - 1);
-      uint64_t n = Race::pick(me.rng(), 1, std::min(kMaxRange, kPages - first));
-      model.punch(g, first, n, me.name(), it);
+      const Race::Range r = Race::pick_range(me.rng(), 0, kPages, kMaxRange);
+      model.punch(g, r.first, r.n, me.name(), it);
       me.ops();
       Race::jitter(me.rng(), 300);
     }
@@ -78,8 +77,7 @@ PinRaceCounters run_pin_race(Race& race, const PinProvider& provider, bool rerea
   auto rng = race.rng(0);
   while (race.next_iteration()) {
     const uint64_t it = race.iteration();
-    const uint64_t first = Race::pick(rng, 0, kPages - 1);
-    const uint64_t n = Race::pick(rng, 1, std::min(kMaxRange, kPages - first));
+    const auto [first, n] = Race::pick_range(rng, 0, kPages, kMaxRange);
     std::vector<uint64_t> end_fill(n), want(n), begin_pin(n);
     std::vector<bool> clean(n);
     for (uint64_t k = 0; k < n; k++) end_fill[k] = model.punch_end(first + k);
@@ -114,9 +112,8 @@ PinRaceCounters run_pin_race(Race& race, const PinProvider& provider, bool rerea
     if (ok && Race::chance(rng, 1, 2)) {
       // Punch part of the pinned range from here too, so every other iteration has a punch
       // while the pin is held, whatever the puncher thread does.
-      uint64_t sf = first + Race::pick(rng, 0, n - 1);
-      uint64_t sn = Race::pick(rng, 1, first + n - sf);
-      model.punch(g, sf, sn, "pinner", it);
+      const Race::Range sub = Race::pick_range(rng, first, first + n, n);
+      model.punch(g, sub.first, sub.n, "pinner", it);
     }
     Race::jitter(rng, 200);
     if (ok) {

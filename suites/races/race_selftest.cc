@@ -15,6 +15,7 @@
 
 #include "cvmconf/gtest_support.h"
 #include "cvmconf/platform.h"
+#include "platform_fixture.h"
 #include "race.h"
 
 namespace cvm::suites {
@@ -223,10 +224,8 @@ std::string failure_text(const nlohmann::json& t) {
 }
 
 std::string host_faults_test_name() {
-  std::string p = default_platform().id();
-  for (char& c : p)
-    if (c == '-') c = '_';
-  return "Platforms/PunchRace.HostFaults/" + p;
+  return "Platforms/PunchRace.HostFaults/" +
+         platform_param_name(::testing::TestParamInfo<const Platform*>(&default_platform(), 0));
 }
 
 TEST(RaceChecker, StaleValueInARealRaceIsReportedAndReplayable) {
