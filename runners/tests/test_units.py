@@ -86,8 +86,12 @@ def test_unknown_vm_types_and_probe_fields_flow_through():
     assert fp["kmsg"] == {"readable": False, "error": "EACCES"}
 
 
-def test_local_host_facts():
+def test_local_host_facts(tmp_path):
     assert all(isinstance(s, int) and s > 0 for s in fingerprint.hugetlb_sizes())
+    for d in ("hugepages-1048576kB", "hugepages-2048kB", "not-hugepages", "hugepages-xkB"):
+        (tmp_path / d).mkdir()
+    assert fingerprint.hugetlb_sizes(str(tmp_path)) == [2048, 1048576]
+    assert fingerprint.hugetlb_sizes(str(tmp_path / "absent")) == []
     sha, source, err = fingerprint.kernel_config_hash(os.uname().release)
     assert (sha and source and not err) or (not sha and err)
 
