@@ -24,6 +24,7 @@ EXPECTED = {
     "Broken.ExitsWithoutReport": "ERROR",
     "Broken.Passes6": "PASS",
     "Broken.FailsOnlyTheFirstTime": "PASS",
+    "Broken.HarnessSetupFails": "ERROR",
 }
 
 
@@ -61,6 +62,18 @@ def test_results_come_from_several_batches_with_the_rest_rerun(broken_run):
         "Broken.Aborts" in batches[1]["filter"].split("-", 1)[1]
     for b in batches:
         assert (run_dir / "batches" / b["label"] / "output.txt").exists()
+
+
+def test_a_harness_setup_failure_is_error_not_fail(broken_run):
+    _, _, data = broken_run
+    t = by_name(data)["Broken.HarnessSetupFails"]
+    assert t["outcome"] == "ERROR"
+    assert any("harness set-up failed" in m and "mapping the test's memory" in m
+               for m in t["messages"]), t["messages"]
+    assert t["properties"]["harness_error"].startswith("mapping the test's memory")
+    # The requirement it names is not declared non-conforming.
+    req = {r["id"]: r for r in data["requirements"]}["BROKEN-011"]
+    assert req["outcome"] == "ERROR", req
 
 
 @pytest.mark.parametrize("test, exit_text", [
