@@ -1,5 +1,5 @@
 """The QEMU target end to end, for real: Debian's 6.1 kernels under QEMU TCG (downloaded with
-apt-get download and cached in BUILD/qemu-cache), with nested KVM (kvm-amd) on x86_64 and a pKVM
+apt-get download and cached under $CVMCONF_CACHE), with nested KVM (kvm-amd) on x86_64 and a pKVM
 host on arm64. ./cvmconf test installs QEMU and builds the arm64 guest tools first."""
 import json
 import re
@@ -142,8 +142,11 @@ def test_missing_kernel_is_a_usage_error(build_dir, tmp_path):
                 "--results-dir", str(tmp_path), timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        "cvmconf: kernel image not found: /no/such/bzImage (give an image path or a Debian kernel "
-        "package name such as linux-image-cloud-amd64)"]
+        "cvmconf: kernel image not found: /no/such/bzImage (give an image path, 'ref', "
+        "debian:SUITE/PACKAGE, or a Debian kernel package name such as linux-image-cloud-amd64)"]
+    r = cvmconf(build_dir, "run", "--target", "qemu", "--kernel", "debian:sid",
+                "--results-dir", str(tmp_path), timeout=120)
+    assert r.returncode == 2 and "expected debian:SUITE/PACKAGE" in r.stderr, r.stderr
     r = cvmconf(build_dir, "run", "--kernel", "x", "--results-dir", str(tmp_path), timeout=120)
     assert r.returncode == 2 and "only apply to --target qemu" in r.stderr
 
