@@ -187,14 +187,15 @@ class Archive:
         if st is None:
             raise UsageError(f"package {name}{'=' + version if version else ''} ({deb_arch}) "
                              f"is not in {where}")
-        hit = self.cached(name, deb_arch, st.version)
+        arch = "all" if st.arch == "all" else deb_arch   # e.g. linux-source-X is Arch: all
+        hit = self.cached(name, arch, st.version)
         if hit:
             return hit
         self.debs.mkdir(parents=True, exist_ok=True)
-        spec = f"{name}:{deb_arch}={st.version}"
+        spec = f"{name}={st.version}" if arch == "all" else f"{name}:{arch}={st.version}"
         p = self._apt("apt-get", ["download", "-q", spec], f"apt-get download {spec}",
                       cwd=self.debs)
-        out = self.debs / deb_filename(name, st.version, deb_arch)
+        out = self.debs / deb_filename(name, st.version, arch)
         if p.returncode != 0 or not out.exists():
             msg = [l for l in p.stderr.strip().splitlines() if l.startswith("E:")] or ["failed"]
             raise UsageError(f"package {spec} could not be downloaded from {where}: {msg[-1]}")
