@@ -231,6 +231,16 @@ void make_conversion_env(std::unique_ptr<ConversionEnv>& env, const Kvm& kvm, co
   env = std::move(e.value());
 }
 
+void reenter_conversion_memory_faults(GuestVm& vm, uint64_t lo, uint64_t hi,
+                                      std::shared_ptr<std::atomic<uint64_t>> count) {
+  vm.set_exit_handler([lo, hi, count](int, Vcpu&, const ExitInfo& e) {
+    if (e.kind != ExitKind::MemoryFault || e.memory_fault.gpa < lo || e.memory_fault.gpa >= hi)
+      return false;
+    count->fetch_add(1);
+    return true;
+  });
+}
+
 bool content_preserved_expected(ConversionAbi abi, const Platform& p) {
   return abi == ConversionAbi::InPlaceV8 && p.id() == "x86-sw-protected";
 }

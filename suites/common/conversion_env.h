@@ -8,6 +8,7 @@
 //                          memory: seen = shared (a private page is served from guest_memfd).
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <optional>
@@ -125,6 +126,15 @@ void make_conversion_env(std::unique_ptr<ConversionEnv>& env, const Kvm& kvm, co
 // in-place v8 on SW_PROTECTED VMs (the v8 selftests rely on it). Elsewhere contents are
 // unspecified (facts §3.2, §3.3, §3.5) and only recorded.
 bool content_preserved_expected(ConversionAbi abi, const Platform& p);
+
+// KVM reads a page's attribute when a fault starts and again once it holds the MMU notifier
+// sequence; a conversion in between makes KVM_RUN exit with KVM_EXIT_MEMORY_FAULT (EFAULT),
+// which the VMM resolves and re-enters (Documentation/virt/kvm/api.rst, KVM_EXIT_MEMORY_FAULT).
+// Where the host is the only converter, resolving is re-entering: this installs an exit handler
+// on `vm` that re-enters memory-fault exits for GPAs in [lo, hi) and counts them in *count
+// (other exits are left to the caller). set_exit_handler(nullptr) removes it.
+void reenter_conversion_memory_faults(GuestVm& vm, uint64_t lo, uint64_t hi,
+                                      std::shared_ptr<std::atomic<uint64_t>> count);
 
 // /proc/self/pagemap: whether the page containing addr has a present PTE in this process.
 Result<bool> pte_present(const void* addr);

@@ -80,6 +80,10 @@ class ConversionRace {
     std::atomic<uint64_t> separate_accesses{0};   // per-VM: completed on the separate memory
     std::atomic<uint64_t> reader_zero_checks{0};
     std::atomic<uint64_t> punches{0}, checked_punches{0}, overlapped_punches{0};
+    std::atomic<uint64_t> fills_punched{0};  // checked punches abandoned: the puncher got there first
+    // KVM_EXIT_MEMORY_FAULTs of the guest vCPUs that a conversion caused (re-entered)
+    std::shared_ptr<std::atomic<uint64_t>> memory_fault_exits =
+        std::make_shared<std::atomic<uint64_t>>(0);
     std::atomic<uint64_t> round_trips{0}, zeroed_by_round_trip{0}, hot_conversions{0};
     uint64_t guest_passes[kGuestVcpus + 1] = {};
   };
