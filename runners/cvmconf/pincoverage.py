@@ -54,17 +54,52 @@ def pin_coverage(results: list[TestResult]) -> list[CoverageRow]:
     return [rows[k] for k in sorted(rows)]
 
 
-def format_pin_coverage(rows: list[CoverageRow], max_reason: int = 110) -> str:
-    """A plain-text table (Markdown-compatible) of the coverage rows; '' when there are none."""
+def _cell(r: CoverageRow, reasons: list[str]) -> str:
+    if r.failed:
+        return "FAIL" + (f" {r.failed}" if r.failed > 1 else "")
+    if r.other:
+        return "ERROR"
+    if r.passed:
+        return "pass" + (f" {r.passed}" if r.passed > 1 else "")
+    refs = ",".join(str(reasons.index(x) + 1) for x in sorted(r.skip_reasons))
+    return f"skip [{refs}]" if refs else "skip"
+
+
+def format_pin_coverage(rows: list[CoverageRow], width: int = 80) -> str:
+    """A fixed-width text table of the coverage rows, at most `width` columns: one line per
+    requirement and backing, one column per GUP flavour ('pass', 'FAIL', 'ERROR', 'skip [n]',
+    '-' for a combination no test covers), then each distinct skip reason once, numbered, and
+    the providers that ran. '' when there are none."""
     if not rows:
         return ""
-    lines = ["| requirement | backing | GUP flavour | pass | fail | skip | providers run | why not run |",
-             "|---|---|---|---|---|---|---|---|"]
+    import textwrap
+    reasons = sorted({x for r in rows for x in r.skip_reasons})
+    flavours = sorted({r.gup for r in rows})
+    grid: dict[tuple[str, str], dict[str, str]] = {}
     for r in rows:
-        why = "; ".join(sorted(r.skip_reasons))
-        if len(why) > max_reason:
-            why = why[: max_reason - 3] + "..."
-        run = ", ".join(sorted(r.providers_run)) or "-"
-        lines.append(f"| {r.requirements} | {r.backing} | {r.gup} | {r.passed} | {r.failed} | "
-                     f"{r.skipped} | {run} | {why.replace('|', '/')} |")
+        grid.setdefault((r.requirements, r.backing), {})[r.gup] = _cell(r, reasons)
+    head = ["requirement", "backing"] + flavours
+    body = [[req, backing] + [cells.get(f, "-") for f in flavours]
+            for (req, backing), cells in grid.items()]
+    widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in [head] + body]
+    if any(len(line) > width for line in lines):
+        # Too many flavours for one line: one line per requirement, backing and flavour.
+        lines = ["requirement  backing / GUP flavour: outcome"]
+        for (req, backing), cells in grid.items():
+            for f in flavours:
+                if f in cells:
+                    lines += textwrap.wrap(f"{req}  {backing} / {f}: {cells[f]}", width,
+                                           subsequent_indent="    ")
+    providers: dict[str, int] = {}
+    for r in rows:
+        for p in r.providers_run:
+            providers[p] = providers.get(p, 0) + 1
+    lines.append("")
+    lines += textwrap.wrap("providers that ran: " + (", ".join(
+        f"{p} ({n} row{'s' if n != 1 else ''})" for p, n in sorted(providers.items())) or "none"),
+        width, subsequent_indent="    ")
+    for i, why in enumerate(reasons, 1):
+        lines += textwrap.wrap(f"[{i}] {why}", width, subsequent_indent="    ",
+                               break_on_hyphens=False)
     return "\n".join(lines)
