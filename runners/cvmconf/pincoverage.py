@@ -66,31 +66,43 @@ def _cell(r: CoverageRow, reasons: list[str]) -> str:
 
 
 def format_pin_coverage(rows: list[CoverageRow], width: int = 80) -> str:
-    """A fixed-width text table of the coverage rows, at most `width` columns: one line per
-    requirement and backing, one column per GUP flavour ('pass', 'FAIL', 'ERROR', 'skip [n]',
-    '-' for a combination no test covers), then each distinct skip reason once, numbered, and
-    the providers that ran. '' when there are none."""
+    """A fixed-width text table of the coverage rows, at most `width` columns: per requirement,
+    one line per backing, one column per GUP flavour ('pass', 'FAIL', 'ERROR', 'skip [n]', '-'
+    for a combination no test covers); then the providers that ran and each distinct skip
+    reason once, numbered. '' when there are none."""
     if not rows:
         return ""
     import textwrap
     reasons = sorted({x for r in rows for x in r.skip_reasons})
     flavours = sorted({r.gup for r in rows})
-    grid: dict[tuple[str, str], dict[str, str]] = {}
+    grid: dict[str, dict[str, dict[str, str]]] = {}
     for r in rows:
-        grid.setdefault((r.requirements, r.backing), {})[r.gup] = _cell(r, reasons)
-    head = ["requirement", "backing"] + flavours
-    body = [[req, backing] + [cells.get(f, "-") for f in flavours]
-            for (req, backing), cells in grid.items()]
-    widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in [head] + body]
-    if any(len(line) > width for line in lines):
-        # Too many flavours for one line: one line per requirement, backing and flavour.
-        lines = ["requirement  backing / GUP flavour: outcome"]
-        for (req, backing), cells in grid.items():
-            for f in flavours:
-                if f in cells:
-                    lines += textwrap.wrap(f"{req}  {backing} / {f}: {cells[f]}", width,
-                                           subsequent_indent="    ")
+        grid.setdefault(r.requirements, {}).setdefault(r.backing, {})[r.gup] = _cell(r, reasons)
+    labels = [f"({i})" for i in range(1, len(flavours) + 1)]
+    cells = [c for b in grid.values() for fl in b.values() for c in fl.values()]
+    cw = max([len(c) for c in cells] + [len(x) for x in labels])
+    bw = max(len(b) for bs in grid.values() for b in bs)
+    # The backing's name is never cut: when a row would be too wide, it gets its own line and
+    # the cells go on the next one.
+    split = 2 + bw + len(flavours) * (cw + 2) > width
+    if split:
+        bw = 2
+    lines = textwrap.wrap("GUP flavours: " + "  ".join(f"{lab} {f}" for lab, f in
+                                                     zip(labels, flavours)), width,
+                          subsequent_indent="    ")
+    if split:
+        lines.append("  backing")
+    lines.append(("  " + ("backing" if not split else "").ljust(bw)
+                  + "".join("  " + lab.ljust(cw) for lab in labels)).rstrip())
+    for req, backings in grid.items():
+        lines.append(req)
+        for backing, fl in backings.items():
+            row = "".join("  " + fl.get(f, "-").ljust(cw) for f in flavours)
+            if split:
+                lines.append("  " + backing)
+                lines.append(("  " + " " * bw + row).rstrip())
+            else:
+                lines.append(("  " + backing.ljust(bw) + row).rstrip())
     providers: dict[str, int] = {}
     for r in rows:
         for p in r.providers_run:

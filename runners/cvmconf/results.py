@@ -157,6 +157,27 @@ def verdict(reqs: list[RequirementResult], tests: list[dict], complete: bool,
     return 0, f"CONFORMS {scope}"
 
 
+REFERENCE_KERNEL_COMMAND = "./cvmconf run --target qemu"
+
+
+def advice(run: dict) -> list[dict]:
+    """What the reader of a run should know before its results, each {"text", "command"}
+    (command: a literal command line or ""): a local run on a kernel without guest_memfd
+    points at the reference kernel under QEMU."""
+    out = []
+    fp = run.get("fingerprint") or {}
+    kvm = fp.get("kvm") or {}
+    caps = kvm.get("system_caps") or {}
+    if (run.get("target") or {}).get("kind") == "local" and kvm.get("available", True) \
+            and not caps.get("KVM_CAP_GUEST_MEMFD"):
+        state = "absent" if "KVM_CAP_GUEST_MEMFD" not in caps else "0"
+        out.append({"text": f"This host's kernel has no guest_memfd (KVM_CAP_GUEST_MEMFD "
+                            f"{state}): guest_memfd, conversion and race requirements cannot be "
+                            f"exercised here. To test the project's reference kernel under QEMU, "
+                            f"run:", "command": REFERENCE_KERNEL_COMMAND})
+    return out
+
+
 def summary(reqs: list[RequirementResult], tests: list[dict]) -> dict:
     by_outcome: dict[str, int] = {}
     for t in tests:

@@ -31,10 +31,10 @@ def test_rows_per_requirement_backing_and_flavour():
     assert not rw_gup.exercised
     text = pincoverage.format_pin_coverage(rows)
     lines = text.splitlines()
-    assert lines[0].split() == ["requirement", "backing", "GUP", "GUP", "(kernel's", "choice)",
-                                "GUP-fast"]
-    assert lines[1].split() == ["PIN-001", "memfd", "-", "-", "skip", "[2]"]
-    assert lines[2].split() == ["PIN-004", "memfd", "skip", "[1]", "FAIL", "-"]
+    assert lines[0] == "GUP flavours: (1) GUP  (2) GUP (kernel's choice)  (3) GUP-fast"
+    assert lines[1].split() == ["backing", "(1)", "(2)", "(3)"]
+    assert lines[2:6] == ["PIN-001", "  memfd  -         -         skip [2]",
+                          "PIN-004", "  memfd  skip [1]  FAIL      -"]
     assert "[1] capability absent: /sys/kernel/debug/gup_test absent" in lines
     assert "[2] capability absent: x" in lines
     assert "providers that ran: io_uring (1 row)" in lines
