@@ -361,3 +361,37 @@ def test_compare_of_baselines_fits_in_a_mail(base, new, tmp_path):
     # The JSON keeps everything.
     d = json.loads((tmp_path / "d.json").read_text())
     assert len(d["changed_evidence"]) == d["counts"]["changed_evidence"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The verdict line
+
+def test_verdict_says_how_much_was_exercised_everywhere(broken_run):
+    r, run_dir, data = broken_run
+    verdict = data["summary"]["verdict"]
+    n = sum(1 for x in data["requirements"] if x["exercised"])
+    assert verdict.startswith("DOES NOT CONFORM: ")
+    assert f"({n} of {len(data['requirements'])} requirements exercised; " \
+           f"{len(data['requirements']) - n} not exercised: see below)" in verdict
+    assert f"cvmconf: {verdict}" in r.stdout.splitlines()
+    assert verdict in " ".join((run_dir / "report.md").read_text().split())
+    assert f'<p class="verdict" id="verdict">{verdict}</p>' in (run_dir / "report.html").read_text()
+    caps = (data["fingerprint"].get("kvm") or {}).get("system_caps") or {}
+    if not caps.get("KVM_CAP_GUEST_MEMFD"):
+        # This host has no guest_memfd: the summary and report.md point at the reference kernel.
+        assert "    ./cvmconf run --target qemu" in r.stdout.splitlines()
+        assert "    $ ./cvmconf run --target qemu" in (run_dir / "report.md").read_text()
+
+
+def test_a_run_that_exercised_no_must_requirement_says_so_and_exits_0(build_dir, broken_dir,
+                                                                       tmp_path):
+    from conftest import run_broken
+    r, run_dir, data = run_broken(build_dir, broken_dir, tmp_path, "skips", "-k", "Skips")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    verdict = data["summary"]["verdict"]
+    assert verdict == ("NO MUST REQUIREMENT EXERCISED (0 of 10 requirements exercised; "
+                       "10 not exercised: see below)")
+    assert "CONFORMS (" not in r.stdout
+    assert f"cvmconf: {verdict}" in r.stdout.splitlines()
+    assert (run_dir / "report.md").read_text().splitlines()[3].startswith(
+        "NO MUST REQUIREMENT EXERCISED (0 of 10 requirements exercised;")
