@@ -107,6 +107,8 @@ def short_environment(run: dict) -> list[tuple[str, str]]:
     plat = fp.get("platforms", {})
     det = ", ".join(f"{d['platform']} ({d['vm_type']})" for d in plat.get("detected", [])) or "none"
     un = sorted({u["platform"] for u in plat.get("unavailable", [])})
+    if plat.get("host"):
+        rows.append(("Host", plat["host"]))
     rows.append(("Platforms", det + (f"; not offered: {', '.join(un)}" if un else "")))
     km = fp.get("kmsg", {})
     if not km.get("readable"):
