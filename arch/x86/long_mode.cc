@@ -7,6 +7,7 @@
 #include <cstring>
 #include <memory>
 
+#include "cvmconf/uapi.h"
 #include "cvmconf_guest/abi.h"
 
 namespace cvm::x86 {
@@ -78,19 +79,21 @@ bool host_is_amd() {
 }
 
 Result<void> set_supported_cpuid(const Kvm& kvm, Vcpu& vcpu) {
-  // Kernels that cannot report CPUID still run our payloads, which use no CPUID-gated features.
+  // The vCPU must have a CPUID before its sregs are set: since 7.2 KVM_SET_SREGS checks CR0, CR4
+  // and EFER against the vCPU's CPUID (EFER.LME/LMA need X86_FEATURE_LM) and refuses long mode
+  // on a vCPU without one (arch/x86/kvm/regs.c, kvm_is_valid_sregs).
   for (int nent = 128; nent <= 4096; nent *= 2) {
-    size_t bytes = sizeof(kvm_cpuid2) + nent * sizeof(kvm_cpuid_entry2);
+    size_t bytes = sizeof(uapi::kvm_cpuid2_header) + nent * sizeof(kvm_cpuid_entry2);
     std::unique_ptr<uint8_t[]> buf(new uint8_t[bytes]());
-    auto* cpuid = reinterpret_cast<kvm_cpuid2*>(buf.get());
+    auto* cpuid = reinterpret_cast<uapi::kvm_cpuid2_header*>(buf.get());
     cpuid->nent = static_cast<__u32>(nent);
-    if (::ioctl(kvm.fd(), KVM_GET_SUPPORTED_CPUID, cpuid) == 0) {
-      if (auto r = vcpu.ioctl(KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2"); !r) return r.error();
-      break;
+    if (::ioctl(kvm.fd(), uapi::kGetSupportedCpuid, cpuid) == 0) {
+      if (auto r = vcpu.ioctl(uapi::kSetCpuid2, cpuid, "KVM_SET_CPUID2"); !r) return r.error();
+      return {};
     }
-    if (errno != E2BIG) break;
+    if (errno != E2BIG) return SysError{errno, "KVM_GET_SUPPORTED_CPUID"};
   }
-  return {};
+  return SysError{E2BIG, "KVM_GET_SUPPORTED_CPUID (more than 4096 entries)"};
 }
 
 Result<void> enter_long_mode(Vcpu& vcpu, uint64_t entry, uint64_t stack_top, uint64_t rdi) {

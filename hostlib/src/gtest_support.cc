@@ -74,6 +74,16 @@ std::string join(const std::vector<std::string>& v, const char* sep) {
   return s;
 }
 
+}  // namespace
+
+std::string harness_error(const std::string& step, const std::string& cause) {
+  std::string text = step + ": " + cause;
+  ::testing::Test::RecordProperty("harness_error", text);
+  return "harness set-up failed (the test could not build its own environment): " + text;
+}
+
+namespace {
+
 // Records the requirement IDs of every test as the property "requirements", and the GTEST_SKIP
 // message as "skip_reason" (GoogleTest 1.12's JSON report does not carry it).
 class PropertiesListener : public ::testing::EmptyTestEventListener {

@@ -442,6 +442,16 @@ def _print_summary(run: dict, run_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # compare, export
 
+def cmd_kernel(args) -> int:
+    """kernel build: the reference kernel (or a user's tree with the project's fragments)."""
+    from cvmconf import refkernel
+    from cvmconf.qemu.vm import HOST_ARCH
+    built = refkernel.build(args.source, arch=args.arch or HOST_ARCH, flavour=args.flavour,
+                            jobs=args.jobs)
+    print(built.image)
+    return EXIT_OK
+
+
 def cmd_compare(args) -> int:
     from cvmconf import compare, results
     base = results.load(args.base)
@@ -489,9 +499,10 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="local", choices=("local", "qemu"),
                    help="where the suites run (default: local)")
     q = p.add_argument_group("QEMU target (--target qemu)")
-    q.add_argument("--kernel", metavar="IMAGE_OR_PACKAGE",
-                   help="kernel image to boot, or a Debian kernel package name "
-                        "(e.g. linux-image-cloud-amd64), fetched with apt-get download")
+    q.add_argument("--kernel", metavar="KERNEL",
+                   help="kernel to boot: 'ref' (the project's reference kernel, built when "
+                        "missing; the default), an image path, debian:SUITE/PACKAGE (e.g. "
+                        "debian:sid/linux-image-amd64) or a package of the system's apt sources")
     q.add_argument("--modules", metavar="DIR_OR_DEB",
                    help="the kernel's modules: a directory holding lib/modules/<release>/, a "
                         "lib/modules/<release> directory, or a .deb")
@@ -550,6 +561,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="check that the catalogue and the tests' requirement IDs agree")
     c.add_argument("--seeds-dir", help="also check that cited seed files exist there")
     c.set_defaults(func=cmd_check_catalogue)
+
+    k = sub.add_parser("kernel", help="the reference kernel")
+    ksub = k.add_subparsers(dest="kernel_command", required=True)
+    kb = ksub.add_parser("build", help="build (or find in the cache) a kernel with the project's "
+                                       "config fragments; prints the image path")
+    kb.add_argument("--source", metavar="SPEC_OR_DIR",
+                    help="debian:SUITE/linux-source-X.Y or a kernel tree (default: the pinned "
+                         "reference source)")
+    kb.add_argument("--arch", choices=("x86_64", "arm64"), help="kernel architecture (default: host)")
+    kb.add_argument("--flavour", choices=("ref", "debug"), default="ref",
+                    help="ref (default) or debug (adds lockdep and KASAN)")
+    kb.add_argument("--jobs", type=int, metavar="N", help="make -j (default: number of CPUs)")
+    kb.set_defaults(func=cmd_kernel)
 
     cp = sub.add_parser("compare", help="compare two result directories (BASE, NEW)")
     cp.add_argument("base", help="results/<run-id> of the baseline run")

@@ -121,7 +121,7 @@ def result_from_end(ev: dict, binary: str) -> gtest.TestResult:
     split = gtest.split_properties(ev["properties"])
     return gtest.TestResult(
         name=ev["test"], binary=binary,
-        outcome=gtest.outcome_of(ev["failures"], ev["skipped"]),
+        outcome=gtest.outcome_of(ev["failures"], ev["skipped"], ev["properties"]),
         duration=ev["elapsed_ms"] / 1000.0,
         messages=list(ev["failures"]),
         **split)

@@ -184,10 +184,15 @@ STANDARD_KEYS = {"name", "file", "line", "status", "result", "timestamp", "time"
                  "failures", "skipped", "value_param", "type_param"}
 
 
-def outcome_of(failures: list[str], skipped: bool) -> str:
+def outcome_of(failures: list[str], skipped: bool, props: dict[str, str] | None = None) -> str:
     """The one rule that turns GoogleTest's view of a test into an outcome (shared by the JSON
-    report and the event stream): any failure is FAIL, then SKIP, else PASS."""
+    report and the event stream): any failure is FAIL -- or ERROR when the test said it could
+    not build its own environment (property `harness_error`, hostlib's testing::harness_error)
+    and the kernel logged no splat meanwhile --, then SKIP, else PASS."""
+    props = props or {}
     if failures:
+        if props.get("harness_error") and not props.get("kernel_splats"):
+            return ERROR
         return FAIL
     return SKIP if skipped else PASS
 
@@ -248,7 +253,7 @@ def parse_report_data(data, binary: str) -> list[TestResult]:
             results.append(TestResult(
                 name=f"{suite['name']}.{t['name']}",
                 binary=binary,
-                outcome=outcome_of(msgs, result == "SKIPPED"),
+                outcome=outcome_of(msgs, result == "SKIPPED", props),
                 duration=_seconds(t.get("time", "0s")),
                 messages=msgs,
                 start_time=t["timestamp"] if isinstance(t.get("timestamp"), str) else "",

@@ -48,6 +48,17 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+def _reason_rank(reason: str) -> int:
+    """Which skip reason a reader needs first: why the requirement does not fit a platform the
+    kernel offers (`not applicable:`), then what such a platform lacks, and last the platforms
+    the kernel does not offer at all (their reason says nothing about this requirement)."""
+    if reason.startswith("not applicable:"):
+        return 0
+    if "not offered by this kernel" in reason:
+        return 2
+    return 1
+
+
 def _skip_reasons(tests: list[TestResult]) -> str:
     reasons: dict[str, int] = {}
     for t in tests:
@@ -55,7 +66,7 @@ def _skip_reasons(tests: list[TestResult]) -> str:
             key = t.skip_reason or "skipped without a reason"
             reasons[key] = reasons.get(key, 0) + 1
     return "; ".join(f"{r} ({_plural(n, 'test')})" for r, n in
-                     sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+                     sorted(reasons.items(), key=lambda kv: (_reason_rank(kv[0]), -kv[1], kv[0])))
 
 
 def requirement_results(cat: Catalogue, results: list[TestResult],

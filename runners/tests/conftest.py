@@ -82,6 +82,24 @@ def real_run(build_dir, tmp_path_factory):
     return r, run_dir, json.loads((run_dir / "run.json").read_text())
 
 
+def record_timing(name: str, seconds: float) -> None:
+    """Adds a line to the timing breakdown ./cvmconf test prints at its end ($CVMCONF_TIMINGS)."""
+    path = os.environ.get("CVMCONF_TIMINGS")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{name} {seconds:.0f}\n")
+
+
+def timed_cvmconf(name: str, *args, **kw):
+    """cvmconf(*args) whose wall time goes into the timing breakdown under `name`."""
+    import time
+    t0 = time.monotonic()
+    try:
+        return cvmconf(*args, **kw)
+    finally:
+        record_timing(name, time.monotonic() - t0)
+
+
 @pytest.fixture(scope="session")
 def every_outcome_run(build_dir, broken_dir, tmp_path_factory):
     """A run of the broken suite holding every outcome: PASS, FAIL, SKIP, ERROR, TIMEOUT and

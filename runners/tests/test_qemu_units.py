@@ -11,7 +11,8 @@ def test_x86_command_line_has_no_network_and_a_dedicated_agent_channel(tmp_path)
     cmd = vm.qemu_command("x86_64", Path("/k"), Path("/i"), tmp_path / "s", tmp_path / "st",
                           tmp_path / "c", "tcg", append="foo=1")
     assert cmd[0] == "qemu-system-x86_64"
-    assert cmd[cmd.index("-cpu") + 1] == "max"          # exposes SVM for nested KVM under TCG
+    # max exposes SVM for nested KVM under TCG; pdpe1gb 1 GiB pages (hugetlb 1 GiB pin cases)
+    assert cmd[cmd.index("-cpu") + 1] == "max,pdpe1gb=on"
     assert cmd[cmd.index("-accel") + 1] == "tcg,thread=single"  # MTTCG int3-patching livelock
     assert cmd[cmd.index("-nic") + 1] == "none"
     assert "-no-reboot" in cmd

@@ -8,6 +8,10 @@ from conftest import REPO, cvmconf
 from cvmconf import catalogue, ktap
 
 
+def host_has_guest_memfd(data) -> bool:
+    return data["fingerprint"]["probe"]["system"].get("KVM_CAP_GUEST_MEMFD", 0) > 0
+
+
 def test_real_run_writes_every_file(real_run):
     r, run_dir, data = real_run
     assert r.returncode in (0, 1), r.stdout[-3000:] + r.stderr[-3000:]
@@ -34,8 +38,13 @@ def test_real_run_report_lists_every_requirement_with_outcome_or_reason(real_run
         if not r["exercised"]:
             assert r["reason"], rid
             assert f"{rid} ({r['level']})" in " ".join(not_ex.split())
-    # This host runs guest_memfd mmap for real: those requirements were exercised and passed.
-    assert reqs["MMAP-001"]["exercised"] and reqs["MMAP-001"]["outcome"] == "PASS"
+    # What this host exercises follows from what its kernel says (cvm-probe), not from which
+    # machine this is: host kernels differ (one 6.18 has guest_memfd, another none).
+    if host_has_guest_memfd(data):
+        assert reqs["MMAP-001"]["exercised"] and reqs["MMAP-001"]["outcome"] == "PASS"
+    else:
+        assert reqs["MMAP-001"]["outcome"] == "SKIP" and not reqs["MMAP-001"]["exercised"]
+        assert "KVM_CAP_GUEST_MEMFD absent" in reqs["MMAP-001"]["reason"], reqs["MMAP-001"]
     # Platforms this host lacks are not exercised, and the report says exactly why.
     cite = catalogue.load().seed_titles["004_76853d6ea7349862.txt"]
     assert cite in md
@@ -62,6 +71,13 @@ def test_real_run_fingerprint(real_run):
 
 def test_duration_makes_the_races_run_that_long_and_reports_their_throughput(real_run):
     r, run_dir, data = real_run
+    if not host_has_guest_memfd(data):
+        # Nothing to race on this host: every race says why. The throughput path is checked on
+        # the reference kernel (test_reference_kernels.py, --duration there).
+        races = [t for t in data["tests"] if "/PunchRace." in t["name"]]
+        assert races and all(t["outcome"] == "SKIP" for t in races), races
+        assert all("KVM_CAP_GUEST_MEMFD absent" in t["skip_reason"] for t in races)
+        return
     races = [t for t in data["tests"]
              if "/PunchRace." in t["name"] and t["outcome"] == "PASS"]
     assert races, "no race ran on this host"
@@ -109,9 +125,14 @@ def test_compare_finds_a_regression_and_exits_non_zero(real_run, tmp_path):
     _, run_dir, data = real_run
     base = json.loads(json.dumps(data))
     new = json.loads(json.dumps(data))
-    passing = [t for t in new["tests"] if t["outcome"] == "PASS"]
-    assert len(passing) >= 2
-    regressed, newly = passing[0], passing[1]
+    # Two real tests, whatever this host made of them: in BASE the first passed, the second was
+    # skipped; in NEW the first fails and the second passes.
+    assert len(new["tests"]) >= 2
+    regressed, newly = new["tests"][0], new["tests"][1]
+    for t in base["tests"]:
+        if t["name"] == regressed["name"]:
+            t["outcome"], t["status"], t["skip_reason"] = "PASS", "PASS", ""
+    newly["outcome"], newly["status"], newly["skip_reason"] = "PASS", "PASS", ""
     regressed["outcome"], regressed["status"] = "FAIL", "FAIL"
     regressed["messages"] = ["the patched kernel accepted the flag"]
     for req in new["requirements"]:

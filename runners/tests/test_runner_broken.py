@@ -24,6 +24,7 @@ EXPECTED = {
     "Broken.ExitsWithoutReport": "ERROR",
     "Broken.Passes6": "PASS",
     "Broken.FailsOnlyTheFirstTime": "PASS",
+    "Broken.HarnessSetupFails": "ERROR",
     "Broken.PassesOrBlocks": "PASS",
 }
 
@@ -62,6 +63,18 @@ def test_results_come_from_several_batches_with_the_rest_rerun(broken_run):
         "Broken.Aborts" in batches[1]["filter"].split("-", 1)[1]
     for b in batches:
         assert (run_dir / "batches" / b["label"] / "output.txt").exists()
+
+
+def test_a_harness_setup_failure_is_error_not_fail(broken_run):
+    _, _, data = broken_run
+    t = by_name(data)["Broken.HarnessSetupFails"]
+    assert t["outcome"] == "ERROR"
+    assert any("harness set-up failed" in m and "mapping the test's memory" in m
+               for m in t["messages"]), t["messages"]
+    assert t["properties"]["harness_error"].startswith("mapping the test's memory")
+    # The requirement it names is not declared non-conforming.
+    req = {r["id"]: r for r in data["requirements"]}["BROKEN-011"]
+    assert req["outcome"] == "ERROR", req
 
 
 @pytest.mark.parametrize("test, exit_text", [
@@ -160,8 +173,9 @@ def test_sharded_parallel_run_gives_the_same_outcomes(build_dir, broken_dir, tmp
     assert data is not None, r.stderr
     assert {t["name"]: t["outcome"] for t in data["tests"]} == EXPECTED
     shards = [b for b in data["batches"] if "shard" in b["label"] and "rest" not in b["label"]]
-    assert sorted(b["shard"][0] for b in shards) == [0, 1, 2]
-    assert all(b["shard"][1] == 3 for b in shards)
+    n = -(-len(EXPECTED) // 5)            # shards of at most 5 tests
+    assert sorted(b["shard"][0] for b in shards) == list(range(n))
+    assert all(b["shard"][1] == n for b in shards)
 
 
 def test_retry_marks_a_test_that_passes_later_as_flaky(build_dir, broken_dir, tmp_path):

@@ -160,6 +160,22 @@ def test_requirement_reasons():
     assert rr["A-004"].reason == "not selected by the filters of this run"
 
 
+def test_skip_reason_of_an_offered_platform_comes_first():
+    """CONV-005 on 7.2: two platforms the kernel does not offer (SNP, TDX) must not hide why
+    the one it offers skipped."""
+    rs = [res("S.snp", "SKIP", requirements=["A-001"],
+              skip_reason="capability absent: VM type 4 (x86-snp) not offered by this kernel: x"),
+          res("S.tdx", "SKIP", requirements=["A-001"],
+              skip_reason="capability absent: VM type 5 (x86-tdx) not offered by this kernel: x"),
+          res("S.def", "SKIP", requirements=["A-001"], skip_reason="capability absent: z"),
+          res("S.sw", "SKIP", requirements=["A-001"],
+              skip_reason="not applicable: per-VM attributes keep shared memory apart")]
+    rr = {r.id: r for r in rollup.requirement_results(CAT, rs)}
+    reason = rr["A-001"].reason
+    assert reason.startswith("skipped: not applicable: per-VM attributes"), reason
+    assert reason.index("capability absent: z") < reason.index("x86-snp"), reason
+
+
 def entries(*pairs):
     return [{"outcome": o, "requirements": r} for o, r in pairs]
 

@@ -223,8 +223,9 @@ void make_conversion_env(std::unique_ptr<ConversionEnv>& env, const Kvm& kvm, co
   CVM_SKIP_IF(conversion_env_unsupported(abi, p, caps, o));
   auto e = ConversionEnv::create(kvm, p, abi, o);
   if (!e) {
-    ADD_FAILURE() << "setting up " << conversion_abi_name(abi) << " conversion memory on "
-                  << p.id() << " failed: " << e.error();
+    ADD_FAILURE() << testing::harness_error("setting up " + std::string(conversion_abi_name(abi)) +
+                                                " conversion memory on " + p.id(),
+                                            e.error());
     return;
   }
   env = std::move(e.value());

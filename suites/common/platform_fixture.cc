@@ -19,7 +19,7 @@ void PlatformTest::SetUp() {
   if (!k) GTEST_SKIP() << testing::kCapabilityAbsent << k.error();
   kvm_.emplace(std::move(k.value()));
   auto v = platform().create_vm(*kvm_);
-  ASSERT_TRUE(v.ok()) << "creating a VM of an offered platform failed: " << v.error();
+  ASSERT_TRUE(v.ok()) << testing::harness_error("creating a VM of an offered platform", v.error());
   vm_.emplace(std::move(v.value()));
   vm_caps_.type = platform().vm_type();
   vm_caps_.guest_memfd = vm_->check_extension(uapi::cap::kGuestMemfd);

@@ -360,8 +360,9 @@ CVM_TEST_P(ConversionGuest, WhileVcpusFault, "CONV-009") {
   std::vector<UcallEvent> ends(kWorkers + 1);
   for (int w = 1; w <= kWorkers; w++) {
     *word(count_gpa(w)) = 0;
-    ASSERT_TRUE(g.start(w, "touch_until_stopped",
-                        {env->gpa(0), kPages * page_size(), stop_gpa, count_gpa(w)}).ok());
+    auto started = g.start(w, "touch_until_stopped",
+                           {env->gpa(0), kPages * page_size(), stop_gpa, count_gpa(w)});
+    ASSERT_TRUE(started.ok()) << testing::harness_error("starting vCPU " + std::to_string(w), started);
   }
   for (int w = 1; w <= kWorkers; w++)
     threads.emplace_back([&, w] { ends[static_cast<size_t>(w)] = g.run(w, watchdog); });

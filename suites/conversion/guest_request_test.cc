@@ -47,7 +47,7 @@ class GuestRequest : public ::testing::TestWithParam<const Platform*> {
     GuestVmOptions o;
     o.platform = &platform();
     auto g = GuestVm::create(*kvm_, o);
-    ASSERT_TRUE(g.ok()) << g.error();
+    ASSERT_TRUE(g.ok()) << testing::harness_error("GuestVm::create", g.error());
     guest_ = std::move(g.value());
     ASSERT_TRUE(enable_map_gpa_range_exit(guest_->vm()).ok());
     if (selection_.backend) backend_ = make_conversion_backend(*selection_.backend, guest_->vm());
@@ -58,7 +58,7 @@ class GuestRequest : public ::testing::TestWithParam<const Platform*> {
     GuestConversionHandler* h = handler_.get();
     guest_->set_exit_handler([h](int i, Vcpu& v, const ExitInfo& e) { return (*h)(i, v, e); });
     auto c = GuestCmd::start(*guest_, 0);
-    ASSERT_TRUE(c.ok()) << c.error();
+    ASSERT_TRUE(c.ok()) << testing::harness_error("booting the cmd_loop payload", c.error());
     cmd_.emplace(std::move(c.value()));
   }
 

@@ -25,7 +25,7 @@ class GmemGuest : public PlatformTest {
     o.platform = &platform();
     o.boot_memory = BootMemory::GuestMemfd;
     auto g = GuestVm::create(kvm(), o);
-    ASSERT_TRUE(g.ok()) << g.error();
+    ASSERT_TRUE(g.ok()) << testing::harness_error("GuestVm::create", g.error());
     gvm_ = std::move(g.value());
     auto mem = gvm_->vm().create_guest_memfd(kPages * page_size(), kShared);
     ASSERT_TRUE(mem.ok()) << mem.error();
@@ -42,7 +42,7 @@ class GmemGuest : public PlatformTest {
     s.gmem_fd = mem_.fd();
     ASSERT_TRUE(gvm_->vm().set_memslot(s).ok());
     auto c = GuestCmd::start(*gvm_, 0);
-    ASSERT_TRUE(c.ok()) << c.error();
+    ASSERT_TRUE(c.ok()) << testing::harness_error("booting the cmd_loop payload", c.error());
     cmd_.emplace(std::move(c.value()));
   }
   uint64_t gpa(uint64_t page, uint64_t off = 0) const {

@@ -45,9 +45,9 @@ class GmemMmap : public PlatformTest {
     GuestVmOptions o;
     o.platform = &platform();
     auto g = GuestVm::create(kvm(), o);
-    ASSERT_TRUE(g.ok()) << g.error();
+    ASSERT_TRUE(g.ok()) << testing::harness_error("GuestVm::create", g.error());
     auto busy = BusyVcpu::start(*g.value());
-    ASSERT_TRUE(busy.ok()) << busy.error();
+    ASSERT_TRUE(busy.ok()) << testing::harness_error("booting the busy-loop payload", busy.error());
     ASSERT_TRUE(busy.value()->running()) << "the guest loop did not start";
     std::string other;
     std::thread t([&] {

@@ -29,7 +29,7 @@ CVM_TEST_P(PunchRace, GuestAccesses, "RACE-002") {
   o.platform = &platform();
   o.vcpus = kVcpus;
   auto gv = GuestVm::create(kvm(), o);
-  ASSERT_TRUE(gv.ok()) << gv.error();
+  ASSERT_TRUE(gv.ok()) << testing::harness_error("GuestVm::create", gv.error());
   GuestVm& vm = *gv.value();
   auto gm = vm.vm().create_guest_memfd(kPages * ps, kSharedGmem);
   ASSERT_TRUE(gm.ok()) << gm.error();
@@ -48,7 +48,8 @@ CVM_TEST_P(PunchRace, GuestAccesses, "RACE-002") {
   cvm_race_ctl* ctl = reset_race_ctl(vm);
   for (int v = 0; v < kVcpus; v++) {
     vstore(ctl->vcpu[v].req, CVM_RACE_REQ(0, CVM_RACE_MODE_RUN));
-    ASSERT_TRUE(vm.start(v, "punch_race", {CVM_TEST_MEM_GPA, kPagesPerVcpu, CVM_SCRATCH_GPA, kStride}).ok());
+    auto started = vm.start(v, "punch_race", {CVM_TEST_MEM_GPA, kPagesPerVcpu, CVM_SCRATCH_GPA, kStride});
+    ASSERT_TRUE(started.ok()) << testing::harness_error("starting vCPU " + std::to_string(v), started);
   }
 
   Race race(defaults());

@@ -57,7 +57,7 @@ CVM_TEST_P(PunchRace, MemslotDeleteClose, "RACE-005") {
     GuestVmOptions o;
     o.platform = &platform();
     auto gv = GuestVm::create(kvm(), o);
-    ASSERT_TRUE(gv.ok()) << gv.error();
+    ASSERT_TRUE(gv.ok()) << testing::harness_error("GuestVm::create", gv.error());
     gvm = std::move(gv.value());
   } else {
     RecordProperty("guest_checks", "skipped: " + *no_guest);
@@ -73,7 +73,7 @@ CVM_TEST_P(PunchRace, MemslotDeleteClose, "RACE-005") {
                              std::chrono::duration_cast<std::chrono::milliseconds>(
                                  race.deadline() - std::chrono::steady_clock::now()) +
                                  std::chrono::seconds(30));
-    ASSERT_TRUE(b.ok()) << b.error();
+    ASSERT_TRUE(b.ok()) << testing::harness_error("booting the busy-loop payload", b.error());
     busy = std::move(b.value());
     ASSERT_TRUE(busy->running()) << "the guest loop did not start";
   }
@@ -234,7 +234,7 @@ CVM_TEST_P(PunchRace, MemslotDeleteClose, "RACE-005") {
     return;
   }
   auto cmd = GuestCmd::start(*gvm, 0);
-  ASSERT_TRUE(cmd.ok()) << cmd.error();
+  ASSERT_TRUE(cmd.ok()) << testing::harness_error("booting the cmd_loop payload", cmd.error());
   CVM_ASSERT_CMD(cmd->fill8(s.gpa, 4 * ps, 0x42));
   EXPECT_EQ(m.data()[3 * ps + 7], 0x42) << "the host does not see the guest's write";
   ASSERT_TRUE(gm->punch_hole(ps, ps).ok());

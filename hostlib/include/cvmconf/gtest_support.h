@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -46,6 +47,19 @@ const StressBudget& stress_budget();
 // Declares that kernel-log lines containing `substring` are provoked on purpose by the current
 // test: they are recorded but do not fail it. Cleared when the next test starts.
 void expect_kernel_log(const std::string& substring);
+
+// The test could not build its own environment (create its VM or vCPUs, map set-up memory, boot
+// its guest payload): records the property "harness_error" and returns the text of the failure.
+// The runner reports such a test as ERROR, never FAIL -- the kernel was not shown to be wrong --
+// unless the kernel also logged a splat during it. Use it where the failure message is built, so
+// it runs only on failure:  ASSERT_TRUE(g.ok()) << testing::harness_error("GuestVm::create", g);
+std::string harness_error(const std::string& step, const std::string& cause);
+template <typename R>
+std::string harness_error(const std::string& step, const R& failed_result) {
+  std::ostringstream os;
+  os << failed_result;
+  return harness_error(step, os.str());
+}
 
 // Reports ev as a failure unless it is of `kind` (and, for SYNC, at `stage`). A guest assertion
 // is reported at the guest's file:line. Returns whether ev was as expected.

@@ -42,6 +42,22 @@ inline constexpr long kDocOnlyGmemConversionRfcV2 = 241;      // RFC v2; = mainl
 }  // namespace cap
 
 // ---------------------------------------------------------------------------------------------
+// CPUID (KVM_GET_SUPPORTED_CPUID 2.6.25, KVM_SET_CPUID2 2.6.25; the classic API). Redefined here
+// although <linux/kvm.h> has them: that header declares struct kvm_cpuid2's entries with
+// __DECLARE_FLEX_ARRAY, whose empty helper struct has size 1 in C++, so sizeof(kvm_cpuid2) is 12
+// there instead of the kernel's 8, and _IOWR() encodes a request number no kernel knows (the
+// /dev/kvm ioctl fails with EINVAL; a vCPU then has no CPUID, and 7.2 refuses its long-mode sregs).
+struct kvm_cpuid2_header {
+  __u32 nent;
+  __u32 padding;
+  // followed by nent struct kvm_cpuid_entry2
+};
+static_assert(sizeof(kvm_cpuid2_header) == 8);
+inline constexpr unsigned long kGetSupportedCpuid = _IOWR(kKvmIo, 0x05, kvm_cpuid2_header);
+inline constexpr unsigned long kSetCpuid2 = _IOW(kKvmIo, 0x90, kvm_cpuid2_header);
+static_assert(kGetSupportedCpuid == 0xc008ae05 && kSetCpuid2 == 0x4008ae90);
+
+// ---------------------------------------------------------------------------------------------
 // guest_memfd creation (6.8; flags 6.18; facts §1.1)
 struct kvm_create_guest_memfd {
   __u64 size;

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 from cvmconf.errors import HarnessError, UsageError
+from cvmconf import debian
 from cvmconf.qemu import kernel as kernel_mod
 from cvmconf.qemu.vm import STATUS_PORT
 
@@ -59,30 +60,55 @@ def _modinfo_depends(ko: Path) -> list[str]:
     return [d for d in out.strip().split(",") if d]
 
 
+MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
+
+
 def _module_index(moddir: Path) -> dict[str, Path]:
     idx = {}
-    for p in moddir.rglob("*.ko*"):
-        name = p.name.split(".ko")[0].replace("-", "_")
-        idx.setdefault(name, p)
+    for p in sorted(moddir.rglob("*.ko*")):
+        if p.name.endswith(MODULE_SUFFIXES):
+            idx.setdefault(p.name.split(".ko")[0].replace("-", "_"), p)
     return idx
 
 
-def module_closure(moddir: Path, wanted: list[str]) -> tuple[list[Path], list[str]]:
-    """Module files needed to load `wanted` (with dependencies) and the names found."""
+def _decompress(src: Path, dst: Path) -> None:
+    """Copies a module to dst as a plain .ko (busybox's modprobe loads only uncompressed ones)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.name.endswith(".ko"):
+        shutil.copy2(src, dst)
+        return
+    if src.name.endswith(".ko.gz"):
+        dst.write_bytes(gzip.decompress(src.read_bytes()))
+        return
+    tool = ["xz", "-dc"] if src.name.endswith(".xz") else ["zstd", "-dcq"]
+    try:
+        with open(dst, "wb") as out:
+            r = subprocess.run(tool + [str(src)], stdout=out, stderr=subprocess.PIPE, timeout=120,
+                               check=False)
+    except FileNotFoundError:
+        raise UsageError(f"{tool[0]} is missing (Debian package {'xz-utils' if tool[0] == 'xz' else 'zstd'}): "
+                         f"needed for {src.name}") from None
+    if r.returncode != 0:
+        raise HarnessError(f"{tool[0]} could not decompress {src}: {r.stderr.decode(errors='replace')[-200:]}")
+
+
+def stage_modules(moddir: Path, wanted: list[str], dst: Path) -> list[str]:
+    """Copies the modules needed to load `wanted` (with their dependencies) from moddir into dst
+    (a lib/modules/<release> directory), decompressed; returns the wanted names found."""
     idx = _module_index(moddir)
-    files: dict[str, Path] = {}
-    found = []
+    done: set[str] = set()
     todo = [w.replace("-", "_") for w in wanted]
     while todo:
         name = todo.pop()
-        if name in files or name not in idx:
+        if name in done or name not in idx:
             continue
-        files[name] = idx[name]
-        todo += [d.replace("-", "_") for d in _modinfo_depends(idx[name])]
-    for w in wanted:
-        if w.replace("-", "_") in files:
-            found.append(w)
-    return list(files.values()), found
+        done.add(name)
+        src = idx[name]
+        rel = src.relative_to(moddir)
+        out = dst / rel.parent / (src.name.split(".ko")[0] + ".ko")
+        _decompress(src, out)
+        todo += [d.replace("-", "_") for d in _modinfo_depends(out)]
+    return [w for w in wanted if w.replace("-", "_") in done]
 
 
 def busybox_for(arch: str, cache: Path) -> Path:
@@ -92,9 +118,13 @@ def busybox_for(arch: str, cache: Path) -> Path:
         if p.exists() and subprocess.run(["dpkg-query", "-W", "busybox-static"],
                                          capture_output=True).returncode == 0:
             return p
-    deb = kernel_mod.download_deb("busybox-static", kernel_mod.DEB_ARCH[arch], cache / "debs")
-    tree = kernel_mod.unpack_deb(deb, cache / "trees" / deb.stem)
+    deb_arch = debian.DEB_ARCH[arch]
+    debian.ensure_foreign_arch(deb_arch)
+    deb = debian.Archive(cache).download("busybox-static", deb_arch)
+    tree = debian.unpack(deb, cache / "trees" / deb.stem)
     p = tree / "bin" / "busybox"
+    if not p.exists():
+        p = tree / "usr" / "bin" / "busybox"
     if not p.exists():
         raise HarnessError(f"{deb.name} has no bin/busybox")
     return p
@@ -113,17 +143,14 @@ def build(bundle: kernel_mod.KernelBundle, binaries: list[Path], out: Path, cach
             raise HarnessError(f"binary for the initramfs is missing: {b}")
         shutil.copy2(b, stage / "cvmconf" / "bin" / b.name)
     loaded: list[str] = []
-    if bundle.modules_root and bundle.release:
-        src = bundle.modules_root / "lib" / "modules" / bundle.release
+    if bundle.modules_dir and bundle.release:
         dst = stage / "lib" / "modules" / bundle.release
-        files, loaded = module_closure(src, WANTED[bundle.arch])
-        for f in files:
-            rel = f.resolve().relative_to(src.resolve()) if f.is_relative_to(src) else f.name
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, dst / rel)
+        loaded = stage_modules(bundle.modules_dir, WANTED[bundle.arch], dst)
         for meta in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
-            if (src / meta).exists():
-                shutil.copy2(src / meta, dst / meta)
+            for d in [bundle.modules_dir, *bundle.meta_dirs]:
+                if (d / meta).exists():
+                    shutil.copy2(d / meta, dst / meta)
+                    break
         r = subprocess.run(["depmod", "-b", str(stage), bundle.release], capture_output=True,
                            text=True, check=False)
         if r.returncode != 0:

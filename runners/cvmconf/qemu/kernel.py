@@ -1,153 +1,173 @@
-"""Resolving --kernel (an image path or a Debian kernel package name) and --modules."""
+"""Resolving --kernel and --modules into a KernelBundle (image, modules, config).
+
+--kernel takes:
+  - a kernel image path (bzImage, Image, vmlinuz);
+  - `ref` (or nothing, with --target qemu): the project's reference kernel, built if missing
+    (cvmconf.refkernel);
+  - `debian:SUITE/PACKAGE`, e.g. `debian:sid/linux-image-amd64`, fetched from that Debian suite
+    through a private apt configuration (cvmconf.debian);
+  - a bare Debian package name, fetched from the system's own apt sources.
+Meta packages are followed to the package holding the image, including 7.x's split of an image
+package into linux-binary-REL (vmlinuz), linux-modules-REL (compressed modules) and
+linux-base-REL (config), all under usr/lib/modules/REL/.
+"""
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
-from cvmconf.errors import HarnessError, UsageError
+from cvmconf import debian
+from cvmconf.errors import UsageError
 
-PACKAGE_RE = re.compile(r"^linux-image-[A-Za-z0-9.+~-]+$")
-DEB_ARCH = {"x86_64": "amd64", "arm64": "arm64"}
+DEB_ARCH = debian.DEB_ARCH
+IMAGE_OR_BINARY_RE = re.compile(r"^linux-(image|binary)-\d")
+SIBLING_RE = re.compile(r"^linux-(modules|base)-\d")
+META_RE = re.compile(r"^linux-image-")
+REFERENCE_NAMES = ("ref", "reference")
 
 
 @dataclasses.dataclass
 class KernelBundle:
-    image: Path                 # bzImage / Image / vmlinuz
-    modules_root: Path | None   # directory that holds lib/modules/<release>/
-    release: str | None         # e.g. 6.1.0-56-cloud-amd64 (from the modules tree)
-    arch: str                   # x86_64 | arm64
-    source: str                 # what the user gave (path or package)
+    image: Path                      # bzImage / Image / vmlinuz
+    modules_dir: Path | None         # .../lib/modules/<release> holding kernel/
+    release: str | None              # e.g. 7.2.13+deb14-amd64
+    arch: str                        # x86_64 | arm64
+    source: str                      # what the user gave
+    config: Path | None = None       # the kernel's .config, when known
+    packages: list[str] = dataclasses.field(default_factory=list)  # .deb files used
+    meta_dirs: list[Path] = dataclasses.field(default_factory=list)  # lib/modules/<rel> dirs
+                                     # holding modules.builtin & co. (7.x: linux-base)
 
 
-def _run(cmd: list[str], what: str) -> str:
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise HarnessError(f"{what}: {e}") from None
-    if p.returncode != 0:
-        last = (p.stderr.strip().splitlines() or ["exit status " + str(p.returncode)])[-1]
-        raise UsageError(f"{what}: {last}")
-    return p.stdout
+def _module_dirs(tree: Path) -> list[Path]:
+    """Every lib/modules/<release> directory in an unpacked tree (usr-merged or not)."""
+    out = []
+    for base in (tree / "lib" / "modules", tree / "usr" / "lib" / "modules"):
+        if base.is_dir():
+            out += sorted(d for d in base.iterdir() if d.is_dir())
+    return out
 
 
-def _release_of(modules_root: Path) -> str | None:
-    mods = modules_root / "lib" / "modules"
-    if not mods.is_dir():
-        return None
-    rels = sorted(d.name for d in mods.iterdir() if (d / "kernel").is_dir())
-    return rels[-1] if rels else None
-
-
-def _ensure_foreign_arch(deb_arch: str) -> None:
-    """apt can only download packages of architectures dpkg knows about."""
-    native = _run(["dpkg", "--print-architecture"], "dpkg").strip()
-    if deb_arch == native:
-        return
-    foreign = _run(["dpkg", "--print-foreign-architectures"], "dpkg").split()
-    if deb_arch in foreign:
-        return
-    if os.geteuid() != 0:
-        raise UsageError(f"downloading {deb_arch} packages needs 'dpkg --add-architecture {deb_arch}' "
-                         "and 'apt-get update' as root")
-    _run(["dpkg", "--add-architecture", deb_arch], "dpkg --add-architecture")
-    _run(["apt-get", "update", "-q"], "apt-get update")
-
-
-def download_deb(package: str, deb_arch: str, cache: Path) -> Path:
-    """apt-get download of package (for deb_arch) into cache; returns the .deb path."""
-    _ensure_foreign_arch(deb_arch)
-    cache.mkdir(parents=True, exist_ok=True)
-    spec = package if ":" in package else f"{package}:{deb_arch}"
-    existing = sorted(cache.glob(f"{package.split(':')[0]}_*_{deb_arch}.deb"))
-    if existing:
-        return existing[-1]
-    try:
-        p = subprocess.run(["apt-get", "download", "-q", spec], cwd=cache, capture_output=True,
-                           text=True, timeout=600, check=False)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise HarnessError(f"apt-get download {spec}: {e}") from None
-    if p.returncode != 0:
-        msg = [l for l in p.stderr.strip().splitlines() if l.startswith("E:")] or ["failed"]
-        raise UsageError(f"kernel package {spec} could not be downloaded: {msg[-1]}")
-    debs = sorted(cache.glob(f"{package.split(':')[0]}_*_{deb_arch}.deb"))
-    if not debs:
-        raise HarnessError(f"apt-get download {spec} produced no .deb")
-    return debs[-1]
-
-
-def unpack_deb(deb: Path, dest: Path) -> Path:
-    if not (dest / ".unpacked").exists():
-        if dest.exists():
-            shutil.rmtree(dest)
-        dest.mkdir(parents=True)
-        _run(["dpkg-deb", "-x", str(deb), str(dest)], f"dpkg-deb -x {deb.name}")
-        (dest / ".unpacked").touch()
-    return dest
-
-
-def _image_in(tree: Path) -> Path | None:
-    cands = sorted((tree / "boot").glob("vmlinuz-*")) if (tree / "boot").is_dir() else []
-    return cands[-1] if cands else None
-
-
-def _dependency_image_package(meta: str, deb_arch: str) -> str | None:
-    """linux-image-cloud-amd64 -> linux-image-6.1.0-NN-cloud-amd64 (its first Depends)."""
-    out = _run(["apt-cache", "depends", f"{meta}:{deb_arch}" if deb_arch else meta], "apt-cache depends")
-    for line in out.splitlines():
-        line = line.strip()
-        if line.startswith("Depends:"):
-            dep = line.split(":", 1)[1].strip().split(":")[0]
-            if PACKAGE_RE.match(dep):
-                return dep
+def _image_in(tree: Path) -> tuple[Path, str] | None:
+    """(image, release) of the kernel image in an unpacked package, if it holds one."""
+    boot = tree / "boot"
+    if boot.is_dir():
+        for p in sorted(boot.glob("vmlinuz-*")) + sorted(boot.glob("vmlinux-*")):
+            return p, p.name.split("-", 1)[1]
+    for d in _module_dirs(tree):
+        for n in ("vmlinuz", "vmlinux", "Image"):
+            if (d / n).is_file():
+                return d / n, d.name
     return None
 
 
-def resolve(kernel: str, arch: str, cache: Path, modules: str | None = None) -> KernelBundle:
-    """--kernel IMAGE|PACKAGE [--modules DIR_OR_DEB] -> KernelBundle. One-line errors."""
+def _modules_in(trees: list[Path], release: str | None) -> Path | None:
+    for t in trees:
+        for d in _module_dirs(t):
+            if (d / "kernel").is_dir() and (release is None or d.name == release):
+                return d
+    return None
+
+
+def _config_in(trees: list[Path], release: str | None) -> Path | None:
+    for t in trees:
+        for p in sorted((t / "boot").glob("config-*")) if (t / "boot").is_dir() else []:
+            if release is None or p.name == f"config-{release}":
+                return p
+        for d in _module_dirs(t):
+            if (d / "config").is_file() and (release is None or d.name == release):
+                return d / "config"
+    return None
+
+
+def from_package(spec: debian.PackageSpec, arch: str, cache: Path) -> KernelBundle:
+    """Downloads (once per version) and unpacks a Debian kernel package, following meta
+    packages to the image and collecting its modules and config packages."""
+    deb_arch = DEB_ARCH[arch]
+    if spec.suite is None:
+        debian.ensure_foreign_arch(deb_arch)
+    archive = debian.Archive(cache, spec.suite)
+    name, siblings, debs = spec.name, [], []
+    for _ in range(5):
+        st = archive.show(name, deb_arch)
+        if st is None:
+            where = f"Debian {spec.suite}" if spec.suite else "the system's apt sources"
+            raise UsageError(f"kernel package {name} ({deb_arch}) is not in {where}")
+        deb = archive.download(name, deb_arch)
+        debs.append(deb)
+        tree = debian.unpack(deb, cache / "trees" / deb.stem)
+        found = _image_in(tree)
+        siblings += [d for d in st.depends if SIBLING_RE.match(d) and d not in siblings]
+        if found:
+            break
+        nxt = [d for d in st.depends if IMAGE_OR_BINARY_RE.match(d)] or \
+              [d for d in st.depends if META_RE.match(d) and d != name]
+        if not nxt:
+            raise UsageError(f"package {name} contains no kernel image and depends on none")
+        name = nxt[0]
+    else:
+        raise UsageError(f"{spec}: no kernel image found within five levels of dependencies")
+    image, release = found
+    trees = [tree]
+    for s in siblings:
+        sdeb = archive.download(s, deb_arch)
+        debs.append(sdeb)
+        trees.append(debian.unpack(sdeb, cache / "trees" / sdeb.stem))
+    return KernelBundle(image=image, modules_dir=_modules_in(trees, release), release=release,
+                        arch=arch, source=str(spec), config=_config_in(trees, release),
+                        packages=[d.name for d in debs],
+                        meta_dirs=[d for t in trees for d in _module_dirs(t) if d.name == release])
+
+
+def _modules_option(modules: str, cache: Path, release: str | None) -> Path:
+    """--modules DIR|DEB -> the lib/modules/<release> directory to take modules from."""
+    mpath = Path(modules)
+    if mpath.is_file() and mpath.name.endswith(".deb"):
+        tree = debian.unpack(mpath, cache / "trees" / mpath.name[:-4])
+        found = _modules_in([tree], release) or _modules_in([tree], None)
+        if not found:
+            raise UsageError(f"--modules {modules}: the package has no lib/modules/<release>/kernel/")
+        return found
+    if mpath.is_dir():
+        if (mpath / "kernel").is_dir():            # a lib/modules/<release> directory itself
+            return mpath
+        found = _modules_in([mpath], release) or _modules_in([mpath], None)
+        if found:
+            return found
+        raise UsageError(f"--modules {modules}: no lib/modules/<release>/ or kernel/ inside")
+    raise UsageError(f"--modules {modules}: not a directory or .deb")
+
+
+def resolve(kernel: str | None, arch: str, cache: Path, modules: str | None = None,
+            build_reference=None) -> KernelBundle:
+    """--kernel [--modules] -> KernelBundle, with one-line errors. `build_reference(arch)`
+    returns the reference kernel's (image, config) for `ref` (and for no --kernel)."""
     if arch not in DEB_ARCH:
         raise UsageError(f"unsupported --arch {arch} (x86_64 or arm64)")
-    deb_arch = DEB_ARCH[arch]
-    path = Path(kernel)
-    if path.exists():
+    spec = None
+    if kernel is None or kernel in REFERENCE_NAMES:
+        if build_reference is None:
+            raise UsageError("--kernel is required here (an image, debian:SUITE/PACKAGE or a "
+                             "package name)")
+        image, config = build_reference(arch)
+        bundle = KernelBundle(image=image, modules_dir=None, release=None, arch=arch,
+                              source="ref", config=config)
+    elif Path(kernel).exists():
+        path = Path(kernel)
         if not path.is_file():
             raise UsageError(f"kernel image {kernel} is not a file")
-        bundle = KernelBundle(image=path.resolve(), modules_root=None, release=None, arch=arch,
+        bundle = KernelBundle(image=path.resolve(), modules_dir=None, release=None, arch=arch,
                               source=kernel)
-    elif PACKAGE_RE.match(kernel):
-        deb = download_deb(kernel, deb_arch, cache / "debs")
-        tree = unpack_deb(deb, cache / "trees" / deb.stem)
-        image = _image_in(tree)
-        if image is None:  # a meta package: follow it to the real image package
-            real = _dependency_image_package(kernel, deb_arch)
-            if not real:
-                raise UsageError(f"package {kernel} contains no kernel image and depends on none")
-            return resolve(real, arch, cache, modules)
-        bundle = KernelBundle(image=image, modules_root=tree, release=_release_of(tree), arch=arch,
-                              source=kernel)
+    elif (spec := debian.parse_spec(kernel)) is not None and (spec.suite or
+                                                              spec.name.startswith("linux-")):
+        bundle = from_package(spec, arch, cache)
     else:
-        raise UsageError(f"kernel image not found: {kernel} (give an image path or a Debian "
-                         "kernel package name such as linux-image-cloud-amd64)")
+        raise UsageError(f"kernel image not found: {kernel} (give an image path, 'ref', "
+                         "debian:SUITE/PACKAGE, or a Debian kernel package name such as "
+                         "linux-image-cloud-amd64)")
     if modules:
-        mpath = Path(modules)
-        if mpath.is_file() and mpath.suffix == ".deb":
-            bundle.modules_root = unpack_deb(mpath, cache / "trees" / mpath.stem)
-        elif mpath.is_dir():
-            if (mpath / "lib" / "modules").is_dir():
-                bundle.modules_root = mpath
-            elif (mpath / "kernel").is_dir():  # a lib/modules/<release> directory itself
-                root = cache / "trees" / f"modules-{mpath.name}"
-                (root / "lib" / "modules").mkdir(parents=True, exist_ok=True)
-                link = root / "lib" / "modules" / mpath.name
-                if not link.exists():
-                    link.symlink_to(mpath.resolve())
-                bundle.modules_root = root
-            else:
-                raise UsageError(f"--modules {modules}: no lib/modules/<release>/ or kernel/ inside")
-        else:
-            raise UsageError(f"--modules {modules}: not a directory or .deb")
-        bundle.release = _release_of(bundle.modules_root)
+        bundle.modules_dir = _modules_option(modules, cache, bundle.release)
+        bundle.release = bundle.modules_dir.name
+        bundle.meta_dirs = [bundle.modules_dir]
     return bundle

@@ -79,9 +79,15 @@ def choose_accel(arch: str, requested: str | None = None) -> str:
     return "tcg"
 
 
+# Guest memory: x86 guests grow two 1 GiB hugetlb pages at run time (the PIN-001..003 memfd
+# hugetlb 1 GiB cases), which needs 2 GiB of free contiguous memory besides the suites' own.
+# TCG allocates guest memory lazily, so the host pays only for what the guest touches.
+GUEST_MEMORY_MB = {"x86_64": 6144, "arm64": 2048}
+
+
 def qemu_command(arch: str, image: Path, initrd: Path, agent_sock: Path, status_file: Path,
                  console_file: Path, accel: str, append: str = "", pkvm: bool = False,
-                 memory_mb: int = 2048, smp: int = 2, events_file: Path | None = None,
+                 memory_mb: int | None = None, smp: int = 2, events_file: Path | None = None,
                  qmp_sock: Path | None = None) -> list[str]:
     common_append = "panic=-1 loglevel=7 printk.devkmsg=on"
     if arch == "x86_64":
@@ -90,7 +96,9 @@ def qemu_command(arch: str, image: Path, initrd: Path, agent_sock: Path, status_
         # every vCPU looping in exc_int3 for good (3 to 13 runs in); with thread=single 200
         # runs in a row had no stall and took the same time.
         cmd = ["qemu-system-x86_64", "-accel", "tcg,thread=single" if accel == "tcg" else accel,
-               "-cpu", "host" if accel == "kvm" else "max",  # max: SVM for nested KVM
+               # max: SVM for nested KVM; pdpe1gb: 1 GiB pages, for the memfd hugetlb 1 GiB
+               # backing of the R/O long-term pin cases (PIN-001..003)
+               "-cpu", "host" if accel == "kvm" else "max,pdpe1gb=on",
                "-machine", "q35"]
         console = "console=ttyS0"
     elif arch == "arm64":
@@ -102,7 +110,7 @@ def qemu_command(arch: str, image: Path, initrd: Path, agent_sock: Path, status_
             common_append += " kvm-arm.mode=protected"
     else:
         raise UsageError(f"unsupported --arch {arch}")
-    cmd += ["-m", str(memory_mb), "-smp", str(smp), "-nodefaults", "-no-reboot",
+    cmd += ["-m", str(memory_mb or GUEST_MEMORY_MB[arch]), "-smp", str(smp), "-nodefaults", "-no-reboot",
             "-display", "none", "-nic", "none",
             "-serial", f"file:{console_file}",
             "-kernel", str(image), "-initrd", str(initrd),
@@ -123,7 +131,7 @@ def qemu_command(arch: str, image: Path, initrd: Path, agent_sock: Path, status_
 class QemuVm:
     def __init__(self, arch: str, image: Path, initrd: Path, workdir: Path, accel: str,
                  append: str = "", pkvm: bool = False, boot_timeout: float = 300.0,
-                 memory_mb: int = 2048, smp: int = 2):
+                 memory_mb: int | None = None, smp: int = 2):
         self.arch, self.image, self.initrd, self.workdir = arch, image, initrd, workdir
         self.accel, self.append, self.pkvm = accel, append, pkvm
         self.boot_timeout, self.memory_mb, self.smp = boot_timeout, memory_mb, smp

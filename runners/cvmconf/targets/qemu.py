@@ -16,7 +16,7 @@ import re
 import time
 from pathlib import Path
 
-from cvmconf import events, fingerprint, gtest
+from cvmconf import events, fingerprint, gtest, refkernel
 from cvmconf.errors import HarnessError, UsageError
 from cvmconf.kmsg import KernelLine
 from cvmconf.qemu import initramfs, kernel, vm
@@ -75,8 +75,6 @@ class QemuTarget(Target):
                  accel: str | None = None, max_reboots: int = 3, boot_timeout: float = 300.0,
                  suite_dir: str | None = None):
         super().__init__()
-        if not kernel:
-            raise UsageError("--target qemu needs --kernel IMAGE_OR_DEBIAN_PACKAGE")
         self.arch = arch or HOST_ARCH
         if self.arch not in ("x86_64", "arm64"):
             raise UsageError(f"unsupported --arch {self.arch} (x86_64 or arm64)")
@@ -91,7 +89,7 @@ class QemuTarget(Target):
         self.accel = vm.choose_accel(self.arch, accel)
         self.max_reboots, self.boot_timeout = max_reboots, boot_timeout
         self._suite_dir = Path(suite_dir) if suite_dir else None
-        self.cache = self.main_build / "qemu-cache"
+        self.cache = refkernel.cache_root()   # downloads and kernels, outside the clone
         self.workdir = self.main_build / "qemu-work" / f"{os.getpid()}"
         self.bundle: kernel.KernelBundle | None = None
         self.initrd: Path | None = None
@@ -126,10 +124,16 @@ class QemuTarget(Target):
         return tools + suite_binaries
 
     # --- the guest ------------------------------------------------------------------------------
+    def _reference_kernel(self, arch: str) -> tuple[Path, Path]:
+        """--kernel ref (or none): the project's reference kernel, built when missing."""
+        built = refkernel.build(arch=arch, cache=self.cache)
+        return built.image, built.config
+
     def _prepare(self) -> None:
         if self.initrd is not None:
             return
-        self.bundle = kernel.resolve(self.kernel_spec, self.arch, self.cache, self.modules_spec)
+        self.bundle = kernel.resolve(self.kernel_spec, self.arch, self.cache, self.modules_spec,
+                                     build_reference=self._reference_kernel)
         suites = sorted(p for p in self.suite_dir().glob(gtest.SUITE_PREFIX + "*")
                         if p.is_file() and os.access(p, os.X_OK)) if self.suite_dir().is_dir() else []
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -196,9 +200,10 @@ class QemuTarget(Target):
         sizes = [int(m) for m in re.findall(r"hugepages-(\d+)kB",
                                             self._run_simple(["/bin/busybox", "ls", "/sys/kernel/mm/hugepages"]).output_tail)]
         sha = source = err = None
-        cfg = sorted((self.bundle.modules_root or Path("/nonexistent")).glob("boot/config-*"))
-        if cfg:
-            sha, source = hashlib.sha256(cfg[-1].read_bytes()).hexdigest(), f"package {cfg[-1].name}"
+        cfg = self.bundle.config
+        if cfg and cfg.is_file():
+            sha = hashlib.sha256(cfg.read_bytes()).hexdigest()
+            source = "reference kernel build" if self.bundle.source == "ref" else f"package ({cfg.name})"
         else:
             o = self._run_simple(["/bin/busybox", "sh", "-c", "zcat /proc/config.gz | sha256sum"])
             m = re.match(r"^([0-9a-f]{64})\s", o.output_tail)
@@ -213,11 +218,13 @@ class QemuTarget(Target):
             kmsg_error="", extra={"qemu": self.describe()})
 
     def describe(self) -> dict:
-        d = {"kind": self.kind, "arch": self.arch, "accel": self.accel, "kernel": self.kernel_spec,
+        d = {"kind": self.kind, "arch": self.arch, "accel": self.accel, "kernel": self.kernel_spec or "ref",
              "pkvm": self.pkvm, "reboots": self.reboots, "max_reboots": self.max_reboots}
         if self.bundle:
             d["kernel_image"] = str(self.bundle.image)
             d["kernel_release_from_modules"] = self.bundle.release
+            if self.bundle.packages:
+                d["kernel_packages"] = self.bundle.packages
         if self.modules_spec:
             d["modules"] = self.modules_spec
         if self.append:

@@ -131,3 +131,16 @@ CVM_TEST(Broken, PassesOrBlocks, "BROKEN-001") {
 }
 
 }  // namespace
+
+namespace {
+
+// A test whose own environment cannot be built (here: a mapping the kernel refuses, length 0):
+// it fails through testing::harness_error, and the runner must report ERROR, not FAIL.
+CVM_TEST(Broken, HarnessSetupFails, "BROKEN-011") {
+  void* p = mmap(nullptr, 0, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(p, MAP_FAILED) << cvm::testing::harness_error("mapping the test's memory",
+                                                          std::string("mmap of 0 bytes refused"));
+  munmap(p, 4096);
+}
+
+}  // namespace
