@@ -399,15 +399,32 @@ def cmd_run(args) -> int:
 
 
 def _print_summary(run: dict, run_dir: Path) -> None:
+    from cvmconf import report, results
     s = run["summary"]
     print()
+    print(f"cvmconf: {s['verdict']}")
     if not run["complete"]:
         print(f"cvmconf: INCOMPLETE RUN: {run['incomplete_reason']}")
-    print(f"cvmconf: {s['verdict']}")
+    for a in results.advice(run):
+        print(f"  note: {a['text']}")
+        if a.get("command"):
+            print(f"    {a['command']}")
     ro = ", ".join(f"{v} {k}" for k, v in s["requirement_outcomes"].items())
     print(f"  requirements: {s['requirements']} ({ro}); {s['requirements_exercised']} exercised")
     to = ", ".join(f"{v} {k}" for k, v in s["test_outcomes"].items())
     print(f"  tests: {s['tests']} ({to})" + (f", {s['flaky']} flaky" if s["flaky"] else ""))
+    groups = report.not_exercised_groups(run)
+    if groups:
+        print(f"  not exercised, by reason:")
+        shown = 6
+        for g in groups[:shown]:
+            ids = [rid for rid, _ in g["requirements"]]
+            print(f"    {len(ids)} requirement{'s' if len(ids) != 1 else ''} "
+                  f"({', '.join(ids[:8])}{', ...' if len(ids) > 8 else ''}):")
+            for why in g["reasons"]:
+                print(f"      {why}")
+        if len(groups) > shown:
+            print(f"    {len(groups) - shown} more reason group(s): see report.md")
     for t in run["tests"]:
         p = t.get("properties") or {}
         if "ops_per_sec" in p:
@@ -416,10 +433,10 @@ def _print_summary(run: dict, run_dir: Path) -> None:
     for p in run["problems"]:
         print(f"  harness problem: {p['batch']} {p['binary']}: {p['problem']}")
     try:
-        shown = run_dir.relative_to(Path.cwd())
+        shown_dir = run_dir.relative_to(Path.cwd())
     except ValueError:
-        shown = run_dir
-    print(f"  results: {shown}/ (run.json, junit.xml, results.ktap, report.md, report.html)")
+        shown_dir = run_dir
+    print(f"  results: {shown_dir}/ (run.json, junit.xml, results.ktap, report.md, report.html)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,15 +10,25 @@ patch series), per test and per requirement.
   added / removed   tests present on one side only (and not counted above)
 
 A test marked flaky in NEW (it failed, then passed on a retry) stays a regression, marked flaky.
+Regressions say what broke: "kernel FAIL" (the kernel did not do what the requirement says) or
+"harness ERROR"/"harness TIMEOUT" (the test did not complete: the harness or the test broke, the
+kernel's behaviour is unknown); a requirement whose roll-up went to ERROR/TIMEOUT is a "harness
+error", not a "regression".
+
 The exit status is 1 when there is a regression (of a test, or of a MUST/SHOULD requirement's
 roll-up), else 0; a test that names only INFO requirements is listed but does not count.
+
+The Markdown is meant for a mail: requirement changes first, then regressions and fixes in
+full; newly exercised / newly skipped tests grouped by requirement when there are many; changed
+evidence as counts by kind, listing only the tests of requirements whose outcome changed. The
+JSON keeps every entry.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from cvmconf.gtest import BAD, FAIL, PASS, SKIP
+from cvmconf.gtest import BAD, BROKEN, FAIL, PASS, SKIP
 from cvmconf.report import jinja_env
 from cvmconf.rollup import NOT_RUN, info_only
 
@@ -80,6 +90,7 @@ def compare(base: dict, new: dict) -> dict:
             out["removed"].append(e)
             continue
         if _regression(bo, no):
+            e["kind"] = "kernel FAIL" if no == FAIL else f"harness {no}"
             out["regressions"].append(e)
         elif _fix(bo, no):
             out["fixes"].append(e)
@@ -102,7 +113,8 @@ def compare(base: dict, new: dict) -> dict:
         no = n["outcome"] if n else None
         if bo == no:
             continue
-        kind = ("regression" if _regression(bo, no) else
+        kind = ("harness error" if _regression(bo, no) and no in BROKEN else
+                "regression" if _regression(bo, no) else
                 "fix" if _fix(bo, no) else
                 "newly exercised" if (not (b and b.get("exercised")) and n and n.get("exercised")) else
                 "newly not exercised" if (b and b.get("exercised") and not (n and n.get("exercised")))
@@ -142,11 +154,37 @@ def compare(base: dict, new: dict) -> dict:
     out["counts"] = {k: len(out[k]) for k in ("regressions", "fixes", "newly_exercised",
                                               "newly_skipped", "changed_evidence", "added",
                                               "removed")}
+    kinds: dict[str, int] = {}
+    for e in out["changed_evidence"]:
+        k = " and ".join(x.replace("_", " ") for x in e["changes"])
+        kinds[k] = kinds.get(k, 0) + 1
+    out["changed_evidence_kinds"] = dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+    moved = {r["id"] for r in reqs}
+    out["changed_evidence_moved"] = [e for e in out["changed_evidence"]
+                                     if set(e["requirements"]) & moved]
     return out
 
 
+LIST_IN_FULL = 15     # Markdown: longer lists of tests are grouped by requirement
+MOVED_IN_FULL = 10    # Markdown: changed-evidence entries listed at most
+
+
+def by_requirement(entries: list[dict]) -> list[dict]:
+    """[{"id", "n", "transitions": "SKIP -> PASS 3, ..."}] of entries, per requirement named."""
+    groups: dict[str, dict[str, int]] = {}
+    for e in entries:
+        for rid in e["requirements"] or ["(no requirement)"]:
+            t = f"{e['base'] or 'absent'} -> {e['new'] or 'absent'}"
+            groups.setdefault(rid, {})[t] = groups.setdefault(rid, {}).get(t, 0) + 1
+    return [{"id": rid, "n": sum(ts.values()),
+             "transitions": ", ".join(f"{t} {n}" for t, n in sorted(ts.items()))}
+            for rid, ts in sorted(groups.items())]
+
+
 def render_markdown(diff: dict) -> str:
-    return jinja_env(False).get_template("compare.md.j2").render(d=diff)
+    return jinja_env(False).get_template("compare.md.j2").render(
+        d=diff, list_in_full=LIST_IN_FULL, moved_in_full=MOVED_IN_FULL,
+        by_requirement=by_requirement)
 
 
 def render_json(diff: dict) -> str:

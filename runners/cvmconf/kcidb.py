@@ -1,39 +1,33 @@
-"""KernelCI KCIDB v5 export of a run (`cvmconf export --kcidb RUN_DIR`), and a checker of the
-schema facts cvmconf relies on (required fields, id and path patterns, status values; taken from
-kcidb-io's schema v5.0, which has no Debian package).
+"""KernelCI KCIDB v5.3 export of a run (`cvmconf export --kcidb RUN_DIR`), validated against the
+KCIDB I/O JSON schema shipped in results/schemas/ (kernelci/kcidb-io, draft 7) with Debian's
+python3-jsonschema, plus a strict RFC 3339 `date-time` check (Debian's jsonschema has none) and
+the links between objects the schema cannot express.
 
 Objects: one checkout (the kernel source, optional patch-series Message-ID / patchset hash), one
 build (the kernel that ran), one test per GoogleTest test (path cvmconf.<suite>.<name parts>) and
-one per requirement (path cvmconf.requirements.<ID>, status = the requirement's roll-up).
+one per requirement (path cvmconf.requirements.<ID>, status = the requirement's roll-up). What the
+schema has no field for goes into `misc` (cvmconf's outcome, requirement IDs and level, whether a
+result counts towards conformance).
 """
 from __future__ import annotations
 
+import datetime
+import functools
+import json
 import re
+from pathlib import Path
 
 from cvmconf.results import KCIDB_STATUS, ORIGIN_RE, path_component
 from cvmconf.rollup import NOT_RUN
+from cvmconf.text import escape_chars
 
-VERSION = {"major": 5, "minor": 0}
+SCHEMA = Path(__file__).resolve().parents[2] / "results" / "schemas" / "kcidb-v5.3.schema.json"
+VERSION = {"major": 5, "minor": 3}
 STATUSES = ("FAIL", "ERROR", "MISS", "PASS", "DONE", "SKIP")
-ID_RE = re.compile(r"^[a-z0-9_]+:.*$")
-PATH_RE = re.compile(r"^([a-zA-Z0-9_-]+(\.[a-zA-Z0-9_-]+)*)?$")
-ARCH_RE = re.compile(r"^[a-z0-9_]*$")
 LOG_EXCERPT_MAX = 16384
-REQUIRED = {"checkouts": ("id", "origin"), "builds": ("checkout_id", "id", "origin"),
-            "tests": ("build_id", "id", "origin")}
-ALLOWED = {
-    "checkouts": {"id", "origin", "tree_name", "git_repository_url", "git_commit_hash",
-                  "git_commit_name", "git_commit_tags", "git_commit_message",
-                  "git_repository_branch", "git_repository_branch_tip", "patchset_files",
-                  "patchset_hash", "message_id", "comment", "start_time", "log_url",
-                  "log_excerpt", "valid", "misc"},
-    "builds": {"checkout_id", "id", "origin", "comment", "start_time", "duration",
-               "architecture", "command", "compiler", "input_files", "output_files",
-               "config_name", "config_url", "log_url", "log_excerpt", "status", "misc"},
-    "tests": {"build_id", "id", "origin", "environment", "path", "comment", "log_url",
-              "log_excerpt", "status", "number", "waived", "start_time", "duration",
-              "output_files", "misc"},
-}
+_NUL = re.compile("\x00")
+RFC3339_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d+)?"
+                        r"([Zz]|[+-](\d{2}):(\d{2}))$")
 
 
 class KcidbError(ValueError):
@@ -50,10 +44,15 @@ def _excerpt(t: dict) -> str:
             parts.append(f"{k}: {ev[k]}")
     if t.get("kernel_log"):
         parts.append("kernel log:\n" + "\n".join(t["kernel_log"]))
-    text = "\n".join(parts)
+    text = _nul_free("\n".join(parts))
     if len(text) > LOG_EXCERPT_MAX:
         text = text[: LOG_EXCERPT_MAX - 6] + "\n[...]"
     return text
+
+
+def _nul_free(text: str) -> str:
+    """KCIDB text fields may hold anything but NUL: written as \\x00."""
+    return escape_chars(text, _NUL)
 
 
 def _number(t: dict) -> dict | None:
@@ -104,7 +103,7 @@ def export(run: dict, origin: str | None = None) -> dict:
         obj = {
             "build_id": build["id"], "origin": origin, "id": f"{origin}:{run_local}.{i}",
             "path": t["path"], "status": t["status"],   # set by results.test_entry
-            "comment": f"{t['binary']}: {t['name']}", "environment": environment,
+            "comment": _nul_free(f"{t['binary']}: {t['name']}"), "environment": environment,
             "duration": float(t.get("duration") or 0.0),
             "start_time": t.get("start_time") or None,
             "log_excerpt": _excerpt(t) or None,
@@ -123,11 +122,12 @@ def export(run: dict, origin: str | None = None) -> dict:
             "build_id": build["id"], "origin": origin,
             "id": f"{origin}:{run_local}.req.{path_component(r['id'])}",
             "path": f"cvmconf.requirements.{path_component(r['id'])}", "status": status,
-            "comment": f"{r['id']} ({r.get('level')}): {r.get('statement', '')}"[:1000],
+            "comment": _nul_free(f"{r['id']} ({r.get('level')}): {r.get('statement', '')}")[:1000],
             "environment": environment,
-            "log_excerpt": r.get("reason") or None,
-            "waived": r.get("level") == "INFO",
-            "misc": {"cvmconf_outcome": r["outcome"], "exercised": r.get("exercised"),
+            "log_excerpt": _nul_free(r.get("reason") or "")[:LOG_EXCERPT_MAX] or None,
+            "misc": {"cvmconf_outcome": r["outcome"], "level": r.get("level"),
+                     "counts_towards_conformance": r.get("level") in ("MUST", "SHOULD"),
+                     "exercised": r.get("exercised"),
                      "seeds": r.get("seeds", []), "tests": r.get("tests", []),
                      "run_id": run["run_id"]},
         }))
@@ -137,74 +137,67 @@ def export(run: dict, origin: str | None = None) -> dict:
     return data
 
 
+def is_rfc3339(value) -> bool:
+    """RFC 3339 date-time (section 5.6): full date, 'T', full time with seconds, optional
+    fraction, and a mandatory offset ('Z' or +hh:mm); the fields must name a real instant."""
+    if not isinstance(value, str):
+        return True            # a format applies to strings only; 'type' checks the rest
+    m = RFC3339_RE.match(value)
+    if not m:
+        return False
+    year, month, day, hour, minute, second = (int(m.group(i)) for i in range(1, 7))
+    if m.group(9) is not None and (int(m.group(9)) > 23 or int(m.group(10)) > 59):
+        return False
+    try:
+        # A leap second (:60) is valid RFC 3339; datetime cannot hold it, so check :59.
+        datetime.datetime(year, month, day, hour, minute, 59 if second == 60 else second)
+    except ValueError:
+        return False
+    return second <= 60
+
+
+@functools.lru_cache(maxsize=1)
+def _validator():
+    try:
+        import jsonschema
+    except ImportError:
+        raise KcidbError("python3-jsonschema is not installed (./cvmconf export installs it)") \
+            from None
+    try:
+        schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise KcidbError(f"cannot read the KCIDB schema {SCHEMA}: {e}") from None
+    checker = jsonschema.FormatChecker(formats=())
+    checker.checks("date-time")(is_rfc3339)
+    return jsonschema.Draft7Validator(schema, format_checker=checker)
+
+
+def schema_errors(data) -> list[str]:
+    """Every violation of the KCIDB v5.3 schema, one line each: 'tests/3: <message>'."""
+    errors = sorted(_validator().iter_errors(data), key=lambda e: list(map(str, e.path)))
+    return [f"{'/'.join(map(str, e.path)) or '(top level)'}: {e.message}" for e in errors]
+
+
 def validate(data) -> None:
-    """Checks the KCIDB v5 facts: version, required fields, no nulls, no unknown fields, id,
-    origin, path and architecture patterns, status values, links between objects."""
-    if not isinstance(data, dict):
-        raise KcidbError("top level must be an object")
-    v = data.get("version")
-    if not isinstance(v, dict) or v.get("major") != 5 or not isinstance(v.get("minor", 0), int):
-        raise KcidbError("version must be {major: 5, minor: N}")
-    unknown = set(data) - {"version", "checkouts", "builds", "tests", "issues", "incidents"}
-    if unknown:
-        raise KcidbError(f"unknown top-level field(s): {', '.join(sorted(unknown))}")
-    ids: dict[str, set[str]] = {}
+    """Checks data against the KCIDB v5.3 schema, then what the schema cannot say: ids unique
+    per object type, and every build/test linked to a checkout/build of this data."""
+    errors = schema_errors(data)
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise KcidbError(errors[0][:300] + more)
     for kind in ("checkouts", "builds", "tests"):
-        objs = data.get(kind, [])
-        if not isinstance(objs, list):
-            raise KcidbError(f"'{kind}' must be a list")
-        ids[kind] = set()
-        for i, o in enumerate(objs):
-            where = f"{kind}[{i}]"
-            if not isinstance(o, dict):
-                raise KcidbError(f"{where}: must be an object")
-            for f in REQUIRED[kind]:
-                if f not in o:
-                    raise KcidbError(f"{where}: missing required field '{f}'")
-            extra = set(o) - ALLOWED[kind]
-            if extra:
-                raise KcidbError(f"{where}: unknown field(s) {', '.join(sorted(extra))}")
-            _no_nulls(o, where)
-            if not isinstance(o["origin"], str) or not ORIGIN_RE.match(o["origin"]):
-                raise KcidbError(f"{where}: origin must match [a-z0-9_]+")
-            for f in ("id", "checkout_id", "build_id"):
-                if f in o and (not isinstance(o[f], str) or not ID_RE.match(o[f])):
-                    raise KcidbError(f"{where}: {f} must look like '<origin>:<local id>'")
+        seen: set[str] = set()
+        for i, o in enumerate(data.get(kind, [])):
+            if o["id"] in seen:
+                raise KcidbError(f"{kind}/{i}: duplicate id {o['id']}")
+            seen.add(o["id"])
             if not o["id"].startswith(o["origin"] + ":"):
-                raise KcidbError(f"{where}: id does not start with its origin")
-            if o["id"] in ids[kind]:
-                raise KcidbError(f"{where}: duplicate id {o['id']}")
-            ids[kind].add(o["id"])
-            if "status" in o and o["status"] not in STATUSES:
-                raise KcidbError(f"{where}: status {o['status']!r} not one of {', '.join(STATUSES)}")
-            if "path" in o and (not isinstance(o["path"], str) or not PATH_RE.match(o["path"])):
-                raise KcidbError(f"{where}: path {str(o['path'])[:80]!r} is not a dot-separated "
-                                 f"path of [a-zA-Z0-9_-] components")
-            if "architecture" in o and not ARCH_RE.match(str(o["architecture"])):
-                raise KcidbError(f"{where}: architecture must match [a-z0-9_]*")
-            if "log_excerpt" in o and (not isinstance(o["log_excerpt"], str)
-                                       or len(o["log_excerpt"]) > LOG_EXCERPT_MAX):
-                raise KcidbError(f"{where}: log_excerpt must be a string of at most "
-                                 f"{LOG_EXCERPT_MAX} characters")
-            if "duration" in o and (not isinstance(o["duration"], (int, float))
-                                    or isinstance(o["duration"], bool)):
-                raise KcidbError(f"{where}: duration must be a number")
-            if "number" in o and (not isinstance(o["number"], dict) or "value" not in o["number"]):
-                raise KcidbError(f"{where}: number needs a value")
+                raise KcidbError(f"{kind}/{i}: id does not start with its origin")
+    checkouts = {c["id"] for c in data.get("checkouts", [])}
+    builds = {b["id"] for b in data.get("builds", [])}
     for i, b in enumerate(data.get("builds", [])):
-        if ids["checkouts"] and b["checkout_id"] not in ids["checkouts"]:
-            raise KcidbError(f"builds[{i}]: checkout_id names no checkout in this data")
+        if checkouts and b["checkout_id"] not in checkouts:
+            raise KcidbError(f"builds/{i}: checkout_id names no checkout in this data")
     for i, t in enumerate(data.get("tests", [])):
-        if ids["builds"] and t["build_id"] not in ids["builds"]:
-            raise KcidbError(f"tests[{i}]: build_id names no build in this data")
-
-
-def _no_nulls(o, where: str) -> None:
-    if o is None:
-        raise KcidbError(f"{where}: null value (KCIDB forbids nulls)")
-    if isinstance(o, dict):
-        for k, v in o.items():
-            _no_nulls(v, f"{where}.{k}")
-    elif isinstance(o, list):
-        for i, v in enumerate(o):
-            _no_nulls(v, f"{where}[{i}]")
+        if builds and t["build_id"] not in builds:
+            raise KcidbError(f"tests/{i}: build_id names no build in this data")

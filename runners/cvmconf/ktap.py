@@ -11,6 +11,9 @@ Rules implemented (the parser rejects violations with KtapError, one line naming
   - a subtest is a complete block (its own version line and plan) indented by two more spaces,
     followed by its parent's result line at the outer indentation; a parent that reports "ok"
     while a subtest reports "not ok" without SKIP/TODO/XFAIL is inconsistent;
+  - a "# Subtest: <name>" line between a block's version line and its plan names the block; the
+    parent's result line must carry the same name; other diagnostic lines there belong to the
+    block (KtapDocument.diagnostics, KtapTest.header_diagnostics);
   - diagnostic lines start with "# "; any other line is an unknown line, allowed and ignored
     (kernel logs interleave).
 """
@@ -19,11 +22,15 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from cvmconf.rollup import NOT_RUN
+from cvmconf.text import printable
+
 VERSION_RE = re.compile(r"^(KTAP version 1|TAP version 1[34])$")
 PLAN_RE = re.compile(r"^1\.\.(\d+)$")
 RESULT_START_RE = re.compile(r"^(ok|not ok)( |$)")
 RESULT_RE = re.compile(r"^(ok|not ok) ([0-9]+)(?:$| (?:- )?([^#]*?)\s*(?:#(.*))?$)")
 DIRECTIVES = ("SKIP", "TODO", "XFAIL", "TIMEOUT", "ERROR")
+SUBTEST_RE = re.compile(r"^# Subtest: (.*)$")
 
 
 class KtapError(ValueError):
@@ -39,6 +46,8 @@ class KtapTest:
     diagnostic: str = ""               # text after the directive (or after '#')
     diagnostics: list[str] = dataclasses.field(default_factory=list)  # "# " lines before it
     subtests: list["KtapTest"] = dataclasses.field(default_factory=list)
+    subtest_name: str | None = None    # the "# Subtest:" header of its subtest block
+    header_diagnostics: list[str] = dataclasses.field(default_factory=list)
     line: int = 0
 
     @property
@@ -55,6 +64,7 @@ class KtapDocument:
     plan: int | None
     tests: list[KtapTest]
     unknown_lines: int = 0
+    diagnostics: list[str] = dataclasses.field(default_factory=list)  # before the plan
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,8 +77,23 @@ def clean_description(text: str) -> str:
     return text or "unnamed"
 
 
+# kunit_parser.py (the kernel's) reads "# Subtest: X" anywhere as a subtest header and stops
+# reading at these phrases anywhere in a line: diagnostic text must not contain them as such.
+_SUBTEST_HEADER_RE = re.compile(r"^(\s*)Subtest:")
+_KUNIT_END_RE = re.compile(r"(List of all partitions|Kernel panic - not syncing: VFS|"
+                           r"reboot): ?(System halted)?")
+
+
+def _defuse(line: str) -> str:
+    line = _SUBTEST_HEADER_RE.sub(r"\1Subtest -", line)
+    return _KUNIT_END_RE.sub(lambda m: m.group(0).replace(":", "\\x3a"), line)
+
+
 def diagnostic_lines(text: str, indent: str) -> list[str]:
-    return [f"{indent}# {line}".rstrip() for line in text.splitlines() if line.strip()]
+    """'# ' lines for text (blank lines dropped, control characters escaped); never a line a
+    KTAP reader could take for a subtest header or the end of the output."""
+    return [f"{indent}# {_defuse(printable(line))}".rstrip()
+            for line in text.splitlines() if line.strip()]
 
 
 @dataclasses.dataclass
@@ -82,22 +107,29 @@ class Node:
     subtests: list["Node"] = dataclasses.field(default_factory=list)
 
 
-def emit(nodes: list[Node], indent: str = "") -> list[str]:
-    lines = [f"{indent}KTAP version 1", f"{indent}1..{len(nodes)}"]
+def emit(nodes: list[Node], indent: str = "", name: str | None = None,
+         header: str = "") -> list[str]:
+    """A block: version line, '# Subtest: name' (subtest blocks), header diagnostics, plan,
+    then each test (its subtest block, its diagnostics, its result line)."""
+    lines = [f"{indent}KTAP version 1"]
+    if name is not None:
+        lines.append(f"{indent}# Subtest: {clean_description(name)}")
+    lines.extend(diagnostic_lines(header, indent))
+    lines.append(f"{indent}1..{len(nodes)}")
     for i, n in enumerate(nodes, 1):
         if n.subtests:
-            lines.extend(emit(n.subtests, indent + "  "))
+            lines.extend(emit(n.subtests, indent + "  ", n.description))
         lines.extend(diagnostic_lines(n.diagnostics, indent))
         result = f"{indent}{'ok' if n.ok else 'not ok'} {i} {clean_description(n.description)}"
         if n.directive:
-            d = " ".join(n.diagnostic.split())
+            d = _defuse(printable(" ".join(n.diagnostic.split())))
             result += f" # {n.directive}" + (f" {d}" if d else "")
         lines.append(result)
     return lines
 
 
-def dumps(nodes: list[Node]) -> str:
-    return "\n".join(emit(nodes)) + "\n"
+def dumps(nodes: list[Node], header: str = "") -> str:
+    return "\n".join(emit(nodes, header=header)) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,9 +147,11 @@ class _Parser:
         self.i = 0
         self.unknown = 0
 
-    def block(self, indent: int) -> tuple[str, int | None, list[KtapTest], int]:
+    def block(self, indent: int) -> tuple[str, int | None, list[KtapTest], int, str | None,
+                                          list[str]]:
         """Parses a block whose version line is at self.i with the given indentation; returns
-        after its last line (before the parent's result line or the end)."""
+        after its last line (before the parent's result line or the end): version, plan,
+        tests, first line, the '# Subtest:' name and the diagnostics before the plan."""
         start = self.i + 1
         version = self.lines[self.i][indent:]
         self.i += 1
@@ -125,7 +159,9 @@ class _Parser:
         seen_result = False
         tests: list[KtapTest] = []
         pending_diag: list[str] = []
-        pending_sub: tuple[list[KtapTest], int] | None = None
+        pending_sub: tuple[list[KtapTest], int, str | None, list[str]] | None = None
+        name: str | None = None
+        header: list[str] = []
         while self.i < len(self.lines):
             raw = self.lines[self.i]
             n = self.i + 1
@@ -142,8 +178,8 @@ class _Parser:
                 if pending_sub is not None:
                     raise KtapError(f"line {n}: subtest block follows a subtest block "
                                     f"(line {pending_sub[1]}) that has no result line")
-                _, _, subs, sub_line = self.block(indent + 2)
-                pending_sub = (subs, sub_line)
+                _, _, subs, sub_line, sub_name, sub_header = self.block(indent + 2)
+                pending_sub = (subs, sub_line, sub_name, sub_header)
                 continue
             if ind != indent:
                 # Deeper than this block: allowed for unknown lines, but a version, plan or
@@ -163,10 +199,17 @@ class _Parser:
                 if seen_result:
                     raise KtapError(f"line {n}: plan after result lines")
                 plan = int(m.group(1))
+                header, pending_diag = pending_diag, []
                 self.i += 1
                 continue
             if body.startswith("#"):
-                if body == "#" or body.startswith("# "):
+                sm = SUBTEST_RE.match(body)
+                if sm and plan is None and not seen_result and not pending_diag and name is None \
+                        and not tests:
+                    name = sm.group(1).strip()
+                elif sm:
+                    raise KtapError(f"line {n}: '# Subtest:' header after the start of its block")
+                elif body == "#" or body.startswith("# "):
                     pending_diag.append(body[2:])
                 else:
                     self.unknown += 1
@@ -177,7 +220,7 @@ class _Parser:
                 t.diagnostics = pending_diag
                 pending_diag = []
                 if pending_sub is not None:
-                    t.subtests = pending_sub[0]
+                    t.subtests, _, t.subtest_name, t.header_diagnostics = pending_sub
                     pending_sub = None
                     self.check_parent(t)
                 tests.append(t)
@@ -190,7 +233,9 @@ class _Parser:
             raise KtapError(f"line {pending_sub[1]}: subtest block has no result line")
         if plan is not None and len(tests) != plan:
             raise KtapError(f"line {start}: plan 1..{plan} but {len(tests)} result line(s)")
-        return version, plan, tests, start
+        if plan is None and not tests and pending_diag:
+            header = pending_diag
+        return version, plan, tests, start, name, header
 
     @staticmethod
     def result(body: str, n: int, expected: int) -> KtapTest:
@@ -218,6 +263,9 @@ class _Parser:
 
     @staticmethod
     def check_parent(t: KtapTest) -> None:
+        if t.subtest_name is not None and t.subtest_name != t.description:
+            raise KtapError(f"line {t.line}: result line names {t.description!r}, its subtest "
+                            f"header names {t.subtest_name!r}")
         if t.ok and t.directive is None:
             for s in t.subtests:
                 if not s.ok and s.directive not in ("SKIP", "TODO", "XFAIL"):
@@ -240,43 +288,80 @@ def parse(text: str) -> KtapDocument:
         p.i += 1
     if p.i >= len(p.lines):
         raise KtapError("no KTAP version line")
-    version, plan, tests, _ = p.block(0)
+    version, plan, tests, _, name, header = p.block(0)
     if p.i < len(p.lines):
         raise KtapError(f"line {p.i + 1}: text after the end of the top-level block")
-    return KtapDocument(version=version, plan=plan, tests=tests, unknown_lines=p.unknown)
+    if name is not None:
+        raise KtapError("the top-level block has a '# Subtest:' header")
+    return KtapDocument(version=version, plan=plan, tests=tests, unknown_lines=p.unknown,
+                        diagnostics=header)
 
 
 # ---------------------------------------------------------------------------------------------
 # run.json -> KTAP (binary > test)
 
+def _kernel_log(t: dict) -> list[str]:
+    log = t.get("kernel_log") or []
+    return ["kernel log:"] + [f"  {line}" for line in log] if log else []
+
+
+def _leaf(t: dict) -> Node:
+    """One GoogleTest test. PASS: ok; SKIP: ok # SKIP reason; FAIL: not ok; ERROR, TIMEOUT:
+    not ok # ERROR|TIMEOUT first line; NOT RUN: not ok # SKIP not run: why. Requirement IDs,
+    messages and (for FAIL, ERROR, TIMEOUT) the kernel-log lines are '# ' lines before it."""
+    outcome = t["outcome"]
+    diags = ["requirements: " + " ".join(t["requirements"])] if t.get("requirements") else []
+    msgs = [m for m in t.get("messages", []) if m.strip()]
+    if outcome == "PASS":
+        return Node(t["name"], True, diagnostics="\n".join(diags))
+    if outcome == "SKIP":
+        return Node(t["name"], True, "SKIP", t.get("skip_reason", ""), "\n".join(diags))
+    if outcome == "FAIL":
+        return Node(t["name"], False, diagnostics="\n".join(diags + msgs + _kernel_log(t)))
+    first = msgs[0].splitlines()[0] if msgs else outcome
+    if outcome == NOT_RUN:
+        if not first.startswith("not run"):
+            first = f"not run: {first}"
+        return Node(t["name"], False, "SKIP", first, "\n".join(diags))
+    # ERROR, TIMEOUT
+    rest = ["\n".join(msgs[0].splitlines()[1:])] + msgs[1:] if msgs else []
+    exit_text = (t.get("evidence") or {}).get("exit")
+    if exit_text:
+        rest.append(f"exit: {exit_text}")
+    directive = "TIMEOUT" if outcome == "TIMEOUT" else "ERROR"
+    return Node(t["name"], False, directive, first, "\n".join(diags + rest + _kernel_log(t)))
+
+
+def _parent(binary: str, subs: list[Node]) -> Node:
+    """A suite binary: not ok when a test failed or broke; all skipped (or not run):
+    '# SKIP <the common reason, or a count>', 'not ok' when some did not run; else ok."""
+    bad = any(not s.ok and s.directive not in ("SKIP", "TODO", "XFAIL") for s in subs)
+    if bad:
+        return Node(binary, False, subtests=subs)
+    if subs and all(s.directive == "SKIP" for s in subs):
+        reasons = {s.diagnostic for s in subs}
+        not_run = sum(1 for s in subs if not s.ok)
+        if len(reasons) == 1:
+            why = reasons.pop()
+        elif not_run:
+            why = f"{len(subs) - not_run} tests skipped, {not_run} not run"
+        else:
+            why = f"all {len(subs)} tests skipped"
+        return Node(binary, not not_run, "SKIP", why, subtests=subs)
+    return Node(binary, True, subtests=subs)
+
+
 def from_run(run: dict) -> str:
-    """The run as a nested KTAP v1 stream: one top-level test per suite binary, one subtest per
-    GoogleTest test."""
+    """The run as a nested KTAP v1 stream: one top-level test per suite binary (with a
+    '# Subtest:' header), one subtest per GoogleTest test."""
     binaries: dict[str, list[dict]] = {}
     for t in run["tests"]:
         binaries.setdefault(t["binary"], []).append(t)
-    top: list[Node] = []
-    for binary, tests in binaries.items():
-        subs = []
-        for t in tests:
-            outcome = t["outcome"]
-            diags = []
-            if t.get("requirements"):
-                diags.append("requirements: " + " ".join(t["requirements"]))
-            if outcome == "PASS":
-                subs.append(Node(t["name"], True, diagnostics="\n".join(diags)))
-            elif outcome == "SKIP":
-                subs.append(Node(t["name"], True, "SKIP", t.get("skip_reason", ""),
-                                 "\n".join(diags)))
-            elif outcome == "FAIL":
-                diags += t.get("messages", [])
-                subs.append(Node(t["name"], False, diagnostics="\n".join(diags)))
-            else:   # ERROR, TIMEOUT, NOT RUN
-                msgs = t.get("messages", [])
-                diags += msgs[1:]
-                directive = "TIMEOUT" if outcome == "TIMEOUT" else "ERROR"
-                first = msgs[0].splitlines()[0] if msgs and msgs[0].strip() else outcome
-                subs.append(Node(t["name"], False, directive, first, "\n".join(diags)))
-        bad = any(not s.ok and s.directive not in ("SKIP", "TODO", "XFAIL") for s in subs)
-        top.append(Node(binary, not bad, subtests=subs))
-    return dumps(top)
+    top = [_parent(binary, [_leaf(t) for t in tests]) for binary, tests in binaries.items()]
+    header = [f"cvmconf run {run.get('run_id', '')}"]
+    verdict = (run.get("summary") or {}).get("verdict")
+    if verdict:
+        header.append(f"verdict: {verdict}")
+    if not run.get("complete", True):
+        header.append(f"incomplete run: {run.get('incomplete_reason') or 'unknown reason'}")
+    return dumps(top, header="\n".join(header))

@@ -8,12 +8,43 @@ from pathlib import Path
 
 import jinja2
 
-from cvmconf import gtest, pincoverage
-from cvmconf.gtest import BAD
+from cvmconf import gtest, pincoverage, results
+from cvmconf.gtest import BAD, SKIP
 from cvmconf.rollup import ORDER, outcome_rank
 from cvmconf.text import printable
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "results" / "templates"
+WIDTH = 80               # report.md: every line but literal command lines ("    $ ...")
+_BREAK_AFTER = "/._-:,=)"
+
+
+def _split_long(line: str, width: int, indent: str) -> list[str]:
+    """A line longer than width (one long token) cut after a '/', '.', '_' ... near the end,
+    the rest continued with indent; hard-cut when there is no such character."""
+    out = []
+    while len(line) > width:
+        lo = len(indent) + 8
+        cut = max((i + 1 for i in range(lo, width) if line[i] in _BREAK_AFTER), default=width)
+        out.append(line[:cut])
+        line = indent + line[cut:]
+    out.append(line)
+    return out
+
+
+def wrap(text, indent: int | str = 0, subsequent: int | str | None = None,
+         width: int = WIDTH) -> list[str]:
+    """text (one paragraph; line breaks are kept) as lines of at most width columns."""
+    first = " " * indent if isinstance(indent, int) else indent
+    rest = first if subsequent is None else (" " * subsequent if isinstance(subsequent, int)
+                                             else subsequent)
+    out: list[str] = []
+    for para in str(text).splitlines() or [""]:
+        lines = textwrap.wrap(para, width, initial_indent=first, subsequent_indent=rest,
+                              break_long_words=False, break_on_hyphens=False) or [first.rstrip()]
+        for line in lines:
+            out.extend(_split_long(line, width, rest))
+        first = rest
+    return out
 
 
 def describe_target(t: dict) -> str:
@@ -63,6 +94,72 @@ def test_view(t: dict) -> dict:
         "platform": props.get("platform", ""), "flaky": bool(t.get("flaky")),
         "attempts": t.get("attempts") or [],
     }
+
+
+def short_environment(run: dict) -> list[tuple[str, str]]:
+    """The few environment lines report.md shows (the rest is in run.json and report.html)."""
+    fp = run.get("fingerprint", {})
+    k = fp.get("kernel", {})
+    rows = [("Kernel", f"{k.get('release', '?')} ({fp.get('arch', '?')})"
+                       + (f", config sha256 {k['config_sha256'][:16]}"
+                          if k.get("config_sha256") else ""))]
+    rows.append(("Target", describe_target(run.get("target", {}))))
+    plat = fp.get("platforms", {})
+    det = ", ".join(f"{d['platform']} ({d['vm_type']})" for d in plat.get("detected", [])) or "none"
+    un = sorted({u["platform"] for u in plat.get("unavailable", [])})
+    if plat.get("host"):
+        rows.append(("Host", plat["host"]))
+    rows.append(("Platforms", det + (f"; not offered: {', '.join(un)}" if un else "")))
+    km = fp.get("kmsg", {})
+    if not km.get("readable"):
+        rows.append(("Kernel log", f"NOT watched: {km.get('error')}"))
+    co = run.get("checkout", {})
+    if co.get("message_id"):
+        rows.append(("Series", f"Message-ID <{co['message_id']}>"))
+    if co.get("git_commit_hash"):
+        rows.append(("Commit", co["git_commit_hash"]))
+    sel = (run.get("options") or {}).get("selection")
+    if sel:
+        rows.append(("Selection", sel))
+    for note in list(run.get("notes", []) or []) + list(plat.get("notes", []) or []):
+        rows.append(("Note", note))
+    return rows
+
+
+def not_exercised_groups(run: dict) -> list[dict]:
+    """Requirements not exercised, grouped by reason: each distinct skip reason (or other
+    reason) once, reasons affecting the same requirements together, with those requirements:
+    [{"reasons": [...], "requirements": [(id, level)]}], the most widespread first."""
+    tests = {f"{t['binary']}:{t['name']}": t for t in run["tests"]}
+    groups: dict[str, list[tuple[str, str, int]]] = {}
+    for r in run["requirements"]:
+        if r.get("exercised"):
+            continue
+        rtests = [tests[k] for k in r.get("tests", []) if k in tests]
+        skipped: dict[str, int] = {}
+        for t in rtests:
+            if t["outcome"] == SKIP:
+                why = t.get("skip_reason") or "skipped without a reason"
+                skipped[why] = skipped.get(why, 0) + 1
+        broken = [t for t in rtests if t["outcome"] in BAD]
+        not_run = [t for t in rtests if t["outcome"] not in BAD and t["outcome"] != SKIP]
+        items = list(skipped.items())
+        if broken:
+            items.append(("did not complete: " + ", ".join(sorted({t["outcome"] for t in broken}))
+                          + " (see Failures)", len(broken)))
+        if not_run:
+            items.append(("not run: " + (not_run[0].get("messages") or ["no result"])[0]
+                          .removeprefix("not run: "), len(not_run)))
+        if not items:
+            items = [(r.get("reason") or "no test of it ran", 0)]
+        for why, n in items:
+            groups.setdefault(printable(why), []).append((r["id"], r.get("level", ""), n))
+    # Reasons that affect the same requirements are listed together, the requirements once.
+    merged: dict[tuple, list[str]] = {}
+    for why, reqs in groups.items():
+        merged.setdefault(tuple((rid, level) for rid, level, _ in reqs), []).append(why)
+    return [{"reasons": sorted(whys), "requirements": list(reqs)}
+            for reqs, whys in sorted(merged.items(), key=lambda kv: (-len(kv[0]), kv[1]))]
 
 
 def environment(run: dict) -> list[tuple[str, str]]:
@@ -170,7 +267,30 @@ def view(run: dict) -> dict:
         "pin_rows": pin_rows,
         "pin_table": pincoverage.format_pin_coverage(pin_rows),
         "outcomes": list(ORDER),
+        "short_env": short_environment(run), "advice": results.advice(run),
+        "not_exercised_groups": not_exercised_groups(run),
+        "disagreements": disagreements(run, req_rows),
     }
+
+
+def disagreements(run: dict, req_rows: list[dict]) -> list[str]:
+    """Where the run disagrees with itself: a requirement whose tests reached both PASS and
+    FAIL (e.g. on different platforms), a flaky test, a harness problem."""
+    out = []
+    for r in req_rows:
+        c = r.get("counts") or {}
+        if c.get("PASS") and c.get("FAIL"):
+            out.append(f"{r['id']}: {c['PASS']} test(s) pass and {c['FAIL']} fail"
+                       + (f" (exercised on {', '.join(r['platforms'])})" if r.get("platforms")
+                          else ""))
+    for t in run["tests"]:
+        if t.get("flaky"):
+            tries = ", ".join(f"retry {a.get('retry')} {a.get('outcome')}"
+                              for a in t.get("attempts") or [])
+            out.append(f"{t['name']}: {t['outcome']} first, then {tries} (flaky)")
+    for p in run.get("problems", []):
+        out.append(f"harness problem in {p.get('batch')} ({p.get('binary')}): {p.get('problem')}")
+    return [printable(x) for x in out]
 
 
 def jinja_env(autoescape: bool) -> jinja2.Environment:
@@ -179,6 +299,9 @@ def jinja_env(autoescape: bool) -> jinja2.Environment:
                              autoescape=autoescape, trim_blocks=True, lstrip_blocks=True,
                              keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
     env.filters["pad"] = lambda v, n: str(v).ljust(n)
+    env.filters["wrap"] = wrap
+    env.filters["format_seed"] = lambda tag: f"[{tag}]"
+    env.filters["format_req"] = lambda r: f"{r[0]} ({r[1]})"
     return env
 
 

@@ -29,7 +29,7 @@ ORIGIN_RE = re.compile(r"^[a-z0-9_]+$")
 KCIDB_STATUS = {PASS: "PASS", FAIL: "FAIL", ERROR: "ERROR", TIMEOUT: "ERROR", SKIP: "SKIP",
                 NOT_RUN: "MISS"}
 
-EXIT_MEANING = {0: "every exercised requirement conforms",
+EXIT_MEANING = {0: "no MUST/SHOULD requirement failed (the verdict says how much was exercised)",
                 1: "non-conformance: a requirement's test failed",
                 3: "harness error: a test crashed or timed out, a batch broke, or the run is incomplete"}
 
@@ -113,19 +113,36 @@ def not_run_entry(binary: str, name: str, requirements: list[str], reason: str) 
     return test_entry(r)
 
 
+def exercised_scope(reqs: list[RequirementResult]) -> str:
+    """'4 of 55 requirements exercised; 51 not exercised: see below' (every level counted)."""
+    n = sum(1 for r in reqs if r.exercised)
+    text = f"{n} of {len(reqs)} requirements exercised"
+    if n < len(reqs):
+        text += f"; {len(reqs) - n} not exercised: see below"
+    return text
+
+
 def verdict(reqs: list[RequirementResult], tests: list[dict], complete: bool,
             problems: list[dict]) -> tuple[int, str]:
+    """Exit code and verdict line, which always says how much was exercised:
+    'CONFORMS (4 of 55 requirements exercised; 51 not exercised: see below)'.
+
+    DOES NOT CONFORM (1): a MUST/SHOULD requirement, or a test naming one (or none), failed;
+    HARNESS ERROR (3): a test crashed or timed out, a harness problem, or an incomplete run;
+    NO MUST REQUIREMENT EXERCISED (0): nothing failed, but no MUST requirement was exercised;
+    CONFORMS (0): every exercised MUST/SHOULD requirement passed."""
     levels = {r.id: r.level for r in reqs}
     nonconf = [r for r in reqs if r.level in ("MUST", "SHOULD") and r.outcome == FAIL]
     failing = [t for t in tests
                if t["outcome"] == FAIL and not info_only(t["requirements"], levels)]
     broken = [t for t in tests if t["outcome"] in BROKEN]
-    exercised = [r for r in reqs if r.level in ("MUST", "SHOULD") and r.exercised]
+    scope = f"({exercised_scope(reqs)})"
     if nonconf or failing:
         n = len(nonconf)
-        text = (f"DOES NOT CONFORM: {n} of {len(exercised)} exercised MUST/SHOULD requirement(s) "
-                f"fail" if n else f"DOES NOT CONFORM: {len(failing)} test(s) fail")
-        return 1, text
+        what = (f"{n} MUST/SHOULD requirement{'s' if n != 1 else ''} fail{'' if n != 1 else 's'}"
+                if n else f"{len(failing)} test{'s' if len(failing) != 1 else ''} fail"
+                f"{'' if len(failing) != 1 else 's'}")
+        return 1, f"DOES NOT CONFORM: {what} {scope}"
     if broken or problems or not complete:
         why = []
         if broken:
@@ -134,10 +151,31 @@ def verdict(reqs: list[RequirementResult], tests: list[dict], complete: bool,
             why.append(f"{len(problems)} harness problem(s)")
         if not complete:
             why.append("the run is incomplete")
-        return 3, "HARNESS ERROR: " + ", ".join(why) + "; no failing requirement among the rest"
-    if not exercised:
-        return 0, "NOTHING EXERCISED: no MUST/SHOULD requirement could be checked here"
-    return 0, f"CONFORMS: all {len(exercised)} exercised MUST/SHOULD requirements pass"
+        return 3, f"HARNESS ERROR: {', '.join(why)}; no failing requirement among the rest {scope}"
+    if not any(r.level == "MUST" and r.exercised for r in reqs):
+        return 0, f"NO MUST REQUIREMENT EXERCISED {scope}"
+    return 0, f"CONFORMS {scope}"
+
+
+REFERENCE_KERNEL_COMMAND = "./cvmconf run --target qemu"
+
+
+def advice(run: dict) -> list[dict]:
+    """What the reader of a run should know before its results, each {"text", "command"}
+    (command: a literal command line or ""): a local run on a kernel without guest_memfd
+    points at the reference kernel under QEMU."""
+    out = []
+    fp = run.get("fingerprint") or {}
+    kvm = fp.get("kvm") or {}
+    caps = kvm.get("system_caps") or {}
+    if (run.get("target") or {}).get("kind") == "local" and kvm.get("available", True) \
+            and not caps.get("KVM_CAP_GUEST_MEMFD"):
+        state = "absent" if "KVM_CAP_GUEST_MEMFD" not in caps else "0"
+        out.append({"text": f"This host's kernel has no guest_memfd (KVM_CAP_GUEST_MEMFD "
+                            f"{state}): guest_memfd, conversion and race requirements cannot be "
+                            f"exercised here. To test the project's reference kernel under QEMU, "
+                            f"run:", "command": REFERENCE_KERNEL_COMMAND})
+    return out
 
 
 def summary(reqs: list[RequirementResult], tests: list[dict]) -> dict:
@@ -152,6 +190,8 @@ def summary(reqs: list[RequirementResult], tests: list[dict]) -> dict:
     return {
         "requirements": len(reqs),
         "requirements_exercised": sum(1 for r in reqs if r.exercised),
+        "must_exercised": sum(1 for r in reqs if r.exercised and r.level == "MUST"),
+        "must": sum(1 for r in reqs if r.level == "MUST"),
         "requirement_outcomes": ordered(req_outcomes),
         "tests": len(tests),
         "test_outcomes": ordered(by_outcome),

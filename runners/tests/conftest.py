@@ -98,3 +98,32 @@ def timed_cvmconf(name: str, *args, **kw):
         return cvmconf(*args, **kw)
     finally:
         record_timing(name, time.monotonic() - t0)
+
+
+@pytest.fixture(scope="session")
+def every_outcome_run(build_dir, broken_dir, tmp_path_factory):
+    """A run of the broken suite holding every outcome: PASS, FAIL, SKIP, ERROR, TIMEOUT and
+    NOT RUN. Broken.PassesOrBlocks, the last test, blocks (BROKEN_BLOCK_FILE); the run is
+    interrupted (SIGINT) while it does, so it is NOT RUN and the run incomplete."""
+    import signal
+    import time
+    results = tmp_path_factory.mktemp("results")
+    marker = results / "blocking"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "runners"), BROKEN_BLOCK_FILE=str(marker))
+    p = subprocess.Popen(["/usr/bin/python3", "-m", "cvmconf", "--build-dir", str(build_dir),
+                          "--suite-dir", str(broken_dir), "--catalogue", str(BROKEN_CATALOGUE),
+                          "run", "--test-timeout", "8", "--results-dir", str(results),
+                          "--run-id", "every"], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not marker.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    run_dir = results / "every"
+    assert (run_dir / "run.json").exists(), out[-3000:] + err[-3000:]
+    data = json.loads((run_dir / "run.json").read_text())
+    outcomes = {t["outcome"] for t in data["tests"]}
+    assert outcomes == {"PASS", "FAIL", "SKIP", "ERROR", "TIMEOUT", "NOT RUN"}, \
+        (outcomes, out[-3000:], err[-3000:])
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err), run_dir, data

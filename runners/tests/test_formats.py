@@ -17,6 +17,7 @@ def test_ktap_parses_back_nested_binary_then_test(broken_run):
     assert doc.plan == 1 and len(doc.tests) == 1
     top = doc.tests[0]
     assert top.description == "cvm_suite_broken"
+    assert top.subtest_name == "cvm_suite_broken"    # its '# Subtest:' header
     assert top.ok is False                      # a subtest failed
     subs = {s.description: s for s in top.subtests}
     want = {t["name"]: t["outcome"] for t in data["tests"]}
@@ -26,9 +27,10 @@ def test_ktap_parses_back_nested_binary_then_test(broken_run):
     assert "SIGABRT" in subs["Broken.Aborts"].diagnostic
     assert subs["Broken.Skips"].diagnostic.startswith("not applicable:")
     assert any("requirements: BROKEN-002" in d for d in subs["Broken.FailsWithMarkup"].diagnostics)
+    assert any(d.startswith("verdict: DOES NOT CONFORM") for d in doc.diagnostics)
 
 
-def test_junit_parses_back_with_requirement_properties(broken_run):
+def test_junit_parses_back_with_requirements_in_system_out(broken_run):
     _, run_dir, data = broken_run
     root = ET.parse(run_dir / "junit.xml").getroot()
     assert root.tag == "testsuites"
@@ -37,20 +39,25 @@ def test_junit_parses_back_with_requirement_properties(broken_run):
     suite = suites[0]
     assert int(suite.get("tests")) == len(data["tests"])
     assert int(suite.get("failures")) == 1
-    assert int(suite.get("errors")) == 5            # 4 ERROR + 1 TIMEOUT
+    assert int(suite.get("errors")) == sum(1 for t in data["tests"]
+                                           if t["outcome"] in ("ERROR", "TIMEOUT"))
     assert int(suite.get("skipped")) == 1
-    cases = {f"{c.get('classname')}.{c.get('name')}": c for c in suite.findall("testcase")}
+    assert suite.get("timestamp") == data["batches"][0]["started"][:19]   # its own start
+    assert {c.get("classname") for c in suite.findall("testcase")} == {"cvm_suite_broken.Broken"}
+    cases = {f"Broken.{c.get('name')}": c for c in suite.findall("testcase")}
     assert set(cases) == {t["name"] for t in data["tests"]}
     fail = cases["Broken.FailsWithMarkup"]
-    props = [(p.get("name"), p.get("value")) for p in fail.find("properties")]
-    assert ("requirement", "BROKEN-002") in props
-    assert ("observation", "<i>value</i> & more") in props
+    assert fail.find("properties") is None            # the schema has none on a testcase
+    out = fail.find("system-out").text.splitlines()
+    assert "requirement: BROKEN-002" in out and "outcome: FAIL" in out
+    assert "property observation: <i>value</i> & more" in out
     f = fail.find("failure")
     assert f is not None and "<script>" in f.text
     assert "\\x1b" in f.text                       # control characters escaped, file stays valid
     hang = cases["Broken.Hangs"].find("error")
     assert hang.get("type") == "TIMEOUT"
     assert cases["Broken.Skips"].find("skipped").get("message").startswith("not applicable")
+    assert cases["Broken.Skips"].find("skipped").get("type") == "SKIP"
     assert cases["Broken.Passes1"].find("failure") is None
 
 
@@ -98,15 +105,19 @@ def test_kcidb_export_to_stdout_with_origin(broken_run):
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda k: k["tests"][0].pop("build_id"), "missing required field 'build_id'"),
-    (lambda k: k["checkouts"][0].pop("origin"), "missing required field 'origin'"),
-    (lambda k: k["tests"][0].update(status="BROKEN"), "status 'BROKEN' not one of"),
-    (lambda k: k["tests"][0].update(path="a/b"), "is not a dot-separated path"),
-    (lambda k: k["tests"][0].update(id="nocolon"), "must look like '<origin>:<local id>'"),
-    (lambda k: k["tests"][0].update(comment=None), "null value"),
-    (lambda k: k["tests"][0].update(colour="red"), "unknown field"),
-    (lambda k: k["builds"][0].update(architecture="X86-64"), "architecture must match"),
-    (lambda k: k.update(version={"major": 4}), "version must be"),
+    (lambda k: k["tests"][0].pop("build_id"), "tests/0: 'build_id' is a required property"),
+    (lambda k: k["checkouts"][0].pop("origin"), "checkouts/0: 'origin' is a required property"),
+    (lambda k: k["tests"][0].update(status="BROKEN"), "tests/0/status: 'BROKEN' is not one of"),
+    (lambda k: k["tests"][0].update(path="a/b"), "tests/0/path: 'a/b' does not match"),
+    (lambda k: k["tests"][0].update(id="nocolon"), "tests/0/id: 'nocolon' does not match"),
+    (lambda k: k["tests"][0].update(comment=None), "tests/0/comment: None is not of type"),
+    (lambda k: k["tests"][0].update(waived=True), "tests/0: Additional properties are not "
+                                                   "allowed ('waived' was unexpected)"),
+    (lambda k: k["builds"][0].update(architecture="X86-64"), "builds/0/architecture: 'X86-64'"),
+    (lambda k: k.update(version={"major": 4}), "version/major: 5 was expected"),
+    (lambda k: k["tests"][0].update(start_time="2026-11-21 09:17:49"),
+     "tests/0/start_time: '2026-11-21 09:17:49' is not a 'date-time'"),
+    (lambda k: k["tests"][0].update(start_time="2026-02-30T09:17:49Z"), "is not a 'date-time'"),
     (lambda k: k["tests"][0].update(build_id="cvmconf:elsewhere"), "names no build"),
     (lambda k: k["tests"].append(dict(k["tests"][0])), "duplicate id"),
 ])

@@ -1,6 +1,7 @@
 """Our KTAP v1 parser against the rules of Documentation/dev-tools/ktap.rst, and property-based
 tests: emitted documents parse back to what was emitted; mutated or arbitrary input gives a
 KtapError (one line) or a document, never another exception and never a silent pass."""
+import re
 import textwrap
 
 import pytest
@@ -335,3 +336,63 @@ def test_mutated_documents_give_a_document_or_a_clear_error(doc_nodes, data):
         assert "\n" not in str(e)
     else:
         assert doc.version
+
+
+# ---------------------------------------------------------------------------------------------
+# '# Subtest:' headers and block diagnostics
+
+def test_subtest_header_names_the_block_and_must_match_the_result_line():
+    doc = parse("""\
+        KTAP version 1
+        # run header
+        1..1
+          KTAP version 1
+          # Subtest: suite
+          # about the suite
+          1..1
+          ok 1 t
+        ok 1 suite
+        """)
+    assert doc.diagnostics == ["run header"]
+    (suite,) = doc.tests
+    assert suite.subtest_name == "suite" and suite.header_diagnostics == ["about the suite"]
+    assert suite.subtests[0].diagnostics == []
+    with pytest.raises(KtapError, match="result line names 'other', its subtest header names"):
+        parse("""\
+            KTAP version 1
+            1..1
+              KTAP version 1
+              # Subtest: suite
+              1..1
+              ok 1 t
+            ok 1 other
+            """)
+    with pytest.raises(KtapError, match="'# Subtest:' header after the start of its block"):
+        parse("""\
+            KTAP version 1
+            1..1
+              KTAP version 1
+              1..1
+              # Subtest: suite
+              ok 1 t
+            ok 1 suite
+            """)
+
+
+def test_emitter_writes_subtest_headers_and_skipped_parents():
+    text = ktap.dumps([Node("suite", True, "SKIP", "all skipped",
+                            subtests=[Node("t", True, "SKIP", "why")])], header="hello")
+    assert text.splitlines() == ["KTAP version 1", "# hello", "1..1", "  KTAP version 1",
+                                 "  # Subtest: suite", "  1..1", "  ok 1 t # SKIP why",
+                                 "ok 1 suite # SKIP all skipped"]
+    assert ktap.parse(text).tests[0].status == "SKIP"
+
+
+def test_diagnostics_never_look_like_a_subtest_header_or_kunit_s_end_marker():
+    lines = ktap.diagnostic_lines("Subtest: evil\n  Subtest: x\nreboot: System halted\n"
+                                  "List of all partitions:\nKernel panic - not syncing: VFS: x",
+                                  "")
+    assert not any(re.match(r"^\s*# Subtest: ", line) for line in lines)
+    assert not any(re.search(r"List of all partitions:|Kernel panic - not syncing: VFS:|"
+                             r"reboot: System halted", line) for line in lines)
+    assert lines[0] == "# Subtest - evil"

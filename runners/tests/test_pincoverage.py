@@ -30,7 +30,15 @@ def test_rows_per_requirement_backing_and_flavour():
     assert rw_io.passed == 1 and rw_io.failed == 1 and rw_io.providers_run == {"io_uring"}
     assert not rw_gup.exercised
     text = pincoverage.format_pin_coverage(rows)
-    assert "| PIN-004 | memfd | GUP (kernel's choice) | 1 | 1 | 0 | io_uring |" in text
+    lines = text.splitlines()
+    assert lines[0] == "GUP flavours: (1) GUP  (2) GUP (kernel's choice)  (3) GUP-fast"
+    assert lines[1].split() == ["backing", "(1)", "(2)", "(3)"]
+    assert lines[2:6] == ["PIN-001", "  memfd  -         -         skip [2]",
+                          "PIN-004", "  memfd  skip [1]  FAIL      -"]
+    assert "[1] capability absent: /sys/kernel/debug/gup_test absent" in lines
+    assert "[2] capability absent: x" in lines
+    assert "providers that ran: io_uring (1 row)" in lines
+    assert max(len(line) for line in lines) <= 80
     assert pincoverage.format_pin_coverage([]) == ""
 
 

@@ -37,7 +37,7 @@ def test_real_run_report_lists_every_requirement_with_outcome_or_reason(real_run
         assert f"    {rid} " in table, rid            # one row per requirement
         if not r["exercised"]:
             assert r["reason"], rid
-            assert f"{rid} ({r['level']}): {r['outcome']}" in not_ex
+            assert f"{rid} ({r['level']})" in " ".join(not_ex.split())
     # What this host exercises follows from what its kernel says (cvm-probe), not from which
     # machine this is: host kernels differ (one 6.18 has guest_memfd, another none).
     if host_has_guest_memfd(data):

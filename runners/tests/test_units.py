@@ -197,7 +197,28 @@ def test_verdicts_and_exit_codes():
     assert results.verdict(reqs(A_001="FAIL"), entries(("FAIL", ["A-001"]), ("ERROR", [])),
                            False, [])[0] == 1
     code, text = results.verdict(reqs(A_001="SKIP"), entries(("SKIP", ["A-001"])), True, [])
-    assert code == 0 and text.startswith("NOTHING EXERCISED")
+    assert code == 0 and text == ("NO MUST REQUIREMENT EXERCISED (1 of 2 requirements exercised; "
+                                  "1 not exercised: see below)")
+    # Only the INFO requirement exercised: still no MUST exercised, still exit 0.
+    code, text = results.verdict(reqs(A_001="SKIP", A_003="PASS"),
+                                 entries(("SKIP", ["A-001"]), ("PASS", ["A-003"])), True, [])
+    assert code == 0 and text.startswith("NO MUST REQUIREMENT EXERCISED (1 of 2 requirements")
+
+
+def test_verdict_line_says_how_much_was_exercised():
+    def rr(rid, level, outcome):
+        return rollup.RequirementResult(rid, level, outcome, outcome in ("PASS", "FAIL"), [], "")
+    reqs = [rr("A-001", "MUST", "PASS"), rr("A-002", "SHOULD", "PASS"), rr("A-003", "INFO", "PASS"),
+            rr("A-004", "MUST", "PASS")] + [rr(f"B-{i:03}", "MUST", "SKIP") for i in range(51)]
+    assert results.verdict(reqs, entries(("PASS", ["A-001"])), True, []) == \
+        (0, "CONFORMS (4 of 55 requirements exercised; 51 not exercised: see below)")
+    reqs[0] = rr("A-001", "MUST", "FAIL")
+    assert results.verdict(reqs, entries(("FAIL", ["A-001"])), True, []) == \
+        (1, "DOES NOT CONFORM: 1 MUST/SHOULD requirement fails (4 of 55 requirements exercised; "
+            "51 not exercised: see below)")
+    every = [rr("A-001", "MUST", "PASS")]
+    assert results.verdict(every, entries(("PASS", ["A-001"])), True, [])[1] == \
+        "CONFORMS (1 of 1 requirements exercised)"
 
 
 def test_kcidb_paths_and_patchset_hash(tmp_path):

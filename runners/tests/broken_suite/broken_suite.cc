@@ -1,6 +1,6 @@
 // A GoogleTest binary that breaks on purpose, for the runner's own tests (runners/tests): tests
 // that pass, fail (with markup and a control character in the message), skip, abort, segfault,
-// hang, take an unexpected SIGBUS, and _exit(0) without writing the report. Between the broken
+// hang, take an unexpected SIGBUS, _exit(0) without writing the report, and block on request. Between the broken
 // tests sit passing ones, so a runner that loses the rest of a batch after a crash is caught.
 // It links cvm_gtest (the same listeners as the real suites) and names requirement IDs from
 // runners/tests/broken_suite/requirements.yaml. It is built outside build/suites/, so real
@@ -116,6 +116,18 @@ CVM_TEST(Broken, FailsOnlyTheFirstTime, "BROKEN-010") {
     close(fd);
     ADD_FAILURE() << "first run: failing once on purpose";
   }
+}
+
+// With BROKEN_BLOCK_FILE set, creates that file and blocks until the runner kills it: a test
+// can interrupt the run while it is running, so it (and nothing else) is NOT RUN. Without the
+// variable it passes.
+CVM_TEST(Broken, PassesOrBlocks, "BROKEN-001") {
+  const char* marker = std::getenv("BROKEN_BLOCK_FILE");
+  if (!marker) return;
+  int fd = open(marker, O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
+  ASSERT_GE(fd, 0);
+  close(fd);
+  for (;;) pause();
 }
 
 }  // namespace
