@@ -80,3 +80,22 @@ def real_run(build_dir, tmp_path_factory):
     run_dir = results / "real"
     assert (run_dir / "run.json").exists(), r.stdout[-3000:] + r.stderr[-3000:]
     return r, run_dir, json.loads((run_dir / "run.json").read_text())
+
+
+def leftovers(token: str) -> list[str]:
+    """Live processes whose environment carries CVMCONF_TEST_TOKEN=token: a test passes a fresh
+    token to a run, and every process the run starts (suite binaries, QEMU, their children)
+    inherits it, so this finds what a run left behind and nothing of anyone else's."""
+    needle = f"CVMCONF_TEST_TOKEN={token}".encode()
+    found = []
+    for e in os.listdir("/proc"):
+        if not e.isdigit() or int(e) == os.getpid():
+            continue
+        try:
+            env = Path(f"/proc/{e}/environ").read_bytes()
+            comm = Path(f"/proc/{e}/comm").read_text().strip()
+        except OSError:
+            continue
+        if needle in env.split(b"\0"):
+            found.append(f"{e} {comm}")
+    return found

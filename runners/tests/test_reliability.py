@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, leftovers
 from cvmconf import sysstate
 
 FAULT_CATALOGUE = REPO / "runners" / "tests" / "fault_suite" / "requirements.yaml"
@@ -49,23 +49,6 @@ def mounts() -> set[str]:
     # debugfs comes and goes with other test runs on this machine (suites mount it when needed)
     return {l for l in Path("/proc/self/mounts").read_text().splitlines()
             if " debugfs " not in l and " tracefs " not in l}
-
-
-def leftovers(token: str) -> list[str]:
-    """Live processes whose environment carries the token."""
-    needle = f"CVMCONF_TEST_TOKEN={token}".encode()
-    found = []
-    for e in os.listdir("/proc"):
-        if not e.isdigit() or int(e) == os.getpid():
-            continue
-        try:
-            env = Path(f"/proc/{e}/environ").read_bytes()
-            comm = Path(f"/proc/{e}/comm").read_text().strip()
-        except OSError:
-            continue
-        if needle in env.split(b"\0"):
-            found.append(f"{e} {comm}")
-    return found
 
 
 def wait_for(pred, timeout: float, what: str):
@@ -319,3 +302,57 @@ def test_two_runs_at_once_serialise_and_a_third_refuses(build_dir, fault_dir, tm
     assert outcomes(db) == {"Faults.GrowsPoolThenKillsItself": "ERROR", "Faults.Passes2": "PASS"}
     assert (pool_setting(), ("Faults.GrowsPoolThenHangs",)) in restored(da)
     assert (pool_setting(), ("Faults.GrowsPoolThenKillsItself",)) in restored(db)
+
+
+# --- the QEMU target: few cases, tight timeouts (each boots Debian's 6.1 kernel under TCG) ------
+
+X86_KERNEL = "linux-image-cloud-amd64"
+
+
+def need_qemu():
+    import shutil
+    if not shutil.which("qemu-system-x86_64"):
+        pytest.fail("qemu-system-x86_64 is not installed: ./cvmconf test installs the QEMU packages")
+
+
+def test_qemu_environment_error_in_the_guest_leaves_no_qemu(build_dir, fault_dir, tmp_path, clean):
+    """The issue's leaked QEMU: a guest without /dev/kvm is a usage error (exit 2, one line), and
+    QEMU and its work directory are gone when cvmconf returns."""
+    need_qemu()
+    r = Run(build_dir, fault_dir, tmp_path, "nokvm", "--target", "qemu", "--kernel", X86_KERNEL,
+            "--append", "module_blacklist=kvm_amd,kvm_intel", "--boot-timeout", "120")
+    clean.append(r)
+    assert r.wait(600) == 2, r.text()
+    assert r.err.strip().splitlines()[-1].startswith("cvmconf: KVM unavailable in the guest"), r.err
+    assert not (build_dir / "qemu-work" / str(r.p.pid)).exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_qemu_run_signalled_restores_guest_state_and_leaves_no_qemu(build_dir, fault_dir,
+                                                                    tmp_path, clean, sig):
+    """In the guest, a test grows its hugetlb pool and dies, another changes a khugepaged knob
+    and aborts: the runner restores both through the agent and says so; then the runner gets a
+    signal while a third hangs: it stops, and QEMU with it."""
+    need_qemu()
+    r = Run(build_dir, fault_dir, tmp_path, "qsig", "--target", "qemu", "--kernel", X86_KERNEL,
+            "--append", "cvmconf.fault_test=1", "--boot-timeout", "120", "--test-timeout", "120",
+            "--idle-timeout", "60", "-k",
+            "GrowsPoolThenKillsItself or ChangesThpThenAborts or GrowsPoolThenHangs")
+    clean.append(r)
+    # Batches 001 (killed) and 002-rest (aborted) are saved; 003-rest runs the hanging test.
+    wait_for(lambda: len(list(r.run_dir.glob("batches/*"))) >= 2, 400, "two finished batches")
+    time.sleep(3)
+    r.p.send_signal(sig)
+    t0 = time.monotonic()
+    assert r.wait(120) == 3, r.text()
+    assert time.monotonic() - t0 < 60
+    d = r.data()
+    assert d["complete"] is False and d["incomplete_reason"].startswith(f"interrupted ({sig.name})")
+    assert outcomes(d) == {"Faults.GrowsPoolThenKillsItself": "ERROR",
+                           "Faults.GrowsPoolThenHangs": "NOT RUN",
+                           "Faults.ChangesThpThenAborts": "ERROR"}
+    rec = restored(d)
+    pool = rec[(pool_setting(), ("Faults.GrowsPoolThenKillsItself",))]
+    assert pool["where"] == "qemu" and pool["restored"], pool
+    assert rec[(KNOB, ("Faults.ChangesThpThenAborts",))]["restored"]
+    assert not (build_dir / "qemu-work" / str(r.p.pid)).exists()

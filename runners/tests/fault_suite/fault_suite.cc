@@ -66,6 +66,19 @@ CVM_TEST(Faults, GrowsPoolThenKillsItself, "FAULTS-002") {
   raise(SIGKILL);
 }
 
+CVM_TEST(Faults, ChangesThpThenAborts, "FAULTS-003") {
+  FAULTS_SKIP_UNLESS_ARMED();
+  const std::string knob = std::string(cvm::kThpSysfs) + "/khugepaged/pages_to_scan";
+  auto old = cvm::read_text(knob);
+  if (!old) GTEST_SKIP() << "capability absent: " << old.error().message();
+  const long v = std::strtol(old->c_str(), nullptr, 10) + 1;
+  auto w = cvm::write_text(knob, std::to_string(v));
+  ASSERT_TRUE(w) << w.error().message();
+  std::printf("faults: %s %ld -> %ld\n", knob.c_str(), v - 1, v);
+  std::fflush(stdout);
+  std::abort();
+}
+
 CVM_TEST(Faults, Passes2, "FAULTS-001") { SUCCEED(); }
 
 CVM_TEST(Faults, GrowsPoolThenStops, "FAULTS-002") {
@@ -78,19 +91,6 @@ CVM_TEST(Faults, GrowsPoolThenHangs, "FAULTS-002") {
   FAULTS_SKIP_UNLESS_ARMED();
   if (!grow_pool()) return;
   for (;;) pause();
-}
-
-CVM_TEST(Faults, ChangesThpThenAborts, "FAULTS-003") {
-  FAULTS_SKIP_UNLESS_ARMED();
-  const std::string knob = std::string(cvm::kThpSysfs) + "/khugepaged/pages_to_scan";
-  auto old = cvm::read_text(knob);
-  if (!old) GTEST_SKIP() << "capability absent: " << old.error().message();
-  const long v = std::strtol(old->c_str(), nullptr, 10) + 1;
-  auto w = cvm::write_text(knob, std::to_string(v));
-  ASSERT_TRUE(w) << w.error().message();
-  std::printf("faults: %s %ld -> %ld\n", knob.c_str(), v - 1, v);
-  std::fflush(stdout);
-  std::abort();
 }
 
 CVM_TEST(Faults, FloodsStdout, "FAULTS-004") {
