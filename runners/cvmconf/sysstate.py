@@ -100,15 +100,20 @@ class LockBusy(Exception):
     pass
 
 
+def _open_lock(path: str) -> int:
+    """The lock file, created 0666 like hostlib's (every user of the machine may lock it)."""
+    old = os.umask(0)
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    finally:
+        os.umask(old)
+
+
 @contextlib.contextmanager
 def flocked(name: str, timeout: float):
     """flock(LOCK_EX) on lock_path(name), waiting at most timeout seconds (LockBusy then)."""
     path = lock_path(name)
-    old = os.umask(0)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    finally:
-        os.umask(old)
+    fd = _open_lock(path)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -145,11 +150,7 @@ class RunLock:
             return "unknown holder"
 
     def acquire(self) -> None:
-        old = os.umask(0)
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        finally:
-            os.umask(old)
+        fd = _open_lock(self.path)
         deadline = time.monotonic() + self.wait
         said = False
         while True:
