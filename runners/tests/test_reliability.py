@@ -327,32 +327,52 @@ def test_qemu_environment_error_in_the_guest_leaves_no_qemu(build_dir, fault_dir
     assert not (build_dir / "qemu-work" / str(r.p.pid)).exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+QEMU_SIGNAL_CASES = {
+    # signal: (selection, test timeout, expected outcomes, restored (setting, test) pairs)
+    signal.SIGTERM: ("GrowsPoolThenKillsItself or ChangesThpThenAborts or GrowsPoolThenHangs", 120,
+                     {"Faults.GrowsPoolThenKillsItself": "ERROR",
+                      "Faults.ChangesThpThenAborts": "ERROR",
+                      "Faults.GrowsPoolThenHangs": "NOT RUN"},
+                     [(pool_setting(), "Faults.GrowsPoolThenKillsItself"),
+                      (KNOB, "Faults.ChangesThpThenAborts")]),
+    signal.SIGINT: ("GrowsPoolThenKillsItself or FloodsStdout or GrowsPoolThenHangs", 10,
+                    {"Faults.GrowsPoolThenKillsItself": "ERROR", "Faults.FloodsStdout": "TIMEOUT",
+                     "Faults.GrowsPoolThenHangs": "NOT RUN"},
+                    [(pool_setting(), "Faults.GrowsPoolThenKillsItself")]),
+}
+
+
+@pytest.mark.parametrize("sig", list(QEMU_SIGNAL_CASES))
 def test_qemu_run_signalled_restores_guest_state_and_leaves_no_qemu(build_dir, fault_dir,
                                                                     tmp_path, clean, sig):
     """In the guest, a test grows its hugetlb pool and dies, another changes a khugepaged knob
-    and aborts: the runner restores both through the agent and says so; then the runner gets a
-    signal while a third hangs: it stops, and QEMU with it."""
+    and aborts (SIGTERM case) or floods stdout (SIGINT case: the agent keeps the output bounded):
+    the runner restores the guest's state through the agent and says so; then the runner gets
+    the signal while a third test hangs: it stops, and QEMU with it."""
     need_qemu()
+    selection, timeout, expected, pairs = QEMU_SIGNAL_CASES[sig]
     r = Run(build_dir, fault_dir, tmp_path, "qsig", "--target", "qemu", "--kernel", X86_KERNEL,
-            "--append", "cvmconf.fault_test=1", "--boot-timeout", "120", "--test-timeout", "120",
-            "--idle-timeout", "60", "-k",
-            "GrowsPoolThenKillsItself or ChangesThpThenAborts or GrowsPoolThenHangs")
+            "--append", "cvmconf.fault_test=1", "--boot-timeout", "120", "--test-timeout",
+            str(timeout), "--idle-timeout", "60", "-k", selection)
     clean.append(r)
-    # Batches 001 (killed) and 002-rest (aborted) are saved; 003-rest runs the hanging test.
+    # The first two batches are saved when they end; the third runs the hanging test.
     wait_for(lambda: len(list(r.run_dir.glob("batches/*"))) >= 2, 400, "two finished batches")
-    time.sleep(3)
+    time.sleep(2)
     r.p.send_signal(sig)
     t0 = time.monotonic()
     assert r.wait(120) == 3, r.text()
     assert time.monotonic() - t0 < 60
     d = r.data()
     assert d["complete"] is False and d["incomplete_reason"].startswith(f"interrupted ({sig.name})")
-    assert outcomes(d) == {"Faults.GrowsPoolThenKillsItself": "ERROR",
-                           "Faults.GrowsPoolThenHangs": "NOT RUN",
-                           "Faults.ChangesThpThenAborts": "ERROR"}
+    assert outcomes(d) == expected
     rec = restored(d)
-    pool = rec[(pool_setting(), ("Faults.GrowsPoolThenKillsItself",))]
-    assert pool["where"] == "qemu" and pool["restored"], pool
-    assert rec[(KNOB, ("Faults.ChangesThpThenAborts",))]["restored"]
+    for setting, test in pairs:
+        got = rec[(setting, (test,))]
+        assert got["where"] == "qemu" and got["restored"], got
+    if "Faults.FloodsStdout" in expected:
+        flood = next(t for t in d["tests"] if t["name"] == "Faults.FloodsStdout")
+        assert "xxxx" in flood["evidence"]["output_tail"]
+        out = (r.run_dir / "batches" / flood["batch"] / "output.txt").read_text()
+        assert out.startswith("[cvm-agent: ") and "bytes of earlier output dropped" in out
+        assert len(out) < 64 * 1024
     assert not (build_dir / "qemu-work" / str(r.p.pid)).exists()

@@ -81,6 +81,15 @@ CVM_TEST(Faults, ChangesThpThenAborts, "FAULTS-003") {
 
 CVM_TEST(Faults, Passes2, "FAULTS-001") { SUCCEED(); }
 
+CVM_TEST(Faults, FloodsStdout, "FAULTS-004") {
+  FAULTS_SKIP_UNLESS_ARMED();
+  static char line[4096];
+  std::memset(line, 'x', sizeof line - 1);
+  line[sizeof line - 1] = '\n';
+  for (;;)
+    if (write(1, line, sizeof line) < 0) break;
+}
+
 CVM_TEST(Faults, GrowsPoolThenStops, "FAULTS-002") {
   FAULTS_SKIP_UNLESS_ARMED();
   if (!grow_pool()) return;
@@ -91,15 +100,6 @@ CVM_TEST(Faults, GrowsPoolThenHangs, "FAULTS-002") {
   FAULTS_SKIP_UNLESS_ARMED();
   if (!grow_pool()) return;
   for (;;) pause();
-}
-
-CVM_TEST(Faults, FloodsStdout, "FAULTS-004") {
-  FAULTS_SKIP_UNLESS_ARMED();
-  static char line[4096];
-  std::memset(line, 'x', sizeof line - 1);
-  line[sizeof line - 1] = '\n';
-  for (;;)
-    if (write(1, line, sizeof line) < 0) break;
 }
 
 CVM_TEST(Faults, LeavesADaemon, "FAULTS-005") {
