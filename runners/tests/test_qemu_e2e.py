@@ -127,19 +127,36 @@ def test_arm64_pkvm_host_fingerprint(build_dir, tmp_path):
     assert all(req["outcome"] == "NOT RUN" for req in run["requirements"])
 
 
+def kept_workdir(stderr: str) -> Path:
+    """The work directory a boot failure keeps as evidence (named in the message): it must
+    exist; the caller removes it."""
+    m = re.search(r"\(console: (\S+)/console-\d+\.log\)", stderr)
+    assert m, stderr
+    d = Path(m.group(1))
+    assert (d / "console-1.log").exists(), d
+    return d
+
+
 def test_boot_failures_are_clear_errors(build_dir, tmp_path):
     need("qemu-system-x86_64")
     bogus = tmp_path / "bzImage"
     bogus.write_bytes(b"this is not a kernel" * 100)
-    r = cvmconf(build_dir, "run", "--target", "qemu", "--kernel", str(bogus),
-                "--results-dir", str(tmp_path), timeout=300)
+    token = secrets.token_hex(8)
+    r = conftest.cvmconf("--build-dir", str(build_dir), "run", "--target", "qemu", "--kernel",
+                         str(bogus), "--results-dir", str(tmp_path), timeout=300,
+                         env={"CVMCONF_TEST_TOKEN": token})
     assert r.returncode == 3, r.stderr
     first = r.stderr.splitlines()[0]
     assert first.startswith("cvmconf: boot failed:"), r.stderr
     assert "Traceback" not in r.stderr
-    r = cvmconf(build_dir, "run", "--target", "qemu", "--kernel", X86_KERNEL, "--boot-timeout", "1",
-                "--results-dir", str(tmp_path), timeout=300)
+    assert conftest.leftovers(token) == []
+    shutil.rmtree(kept_workdir(r.stderr))
+    r = conftest.cvmconf("--build-dir", str(build_dir), "run", "--target", "qemu", "--kernel",
+                         X86_KERNEL, "--boot-timeout", "1", "--results-dir", str(tmp_path),
+                         timeout=300, env={"CVMCONF_TEST_TOKEN": token})
     assert r.returncode == 3, r.stderr
+    assert conftest.leftovers(token) == []
+    shutil.rmtree(kept_workdir(r.stderr))
     first = r.stderr.splitlines()[0]
     assert first.startswith("cvmconf: boot failed:") and "within 1 s" in first, r.stderr
     assert "--- console tail ---" in r.stderr
