@@ -8,7 +8,7 @@ happened (restored settings with the test that changed them, killed processes, i
 why); no process the run started is left (every one carries the test's token in its
 environment: /proc/PID/environ is searched for it); the hugetlb pools and the knob equal their
 values from before (read under the hugetlb lock, so another developer's test holding a grown
-pool at that moment is waited for); no mount is left."""
+pool at that moment is waited for); no mount is left below the test's directory."""
 import json
 import os
 import secrets
@@ -45,10 +45,11 @@ def system_state() -> dict:
     return state
 
 
-def mounts() -> set[str]:
-    # debugfs comes and goes with other test runs on this machine (suites mount it when needed)
-    return {l for l in Path("/proc/self/mounts").read_text().splitlines()
-            if " debugfs " not in l and " tracefs " not in l}
+def mounts(under: Path) -> list[str]:
+    """Mounts below the test's own directory (other test runs on this machine mount and unmount
+    elsewhere, debugfs among them, at any time)."""
+    return [l for l in Path("/proc/self/mounts").read_text().splitlines()
+            if len(l.split()) > 1 and l.split()[1].startswith(str(under))]
 
 
 def wait_for(pred, timeout: float, what: str):
@@ -91,9 +92,10 @@ class Run:
 
 
 @pytest.fixture
-def clean(request):
-    """State and mounts before; after the test: equal, and nothing of the runs left."""
-    before, mnt = system_state(), mounts()
+def clean(tmp_path):
+    """State before; after the test: equal, no mount left below the test's directory, and
+    nothing of the runs left."""
+    before = system_state()
     runs: list[Run] = []
     yield runs
     for r in runs:
@@ -103,7 +105,7 @@ def clean(request):
     left = [l for r in runs for l in leftovers(r.token)]
     assert left == [], f"processes of the run left behind: {left}"
     assert system_state() == before
-    assert mounts() == mnt
+    assert mounts(tmp_path) == []
 
 
 def outcomes(data) -> dict:
@@ -211,6 +213,20 @@ def test_a_signal_to_the_runner_restores_state_and_leaves_nothing(build_dir, fau
     rec = restored(d)[(pool_setting(), ("Faults.GrowsPoolThenHangs",))]
     assert rec["restored"] and "interrupted" in rec["cause"]
     assert "INCOMPLETE RUN" in r.out
+
+
+def test_a_sigkilled_runner_takes_its_batch_with_it(build_dir, fault_dir, tmp_path, clean):
+    """SIGKILL leaves the runner no say: its batch dies of the parent-death signal, and run.json
+    stays the whole marker written at the start (incomplete). (The flood changes no state: a
+    SIGKILLed runner restores nothing.)"""
+    r = Run(build_dir, fault_dir, tmp_path, "sigkill", "--test-timeout", "60", "-k", "FloodsStdout")
+    clean.append(r)
+    wait_for(r.binary_running, 60, "the fault suite to start")
+    r.p.kill()
+    r.wait(30)
+    wait_for(lambda: not leftovers(r.token), 10, "the batch to die with the runner")
+    d = r.data()
+    assert d["complete"] is False and "did not finish" in d["incomplete_reason"]
 
 
 def test_a_second_sigint_stops_at_once(build_dir, fault_dir, tmp_path, clean):
@@ -376,3 +392,22 @@ def test_qemu_run_signalled_restores_guest_state_and_leaves_no_qemu(build_dir, f
         assert out.startswith("[cvm-agent: ") and "bytes of earlier output dropped" in out
         assert len(out) < 64 * 1024
     assert not (build_dir / "qemu-work" / str(r.p.pid)).exists()
+
+
+def test_qemu_dies_with_a_sigkilled_runner(build_dir, fault_dir, tmp_path, clean):
+    """The runner is SIGKILLed while its guest runs a batch: QEMU gets the parent-death signal
+    (it was forked by procs' long-lived spawner thread, not by a worker that may end)."""
+    need_qemu()
+    r = Run(build_dir, fault_dir, tmp_path, "qkill", "--target", "qemu", "--kernel", X86_KERNEL,
+            "--append", "cvmconf.fault_test=1", "--boot-timeout", "120", "--test-timeout", "120",
+            "-k", "GrowsPoolThenHangs")
+    clean.append(r)
+    qemu = wait_for(lambda: [l for l in leftovers(r.token) if "qemu-system" in l], 300,
+                    "QEMU to start")
+    wait_for(lambda: (r.run_dir / "run.json").exists(), 300, "the batch to start")
+    time.sleep(2)
+    r.p.kill()
+    r.wait(30)
+    wait_for(lambda: not leftovers(r.token), 15, f"QEMU ({qemu}) to die with the runner")
+    import shutil
+    shutil.rmtree(build_dir / "qemu-work" / str(r.p.pid), ignore_errors=True)   # SIGKILL: no cleanup
