@@ -287,9 +287,10 @@ class StateGuard:
         try:
             with self.access.locked():
                 return self.access.read_settings()
-        except LockBusy as e:
+        except Exception as e:   # noqa: BLE001 - a lock that stays busy, an agent that broke
             self.problems.append({"batch": "-", "binary": "-",
-                                  "problem": f"system state not snapshotted: {e}"})
+                                  "problem": f"{self.where} system state not snapshotted: "
+                                             f"{e.__class__.__name__}: {e}"})
             return None
 
     def before(self) -> None:
@@ -318,9 +319,12 @@ class StateGuard:
         try:
             with self.access.locked():
                 changes = restore(self.access, self.baseline)
-        except LockBusy as e:
+        except Exception as e:   # noqa: BLE001 - the batch's results must not be lost to it
             self.problems.append({"batch": ended[-1].label, "binary": ended[-1].binary,
-                                  "problem": f"system state not checked: {e}"})
+                                  "problem": f"{self.where} system state not checked after "
+                                             f"{', '.join(e2.label for e2 in ended)}: "
+                                             f"{e.__class__.__name__}: {e}"})
+            self._keep_baseline = True
             return
         self.checks += 1
         if not changes:

@@ -216,3 +216,27 @@ def test_a_child_dies_with_the_runner_even_when_the_runner_is_sigkilled(tmp_path
     while not procs._dead(sleeper) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert procs._dead(sleeper), "the child outlived its SIGKILLed parent"
+
+
+def test_a_broken_place_is_a_harness_problem_not_a_lost_batch(tmp_path):
+    """An exception while checking (a lock that stays busy, an agent that broke) must not
+    escape into the executor, where it would cost the batch its results."""
+    fake_sysfs(tmp_path)
+
+    class Breaks(LocalAccess):
+        broken = False
+
+        def read_settings(self):
+            if self.broken:
+                raise sysstate.LockBusy("/run/lock/cvmconf-hugetlb.lock held for more than 1 s")
+            return super().read_settings()
+    acc = Breaks(str(tmp_path), lock=None)
+    g = StateGuard(acc, "local")
+    g.before()
+    acc.broken = True
+    g.after(BatchEnd("001-x", "b", True, ["T"], "killed by SIGKILL"))
+    assert len(g.problems) == 1
+    assert "system state not checked after 001-x: LockBusy" in g.problems[0]["problem"]
+    acc.broken = False
+    g.before()                                  # the old snapshot stays the one to go back to
+    assert g.baseline is not None
