@@ -145,6 +145,25 @@ def test_killed_stopped_and_aborted_tests_get_their_state_restored(build_dir, fa
     assert "restored: " + pool_setting() in r.out     # the summary says it too
 
 
+@pytest.mark.parametrize("sig, outcome", [(signal.SIGKILL, "ERROR"), (signal.SIGSTOP, "TIMEOUT")])
+def test_a_suite_binary_killed_or_stopped_from_outside_gets_its_pool_restored(
+        build_dir, fault_dir, tmp_path, clean, sig, outcome):
+    """The issue's case as it happened: someone SIGKILLs or SIGSTOPs the binary while its test
+    holds a grown pool."""
+    r = Run(build_dir, fault_dir, tmp_path, "outside", "--test-timeout", "4", "-k",
+            "GrowsPoolThenHangs or Passes3")
+    clean.append(r)
+    pid = int(wait_for(r.binary_running, 60, "the fault suite to start")[0].split()[0])
+    time.sleep(1.5)                        # it grows the pool and hangs
+    os.kill(pid, sig)
+    assert r.wait(60) == 3, r.text()
+    d = r.data()
+    assert d["complete"] is True
+    assert outcomes(d) == {"Faults.GrowsPoolThenHangs": outcome, "Faults.Passes3": "PASS"}
+    rec = restored(d)[(pool_setting(), ("Faults.GrowsPoolThenHangs",))]
+    assert rec["restored"] and int(rec["found"]) == int(rec["before"]) + 1
+
+
 def huge_sizes_kb() -> list[int]:
     return sorted(int(p.name[len("hugepages-"):-2])
                   for p in Path(sysstate.HUGETLB).glob("hugepages-*kB"))
