@@ -109,22 +109,32 @@ def _open_lock(path: str) -> int:
         os.umask(old)
 
 
+def _flock_wait(fd: int, timeout: float, waiting: Callable[[], None] | None = None,
+                poll: float = 0.02) -> bool:
+    """flock(LOCK_EX) on fd, polling for at most timeout seconds (calling `waiting` once when it
+    has to wait); False when it did not get the lock."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            if waiting:
+                waiting()
+                waiting = None
+            time.sleep(poll)
+
+
 @contextlib.contextmanager
 def flocked(name: str, timeout: float):
     """flock(LOCK_EX) on lock_path(name), waiting at most timeout seconds (LockBusy then)."""
     path = lock_path(name)
     fd = _open_lock(path)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise LockBusy(f"{path} held by another process for more than "
-                                   f"{timeout:g} s") from None
-                time.sleep(0.02)
+        if not _flock_wait(fd, timeout):
+            raise LockBusy(f"{path} held by another process for more than {timeout:g} s")
         yield
     finally:
         os.close(fd)
@@ -151,22 +161,14 @@ class RunLock:
 
     def acquire(self) -> None:
         fd = _open_lock(self.path)
-        deadline = time.monotonic() + self.wait
-        said = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise LockBusy(f"another cvmconf run is using this kernel ({self.holder()}; "
-                                   f"lock {self.path}); waited {self.wait:g} s") from None
-                if not said:
-                    self.note(f"cvmconf: waiting for another cvmconf run on this kernel to finish "
-                              f"({self.holder()})")
-                    said = True
-                time.sleep(0.2)
+
+        def waiting() -> None:
+            self.note(f"cvmconf: waiting for another cvmconf run on this kernel to finish "
+                      f"({self.holder()})")
+        if not _flock_wait(fd, self.wait, waiting, poll=0.2):
+            os.close(fd)
+            raise LockBusy(f"another cvmconf run is using this kernel ({self.holder()}; "
+                           f"lock {self.path}); waited {self.wait:g} s")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}, run {self.run_id}\n".encode(), 0)
         self.fd = fd
