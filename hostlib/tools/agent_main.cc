@@ -47,6 +47,37 @@ constexpr const char* kPortName = "cvmconf.agent";
 constexpr const char* kEventsPortName = "cvmconf.events";
 std::string g_events_port;
 constexpr size_t kOutputTail = 16384;
+// The batch's output file lives in the guest's RAM (/tmp is a tmpfs): once it is larger than
+// this, its tail is kept in memory and the file is truncated, so a binary that floods stdout
+// costs bounded memory.
+constexpr off_t kOutputFileCap = 4 << 20;
+
+// Keeps the last `keep` bytes of `tail` + `more`, counting the rest as dropped.
+void keep_tail(std::string& tail, const std::string& more, size_t keep, uint64_t& dropped) {
+  tail += more;
+  if (tail.size() > keep) {
+    dropped += tail.size() - keep;
+    tail.erase(0, tail.size() - keep);
+  }
+}
+
+// Keeps the output file bounded: when it exceeds kOutputFileCap, moves its last `keep` bytes
+// into `tail`, counts the rest as dropped and truncates it (the child appends: O_APPEND).
+void bound_output(const std::string& path, size_t keep, std::string& tail, uint64_t& dropped) {
+  struct stat st {};
+  if (stat(path.c_str(), &st) != 0 || st.st_size <= kOutputFileCap) return;
+  int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) return;
+  const off_t from = st.st_size > static_cast<off_t>(keep) ? st.st_size - static_cast<off_t>(keep) : 0;
+  std::string buf(static_cast<size_t>(st.st_size - from), '\0');
+  ssize_t n = pread(fd, buf.data(), buf.size(), from);
+  if (n >= 0 && ftruncate(fd, 0) == 0) {
+    buf.resize(static_cast<size_t>(n));
+    dropped += static_cast<uint64_t>(st.st_size) - buf.size();
+    keep_tail(tail, buf, keep, dropped);
+  }
+  close(fd);
+}
 
 int g_port = -1;
 
@@ -166,7 +197,7 @@ void run_command(const json& cmd) {
   if (pid == 0) {
     setsid();
     if (chdir(cwd.c_str()) != 0) _exit(126);
-    int o = open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int o = open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0644);
     if (o >= 0) {
       dup2(o, 1);
       dup2(o, 2);
@@ -186,8 +217,11 @@ void run_command(const json& cmd) {
   std::string ev_partial;
   int status = 0;
   bool timed_out = false, reaped = false, killed = false;
+  std::string kept_tail;  // output from before the file was last truncated (bound_output)
+  uint64_t dropped = 0;
   while (!reaped) {
     usleep(50 * 1000);
+    bound_output(out_path, output_max, kept_tail, dropped);
     forward_events(events, ev_off, ev_partial, id);
     send_kmsg(kmsg, id);
     if (waitpid(pid, &status, WNOHANG) == pid) {
@@ -217,8 +251,11 @@ void run_command(const json& cmd) {
   json done = {{"id", id}, {"done", true}, {"timed_out", timed_out}, {"killed", killed}};
   done["exit"] = WIFEXITED(status) && !timed_out ? json(WEXITSTATUS(status)) : json(nullptr);
   done["signal"] = WIFSIGNALED(status) ? json(WTERMSIG(status)) : json(nullptr);
-  std::string out = read_file(out_path).value_or("");
-  done["output_tail"] = out.size() > output_max ? out.substr(out.size() - output_max) : out;
+  std::string out = std::move(kept_tail);
+  keep_tail(out, read_file(out_path).value_or(""), output_max, dropped);
+  if (dropped > 0)
+    out = "[cvm-agent: " + std::to_string(dropped) + " bytes of earlier output dropped]\n" + out;
+  done["output_tail"] = out;
   auto rep = report.empty() ? std::nullopt : read_file(report);
   done["report"] = rep ? json(*rep) : json(nullptr);
   unlink(out_path.c_str());

@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cvmconf import catalogue, gtest, pincoverage
+from cvmconf import catalogue, gtest, pincoverage, procs
 from cvmconf.errors import (EXIT_HARNESS, EXIT_NONCONFORMANCE, EXIT_OK, CvmconfError, HarnessError,
                             UsageError)
 
@@ -97,6 +97,7 @@ def _pytest_session(args, plugin, suite_dir: Path, binaries, collect_only: bool)
     import pytest
     os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     with tempfile.TemporaryDirectory(prefix="cvmconf-pytest-") as tmp:
+        procs.track_path(tmp, "pytest's configuration directory")
         ini = Path(tmp) / "pytest.ini"
         ini.write_text("[pytest]\n")
         pargs = [str(b.host_path) for b in binaries] + [
@@ -155,8 +156,11 @@ def cmd_list(args) -> int:
     cat = catalogue.load(args.catalogue)
     _validate_filters(args, cat)
     target = targets.create(args.target, build_dir=_build_dir(args), **_target_options(args))
-    suite_dir, binaries, plugin = _collect(args, cat, target)
-    rc = _pytest_session(args, plugin, suite_dir, binaries, collect_only=True)
+    try:
+        suite_dir, binaries, plugin = _collect(args, cat, target)
+        rc = _pytest_session(args, plugin, suite_dir, binaries, collect_only=True)
+    finally:
+        target.close()      # a VM target may have booted a guest to list the tests
     if plugin.errors:
         raise HarnessError("; ".join(plugin.errors))
     if rc not in (0, 5):
@@ -232,11 +236,142 @@ def _write_outputs(run: dict, run_dir: Path) -> None:
     report.write(run, run_dir)
 
 
+class Stopper:
+    """SIGINT, SIGTERM and SIGHUP during `cvmconf run`. The first one stops the run cleanly: a
+    KeyboardInterrupt where the main thread is; running batches are killed, system state is
+    restored, the results so far are written and the run is marked incomplete. Another one while
+    that cleanup runs stops at once: every process group of the run is SIGKILLed, the state
+    snapshot is put back (best effort), temporary paths are removed, run.json says so, exit 3.
+    SIGINT is handled explicitly: a runner started as a background job of a non-interactive
+    shell inherits SIGINT ignored, and Ctrl-C / kill -INT must still stop it."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self):
+        self.received: list[int] = []
+        self.hooks: list = []          # callables run on the hard exit, in order
+        self._old: dict = {}
+        self._exiting = False
+
+    def install(self) -> None:
+        for s in self.SIGNALS:
+            self._old[s] = signal.signal(s, self._handle)
+
+    def uninstall(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old.clear()
+
+    def first_signal(self) -> str | None:
+        return signal.Signals(self.received[0]).name if self.received else None
+
+    def _handle(self, signum, frame):
+        self.received.append(signum)
+        if len(self.received) == 1:
+            raise KeyboardInterrupt
+        self.hard_exit(signum)
+
+    def hard_exit(self, signum: int) -> None:
+        if self._exiting:
+            os._exit(EXIT_HARNESS)
+        self._exiting = True
+        killed = procs.kill_all()
+        for hook in self.hooks:
+            try:
+                hook()
+            except Exception:   # noqa: BLE001 - the way out must not stop halfway
+                pass
+        left = procs.remove_paths()
+        name = signal.Signals(signum).name
+        msg = f"cvmconf: {name} again: stopped at once"
+        if killed:
+            msg += f"; killed {', '.join(killed)}"
+        if left:
+            msg += f"; could not remove {', '.join(left)}"
+        try:
+            sys.stdout.flush()
+            os.write(2, (msg + "\n").encode())
+        except OSError:
+            pass
+        os._exit(EXIT_HARNESS)
+
+
 def cmd_run(args) -> int:
+    """The run's lifecycle: signal handling from the first moment, the target closed and every
+    process of the run gone on every exit path (results, usage errors such as a guest without
+    KVM, boot failures, harness exceptions, signals)."""
+    stopper = Stopper()
+    stopper.install()
+    procs.become_subreaper()     # orphans of our descendants come to us, for the final sweep
+    ctx: dict = {"stopper": stopper}
+    try:
+        return _run(args, ctx)
+    finally:
+        stopper.uninstall()
+        # Whatever _run did not get to (it raised before its own cleanup).
+        target = ctx.get("target")
+        if target is not None and not ctx.get("closed"):
+            try:
+                target.close()
+            except Exception:   # noqa: BLE001 - the original error is the one to report
+                pass
+        for c in ctx.get("cleanups", []):
+            try:
+                c()
+            except Exception:   # noqa: BLE001
+                pass
+        procs.sweep()
+        if ctx.get("run_lock") is not None:
+            ctx["run_lock"].release()
+
+
+def _cleanup_run(ctx: dict, executor, progress, interrupted: bool) -> dict:
+    """Stops the batches, closes the target, restores what the run changed and kills what it
+    left; returns run.json's "system_state"."""
+    if interrupted:
+        executor.interrupt()
+    executor.shutdown(cancel=interrupted)
+    progress.close()
+    target = ctx["target"]
+    target.close()
+    ctx["closed"] = True
+    state = {"watched": [], "restored": [], "processes_killed": [], "mounts": [],
+             "problems": []}
+    guard = ctx.get("guard")
+    if guard is not None:
+        state["watched"] = sorted(guard.baseline or {})
+        state["checks"] = guard.checks
+        state["restored"] = guard.records
+        state["problems"] += guard.problems
+    dbg = ctx.get("debugfs")
+    if dbg is not None:
+        if dbg.error:
+            state["mounts"].append(dbg.error)
+        try:
+            done = dbg.restore()
+            if done:
+                state["mounts"].append(done)
+        except OSError as e:
+            state["problems"].append({"batch": "-", "binary": "-", "problem": e.strerror or str(e)})
+        ctx["debugfs"] = None
+    killed = procs.sweep()
+    if killed:
+        state["processes_killed"] = killed
+        state["problems"].append({"batch": "-", "binary": "-",
+                                  "problem": f"process(es) left behind by the run, killed: "
+                                             f"{'; '.join(killed)}"})
+    lock = ctx.get("run_lock")
+    if lock is not None:
+        lock.release()
+    return state
+
+
+def _run(args, ctx: dict) -> int:
     from cvmconf import executor as ex
-    from cvmconf import results, rollup, targets
+    from cvmconf import results, rollup, sysstate, targets
     from cvmconf.progress import Progress
 
+    stopper: Stopper = ctx["stopper"]
     cat = catalogue.load(args.catalogue)
     _validate_filters(args, cat)
     for name in ("duration", "test_timeout", "idle_timeout"):
@@ -255,14 +390,34 @@ def cmd_run(args) -> int:
     if duration is None and os.environ.get("CVMCONF_DURATION", "").isdigit():
         duration = int(os.environ["CVMCONF_DURATION"])
 
+    if args.lock_wait < 0:
+        raise UsageError("--lock-wait must be >= 0")
+    if args.run_id and not re.match(r"^[A-Za-z0-9._-]+$", args.run_id):
+        raise UsageError(f"--run-id {args.run_id!r}: use letters, digits, '.', '_' and '-'")
+
     target = targets.create(args.target, build_dir=_build_dir(args), **_target_options(args))
+    ctx["target"] = target
+    if args.target == "local":
+        # One run at a time on this kernel: the runs' pools, settings and kernel-log lines would
+        # mix. Taken before anything runs (the probe mounts debugfs; the snapshot must be ours).
+        lock = sysstate.RunLock(args.run_id or "(unnamed)", args.lock_wait,
+                                lambda m: print(m, file=sys.stderr, flush=True))
+        try:
+            lock.acquire()
+        except sysstate.LockBusy as e:
+            raise UsageError(str(e)) from None
+        except OSError as e:
+            raise UsageError(f"cannot take the run lock {lock.path}: {e.strerror or e}") from None
+        ctx["run_lock"] = lock
+        if os.geteuid() == 0:
+            ctx["debugfs"] = sysstate.DebugfsMount()
+            ctx.setdefault("cleanups", []).append(
+                lambda: ctx["debugfs"] and ctx["debugfs"].restore())
     target.check()                      # no KVM: one line, exit 2, nothing written
     suite_dir, binaries, _ = _collect(args, cat, target)
     fp = target.fingerprint()
     started = results.now_iso()
     run_id = args.run_id or _run_id(fp)
-    if not re.match(r"^[A-Za-z0-9._-]+$", run_id):
-        raise UsageError(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-'")
     results_root = Path(args.results_dir) if args.results_dir else REPO / "results"
     run_dir = results_root / run_id
     try:
@@ -271,6 +426,7 @@ def cmd_run(args) -> int:
         raise UsageError(f"{run_dir} already exists") from None
     except OSError as e:
         raise UsageError(f"cannot create {run_dir}: {e.strerror}") from None
+    ctx["run_dir"] = run_dir
 
     origin = args.origin or results.DEFAULT_ORIGIN
     checkout, build = results.checkout_and_build(fp, origin, source, started)
@@ -290,7 +446,16 @@ def cmd_run(args) -> int:
         "seeds": cat.seed_titles, "summary": {}, "requirements": [], "tests": [],
         "batches": [], "problems": [],
     }
-    results.write_json(run_dir / "run.json", base)   # marks the directory incomplete until the end
+    try:
+        results.write_json(run_dir / "run.json", base)  # marks the directory incomplete until the end
+    except OSError as e:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise UsageError(f"cannot write {run_dir / 'run.json'}: {e.strerror or e}") from None
+
+    def mark_stopped_at_once() -> None:   # the hard exit: say so in run.json (small, atomic)
+        results.write_json(run_dir / "run.json", {
+            **base, "incomplete_reason": f"stopped at once by a second "
+                                         f"{stopper.first_signal() or 'signal'} while cleaning up"})
 
     progress = Progress()
     if not fp.get("kmsg", {}).get("readable"):
@@ -298,18 +463,16 @@ def cmd_run(args) -> int:
     opts = ex.Options(test_timeout=args.test_timeout, idle_timeout=args.idle_timeout,
                       duration=duration, batch_size=args.batch_size,
                       retry_failed=args.retry_failed, jobs=args.jobs)
-    executor = ex.Executor(target, opts, progress, record=_saver(run_dir))
+    guard = sysstate.StateGuard(target.state_access(), where=args.target)
+    ctx["guard"] = guard
+    executor = ex.Executor(target, opts, progress, record=_saver(run_dir), state=guard)
+    stopper.hooks += [guard.emergency_restore, mark_stopped_at_once,
+                      lambda: ctx.get("debugfs") and ctx["debugfs"].restore()]
     _, _, plugin = _collect(args, cat, target, executor)
     plugin.progress = progress
     interrupted = False
     rc = None
-
-    def stop(signum, frame):   # SIGTERM/SIGHUP (a CI timeout): stop like Ctrl-C, kill batches
-        raise KeyboardInterrupt
-    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
-    # SIGINT too, explicitly: a runner started as a background job of a non-interactive shell
-    # inherits SIGINT ignored, and Ctrl-C / kill -INT must still stop the run cleanly.
-    old_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
+    system_state: dict = {}
     try:
         if binaries:
             rc = _pytest_session(args, plugin, suite_dir, binaries, collect_only=False)
@@ -319,13 +482,7 @@ def cmd_run(args) -> int:
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        if interrupted:
-            executor.interrupt()
-        executor.shutdown(cancel=interrupted)
-        progress.close()
-        target.close()
+        system_state = _cleanup_run(ctx, executor, progress, interrupted)
 
     selected = {name: [i.test for i in items] for name, items in plugin.selected.items()}
     if rc == 5 and not plugin.errors and not any(selected.values()):
@@ -333,7 +490,7 @@ def cmd_run(args) -> int:
         raise UsageError("no test matches the filters" +
                          (f" ({_selection_text(args)})" if _selection_text(args) else ""))
 
-    problems = list(executor.problems)
+    problems = list(executor.problems) + system_state.pop("problems")
     for e in plugin.errors:
         problems.append({"batch": "-", "binary": e.split(":", 1)[0], "problem": e})
     if rc not in (0, 1, 2, 5):
@@ -369,7 +526,8 @@ def cmd_run(args) -> int:
     complete = not interrupted and not plugin.errors and not_run == 0 and rc in (0, 1)
     reasons = []
     if interrupted:
-        reasons.append("interrupted")
+        reasons.append(f"interrupted ({stopper.first_signal()})" if stopper.first_signal()
+                       else "interrupted")
     if plugin.errors:
         reasons.append("tests of some binaries could not be listed: " + "; ".join(plugin.errors))
     if not_run:
@@ -388,14 +546,57 @@ def cmd_run(args) -> int:
         "notes": notes,
         "requirements": [r.to_dict() for r in reqs], "tests": entries,
         "batches": [rec.__dict__ for rec in executor.batches], "problems": problems,
+        "system_state": system_state,
     })
-    _write_outputs(run, run_dir)
+    written = _write_outputs_or_fallback(run, run_dir, base)
+    if written != run_dir:
+        exit_code = EXIT_HARNESS
     coverage = pincoverage.format_pin_coverage(pincoverage.pin_coverage(run_results))
     if coverage:
         print("\npin coverage (per backing and GUP flavour):")
         print(coverage)
-    _print_summary(run, run_dir)
+    _print_summary(run, written)
     return exit_code
+
+
+def _write_outputs_or_fallback(run: dict, run_dir: Path, base: dict) -> Path:
+    """Writes run.json and its renderings into run_dir; returns run_dir. When that fails (disk
+    full), run_dir keeps a run.json that is whole (the complete one, or a marker saying the run
+    is incomplete and where its results went) and no half-written file, the results go to a
+    fresh directory under $TMPDIR instead (returned), and the message names both."""
+    from cvmconf import results
+    before = {p.name for p in run_dir.iterdir()}
+    try:
+        _write_outputs(run, run_dir)
+        return run_dir
+    except OSError as e:
+        why = e.strerror or str(e)
+    try:   # run.json is written first, atomically: is it the whole run?
+        run_json_ok = json.loads((run_dir / "run.json").read_text()).get("finished") == \
+            run["finished"]
+    except (OSError, ValueError):
+        run_json_ok = False
+    for p in run_dir.iterdir():    # renderings cut short
+        if p.name not in before and p.is_file():
+            p.unlink(missing_ok=True)
+    try:
+        fallback = Path(tempfile.mkdtemp(prefix=f"cvmconf-results-{run['run_id']}-"))
+        _write_outputs(run, fallback)
+    except OSError as e2:
+        print(f"cvmconf: could not write the results to {run_dir} ({why}) nor to a temporary "
+              f"directory ({e2.strerror or e2}); run.json there says the run is incomplete",
+              file=sys.stderr)
+        raise HarnessError(f"results not written: {why}") from None
+    if not run_json_ok:
+        try:
+            results.write_json(run_dir / "run.json", {
+                **base, "incomplete_reason": f"the results could not be written here ({why}); "
+                                             f"they are in {fallback}"})
+        except OSError:
+            pass    # the marker written at the start stays: incomplete, never truncated
+    print(f"cvmconf: could not write the results to {run_dir} ({why}); they were written to "
+          f"{fallback} instead", file=sys.stderr)
+    return fallback
 
 
 def _print_summary(run: dict, run_dir: Path) -> None:
@@ -430,6 +631,13 @@ def _print_summary(run: dict, run_dir: Path) -> None:
         if "ops_per_sec" in p:
             print(f"  throughput: {t['name']}: {p['ops_per_sec']} ops/s"
                   + (f" over {p['iterations']} iterations" if p.get("iterations") else ""))
+    st = run.get("system_state") or {}
+    for r in st.get("restored", []):
+        print(f"  restored{' ' + r['where'] if r['where'] != 'local' else ''}: {r['setting']} "
+              f"{r['found']} -> {r['before']}" + ("" if r["restored"] else " FAILED")
+              + f" ({', '.join(r['tests']) or ', '.join(r['batches'])}: {r['cause']})")
+    for m in st.get("mounts", []):
+        print(f"  {m}")
     for p in run["problems"]:
         print(f"  harness problem: {p['batch']} {p['binary']}: {p['problem']}")
     try:
@@ -551,6 +759,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--git-commit", help="kernel commit hash (KCIDB)")
     r.add_argument("--git-branch", help="kernel branch (KCIDB)")
     r.add_argument("--origin", help="KCIDB origin (default: cvmconf)")
+    r.add_argument("--lock-wait", type=float, default=3600.0, metavar="S",
+                   help="seconds to wait for another cvmconf run on this kernel (local target) "
+                        "to finish before giving up with exit 2 (default 3600)")
     r.set_defaults(func=cmd_run)
 
     l = sub.add_parser("list", help="list tests and requirements without running anything")

@@ -16,7 +16,7 @@ import signal as signal_mod
 import threading
 from typing import Callable, Protocol
 
-from cvmconf import events, gtest
+from cvmconf import events, gtest, sysstate
 from cvmconf.gtest import BAD, ERROR, FAIL, PASS, TIMEOUT, TestResult
 from cvmconf.kmsg import KernelLine
 from cvmconf.targets.base import (KILLED_BATCH_TIMEOUT, KILLED_IDLE_TIMEOUT, KILLED_INTERRUPTED,
@@ -265,12 +265,32 @@ def no_progress_result(out: BatchOutput, test: str, exit_text: str, problems: li
         batch=out.plan.label, start_time=out.started)
 
 
+def batch_end(out: BatchOutput, plan: BatchPlan) -> sysstate.BatchEnd:
+    """How a batch ended, for the system-state guard: broken or not, and which test ran."""
+    clean = (not out.launch_error and not out.killed and not out.target_failure
+             and out.exit_code in (0, 1) and out.report_json is not None)
+    running: list[str] = []
+    if not clean:
+        if out.killed_test:
+            running = [out.killed_test]
+        else:
+            try:
+                r = events.parse(out.events).running
+                running = [r] if r else []
+            except events.EventStreamError:
+                pass
+    return sysstate.BatchEnd(plan.label, plan.binary.name, not clean, running,
+                             describe_exit(out))
+
+
 class Executor:
     """Runs batches for many binaries (optionally several at a time) and keeps every result."""
 
     def __init__(self, target: Target, options: Options, progress: Progress | None = None,
-                 record: Callable[[BatchOutput, BatchRecord], None] | None = None):
+                 record: Callable[[BatchOutput, BatchRecord], None] | None = None,
+                 state: sysstate.StateGuard | None = None):
         self.target = target
+        self.state = state           # snapshots system-wide settings around batches, restores
         self.options = options
         self.progress = progress
         self.record = record
@@ -359,7 +379,16 @@ class Executor:
     def _execute(self, plan: BatchPlan, requirements: dict[str, list[str]], announced: set[str],
                  retry: int = 0) -> tuple[dict[str, TestResult], bool, bool]:
         """Runs one batch; returns (results, progressed, interrupted)."""
-        out = self._run_plan(plan, announced, retry)
+        out: BatchOutput | None = None
+        if self.state:
+            self.state.before()
+        try:
+            out = self._run_plan(plan, announced, retry)
+        finally:
+            if self.state:
+                # Even when the runner itself is interrupted here: what the batch changed goes back.
+                self.state.after(batch_end(out, plan) if out is not None else sysstate.BatchEnd(
+                    plan.label, plan.binary.name, True, [], "the runner was interrupted"))
         it = interpret(out, requirements)
         exit_text = describe_exit(out)
         progressed = bool(it.results)
@@ -378,7 +407,13 @@ class Executor:
                 self.problems.append({"batch": plan.label, "binary": plan.binary.name,
                                       "problem": p})
         if self.record:
-            self.record(out, rec)
+            try:
+                self.record(out, rec)
+            except OSError as e:   # disk full: the results stay in memory for run.json
+                with self._lock:
+                    self.problems.append({"batch": plan.label, "binary": plan.binary.name,
+                                          "problem": f"could not save the batch's files: "
+                                                     f"{e.strerror or e}"})
         if self.progress:
             for t in plan.tests:
                 r = it.results.get(t)

@@ -127,3 +127,22 @@ def every_outcome_run(build_dir, broken_dir, tmp_path_factory):
     assert outcomes == {"PASS", "FAIL", "SKIP", "ERROR", "TIMEOUT", "NOT RUN"}, \
         (outcomes, out[-3000:], err[-3000:])
     return subprocess.CompletedProcess(p.args, p.returncode, out, err), run_dir, data
+
+
+def leftovers(token: str) -> list[str]:
+    """Live processes whose environment carries CVMCONF_TEST_TOKEN=token: a test passes a fresh
+    token to a run, and every process the run starts (suite binaries, QEMU, their children)
+    inherits it, so this finds what a run left behind and nothing of anyone else's."""
+    needle = f"CVMCONF_TEST_TOKEN={token}".encode()
+    found = []
+    for e in os.listdir("/proc"):
+        if not e.isdigit() or int(e) == os.getpid():
+            continue
+        try:
+            env = Path(f"/proc/{e}/environ").read_bytes()
+            comm = Path(f"/proc/{e}/comm").read_text().strip()
+        except OSError:
+            continue
+        if needle in env.split(b"\0"):
+            found.append(f"{e} {comm}")
+    return found

@@ -3,6 +3,7 @@ apt-get download and cached under $CVMCONF_CACHE), with nested KVM (kvm-amd) on 
 host on arm64. ./cvmconf test installs QEMU and builds the arm64 guest tools first."""
 import json
 import re
+import secrets
 import shutil
 from pathlib import Path
 
@@ -82,12 +83,19 @@ def test_guest_panic_is_attributed_and_the_run_continues(build_dir, tmp_path):
     it, boots the guest again and runs the rest."""
     need("qemu-system-x86_64")
     suite = build_dir / "runner-tests" / "qemu_panic_suite"
-    r = cvmconf(build_dir, "--suite-dir", str(suite),
-                "--catalogue", str(REPO / "runners/tests/qemu_panic_suite/requirements.yaml"),
-                "run", "--target", "qemu", "--kernel", X86_KERNEL,
-                "--append", "cvmconf.panic_test=1", "--results-dir", str(tmp_path), "--run-id", "p")
+    token = secrets.token_hex(8)
+    r = conftest.cvmconf("--build-dir", str(build_dir), "--suite-dir", str(suite),
+                         "--catalogue", str(REPO / "runners/tests/qemu_panic_suite/requirements.yaml"),
+                         "run", "--target", "qemu", "--kernel", X86_KERNEL,
+                         "--append", "cvmconf.panic_test=1", "--results-dir", str(tmp_path),
+                         "--run-id", "p", env={"CVMCONF_TEST_TOKEN": token}, timeout=1200)
     assert r.returncode == 3, r.stdout[-3000:] + r.stderr[-3000:]   # a crashed test: harness error
+    assert conftest.leftovers(token) == [], "the run left processes (QEMU?) behind"
     run = load_run(tmp_path, "p")
+    # The guest died: its work directory (console logs) is kept as evidence and named.
+    kept = run["target"].get("workdir_kept", "")
+    assert kept.startswith(run["target"]["workdir"]) and "died" in kept, run["target"]
+    shutil.rmtree(run["target"]["workdir"], ignore_errors=True)
     by = {t["name"]: t for t in run["tests"]}
     assert by["Panic.Before"]["outcome"] == "PASS"
     crashed = by["Panic.TriggerSysrqCrash"]
@@ -119,19 +127,36 @@ def test_arm64_pkvm_host_fingerprint(build_dir, tmp_path):
     assert all(req["outcome"] == "NOT RUN" for req in run["requirements"])
 
 
+def kept_workdir(stderr: str) -> Path:
+    """The work directory a boot failure keeps as evidence (named in the message): it must
+    exist; the caller removes it."""
+    m = re.search(r"\(console: (\S+)/console-\d+\.log\)", stderr)
+    assert m, stderr
+    d = Path(m.group(1))
+    assert (d / "console-1.log").exists(), d
+    return d
+
+
 def test_boot_failures_are_clear_errors(build_dir, tmp_path):
     need("qemu-system-x86_64")
     bogus = tmp_path / "bzImage"
     bogus.write_bytes(b"this is not a kernel" * 100)
-    r = cvmconf(build_dir, "run", "--target", "qemu", "--kernel", str(bogus),
-                "--results-dir", str(tmp_path), timeout=300)
+    token = secrets.token_hex(8)
+    r = conftest.cvmconf("--build-dir", str(build_dir), "run", "--target", "qemu", "--kernel",
+                         str(bogus), "--results-dir", str(tmp_path), timeout=300,
+                         env={"CVMCONF_TEST_TOKEN": token})
     assert r.returncode == 3, r.stderr
     first = r.stderr.splitlines()[0]
     assert first.startswith("cvmconf: boot failed:"), r.stderr
     assert "Traceback" not in r.stderr
-    r = cvmconf(build_dir, "run", "--target", "qemu", "--kernel", X86_KERNEL, "--boot-timeout", "1",
-                "--results-dir", str(tmp_path), timeout=300)
+    assert conftest.leftovers(token) == []
+    shutil.rmtree(kept_workdir(r.stderr))
+    r = conftest.cvmconf("--build-dir", str(build_dir), "run", "--target", "qemu", "--kernel",
+                         X86_KERNEL, "--boot-timeout", "1", "--results-dir", str(tmp_path),
+                         timeout=300, env={"CVMCONF_TEST_TOKEN": token})
     assert r.returncode == 3, r.stderr
+    assert conftest.leftovers(token) == []
+    shutil.rmtree(kept_workdir(r.stderr))
     first = r.stderr.splitlines()[0]
     assert first.startswith("cvmconf: boot failed:") and "within 1 s" in first, r.stderr
     assert "--- console tail ---" in r.stderr

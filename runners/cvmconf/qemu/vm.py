@@ -13,7 +13,6 @@ import json
 import os
 import re
 import selectors
-import signal
 import socket
 import subprocess
 import time
@@ -22,6 +21,7 @@ from typing import Callable
 
 from cvmconf.errors import HarnessError, UsageError
 from cvmconf.kmsg import KernelLine
+from cvmconf import procs
 from cvmconf.qemu import cpustate
 
 AGENT_PORT = "cvmconf.agent"
@@ -216,9 +216,11 @@ class QemuVm:
                            qmp_sock=self.qmp_sock)
         (self.workdir / f"qemu-cmd-{self.boots}.txt").write_text(" ".join(cmd) + "\n")
         try:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
-                                         stdout=open(self.workdir / f"qemu-{self.boots}.log", "w"),
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            # Its own session and the parent-death signal (procs): it never outlives the runner.
+            with open(self.workdir / f"qemu-{self.boots}.log", "w") as log:
+                self.proc = procs.spawn(cmd, f"{cmd[0]} (boot {self.boots})",
+                                        stdin=subprocess.DEVNULL, stdout=log,
+                                        stderr=subprocess.STDOUT)
         except FileNotFoundError:
             listener.close()
             raise UsageError(f"{cmd[0]} is not installed (Debian package "
@@ -270,11 +272,10 @@ class QemuVm:
                 pass
             self.conn = None
         if self.proc and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            procs.killpg(self.proc.pid)
             self.proc.wait(timeout=30)
+        if self.proc and self.proc.poll() is not None:
+            procs.release(self.proc)
 
     def shutdown(self, timeout: float = 30.0) -> str | None:
         """Asks the agent to power off; returns the status-channel line, if any."""

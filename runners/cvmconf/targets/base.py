@@ -176,8 +176,15 @@ class Target(abc.ABC):
         target (reported as a note and as the requirements' reason), None if it is an error."""
         return None
 
+    def state_access(self):
+        """Where the system-wide settings the suites may change live (cvmconf.sysstate.Access),
+        so the runner can snapshot them before a batch and restore them after it; None when
+        this target has none to watch."""
+        return None
+
     def close(self) -> None:
-        """Releases the target (shuts a VM down)."""
+        """Releases the target (shuts a VM down, removes its temporary files). Called on every
+        exit path of a run, also after check() or a boot failed."""
 
     def describe(self) -> dict:
         """Short description for run.json ("target")."""

@@ -1,16 +1,18 @@
 """The local target: suite binaries run on this host, each batch in its own session (process
-group), watched through its event stream and /dev/kmsg."""
+group, started through cvmconf.procs so it dies with the runner), watched through its event
+stream and /dev/kmsg. Its output goes through a pipe into a bounded buffer: a binary that floods
+stdout costs neither memory nor disk."""
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-from cvmconf import events, fingerprint, gtest, kmsg
+from cvmconf import events, fingerprint, gtest, kmsg, procs, sysstate
 from cvmconf.results import now_iso
 from cvmconf.targets.base import (BatchOutput, BatchPlan, EventCallback, SuiteBinary, Target,
                                   Watchdog)
@@ -29,19 +31,47 @@ def batch_environment(plan: BatchPlan, events_path: str, premature_path: str) ->
     return env
 
 
-def _read_tail(path: Path, limit: int) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - limit))
-            data = f.read()
-    except OSError:
-        return ""
-    text = data.decode("utf-8", "replace")
-    if size > limit:
-        text = text.split("\n", 1)[-1]
-    return text
+class OutputTail:
+    """The last `limit` bytes of a stream, read by a thread as fast as the writer writes (so a
+    flooding writer never blocks on a full pipe, and nothing but the tail is kept)."""
+
+    def __init__(self, stream, limit: int = OUTPUT_TAIL_BYTES):
+        self.limit = limit
+        self.data = bytearray()
+        self.dropped = 0
+        self._stream = stream
+        self._thread = threading.Thread(target=self._read, name="cvmconf-output", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = self._stream.read1(1 << 16)
+            except (OSError, ValueError):
+                return
+            if not chunk:
+                return
+            self.data += chunk
+            if len(self.data) > 2 * self.limit:
+                cut = len(self.data) - self.limit
+                del self.data[:cut]
+                self.dropped += cut
+
+    def finish(self, timeout: float = 2.0) -> str:
+        """Waits for the end of the stream (at most timeout: a descendant that escaped the
+        process group may hold the pipe open) and returns the tail as text."""
+        self._thread.join(timeout)
+        try:
+            self._stream.close()
+        except OSError:
+            pass
+        data = bytes(self.data[-self.limit:])
+        dropped = self.dropped + len(self.data) - len(data)
+        text = data.decode("utf-8", "replace")
+        if dropped:
+            text = (f"[cvmconf: {dropped} bytes of earlier output dropped]\n"
+                    + text.split("\n", 1)[-1])
+        return text
 
 
 def _exited(pid: int) -> bool:
@@ -52,13 +82,6 @@ def _exited(pid: int) -> bool:
     except ChildProcessError:
         return True
     return info is not None
-
-
-def _killpg(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 class LocalTarget(Target):
@@ -91,34 +114,38 @@ class LocalTarget(Target):
     def describe(self) -> dict:
         return {"kind": self.kind, "build_dir": str(self.build_dir)}
 
+    def state_access(self):
+        return sysstate.LocalAccess()
+
     def run_batch(self, plan: BatchPlan, on_event: EventCallback | None = None) -> BatchOutput:
         work = Path(tempfile.mkdtemp(prefix=f"cvmconf-{plan.label}-"))
+        procs.track_path(work, f"work directory of batch {plan.label}")
         try:
             return self._run(plan, on_event, work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+            procs.untrack_path(work)
 
     def _run(self, plan: BatchPlan, on_event: EventCallback | None, work: Path) -> BatchOutput:
         out = BatchOutput(plan=plan, started=now_iso("milliseconds"))
         report = work / "report.json"
         events_path = work / "events.jsonl"
         premature = work / "premature-exit"
-        log_path = work / "output.log"
         cmd = [str(plan.binary.host_path), *plan.gtest_args(str(report))]
         env = batch_environment(plan, str(events_path), str(premature))
         watcher = kmsg.KmsgReader(self.kmsg_path)
         out.kernel_log_error = watcher.error
         t0 = time.monotonic()
         try:
-            with open(log_path, "wb") as log:
-                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                        stderr=subprocess.STDOUT, env=env, cwd=work,
-                                        start_new_session=True)
+            proc = procs.spawn(cmd, f"{plan.binary.name} (batch {plan.label})",
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, env=env, cwd=work)
         except OSError as e:
             watcher.close()
             out.launch_error = f"cannot start {plan.binary.name}: {e.strerror or e}"
             out.duration = time.monotonic() - t0
             return out
+        tail = OutputTail(proc.stdout)
         reader = events.LiveReader(events_path)
         watchdog = Watchdog(out, self.abort, started=t0)
         try:
@@ -138,9 +165,10 @@ class LocalTarget(Target):
         finally:
             # Kill whatever is left of the group (the binary when it timed out, or children it
             # left behind), then reap it.
-            _killpg(proc.pid)
+            procs.killpg(proc.pid)
             try:
                 status = proc.wait(timeout=KILL_GRACE)
+                procs.release(proc)
             except subprocess.TimeoutExpired:
                 status = None
                 out.output = (f"cvmconf: {plan.binary.name} (pid {proc.pid}) did not die within "
@@ -168,5 +196,5 @@ class LocalTarget(Target):
         except OSError:
             out.report_json = None
         out.premature_exit = premature.exists()
-        out.output += _read_tail(log_path, OUTPUT_TAIL_BYTES)
+        out.output += tail.finish()
         return out

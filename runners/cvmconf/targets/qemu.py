@@ -9,14 +9,16 @@ with the local target.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
-from cvmconf import events, fingerprint, gtest, refkernel
+from cvmconf import events, fingerprint, gtest, refkernel, sysstate
 from cvmconf.errors import HarnessError, UsageError
 from cvmconf.kmsg import KernelLine
 from cvmconf.qemu import initramfs, kernel, vm
@@ -54,6 +56,52 @@ def is_static_elf(path: Path) -> bool:
         if int.from_bytes(data[off:off + 4], order) == 3:  # PT_INTERP
             return False
     return True
+
+
+class GuestAccess:
+    """The guest's system-wide settings (cvmconf.sysstate.Access), read and written through the
+    agent with the guest's busybox; None/unavailable while no guest runs (a guest that died took
+    its state with it, and the next one boots with the defaults). The runner is the only user of
+    its guest: no lock."""
+
+    def __init__(self, target: "QemuTarget"):
+        self.target = target
+
+    def _vm(self) -> vm.QemuVm | None:
+        v = self.target.vm
+        return v if v is not None and v.alive() else None
+
+    def read_settings(self) -> dict[str, str] | None:
+        v = self._vm()
+        if v is None:
+            return None
+        pats = " ".join(sysstate.PATTERNS)
+        script = (f"mountpoint -q {sysstate.DEBUGFS} || "
+                  f"mount -t debugfs debugfs {sysstate.DEBUGFS} 2>/dev/null; "
+                  f"for f in {pats}; do [ -f \"$f\" ] && v=$(head -n 1 \"$f\" 2>/dev/null) && "
+                  "printf '%s\\t%s\\n' \"$f\" \"$v\"; done; exit 0")
+        o = v.run(["/bin/busybox", "sh", "-c", script], timeout=60, output_max=LISTING_MAX)
+        if o.guest_crashed or o.exit != 0:
+            return None
+        out = {}
+        for line in o.output_tail.splitlines():
+            path, sep, value = line.partition("\t")
+            if sep:
+                out[path] = sysstate.setting_value(value)
+        return out
+
+    def write_setting(self, path: str, value: str) -> str | None:
+        v = self._vm()
+        if v is None:
+            return "the guest is not running"
+        o = v.run(["/bin/busybox", "sh", "-c", 'printf %s "$2" > "$1"', "sh", path, value],
+                  timeout=60)
+        if o.guest_crashed or o.exit != 0:
+            return f"write {value!r} in the guest: {vm_exit(o)}: {o.output_tail.strip()[-200:]}"
+        return None
+
+    def locked(self):
+        return contextlib.nullcontext()
 
 
 def console_kernel_lines(text: str) -> list[KernelLine]:
@@ -97,6 +145,8 @@ class QemuTarget(Target):
         self.reboots = 0
         self._probe: dict | None = None
         self._lists: dict[str, str] = {}
+        self.keep_workdir: str | None = None   # why the work directory is kept as evidence
+        self.workdir_kept: str | None = None
 
     # --- where the binaries are --------------------------------------------------------------
     def suite_dir(self) -> Path:
@@ -149,6 +199,7 @@ class QemuTarget(Target):
         try:
             self.vm.start()
         except vm.BootError as e:
+            self.keep_workdir = "the guest failed to boot"
             raise HarnessError(str(e)) from None
 
     def _ensure_guest(self) -> str | None:
@@ -230,6 +281,8 @@ class QemuTarget(Target):
         if self.append:
             d["append"] = self.append
         d["workdir"] = str(self.workdir)
+        if self.workdir_kept:
+            d["workdir_kept"] = self.workdir_kept
         return d
 
     def _list(self, binary: SuiteBinary, flag: str) -> str:
@@ -283,6 +336,7 @@ class QemuTarget(Target):
         out.kernel_log = list(r.kmsg)
         out.exit_code, out.signal = r.exit, r.signal
         if r.guest_crashed:
+            self.keep_workdir = "the guest died during a batch (its console logs are there)"
             # The suite binary wrote its events straight to the events port too: that copy has
             # the start event of a test that killed the guest before the agent could forward it.
             direct = self.vm.last_batch_events()
@@ -306,10 +360,25 @@ class QemuTarget(Target):
             out.premature_exit = pre is not None
         return out
 
+    def state_access(self):
+        return GuestAccess(self)
+
     def close(self) -> None:
-        if self.vm is not None:
-            self.vm.shutdown()
+        """Shuts the guest down (QEMU is killed if it does not power off) and removes the work
+        directory (initramfs, console logs, sockets), unless a guest failed to boot or died:
+        then it stays as evidence and describe() names it (workdir_kept)."""
+        try:
+            if self.vm is not None:
+                self.vm.shutdown()
+        finally:
+            if self.vm is not None:
+                self.vm.kill()
             self.vm = None
+            if self.workdir.exists():
+                if self.keep_workdir:
+                    self.workdir_kept = f"{self.workdir} ({self.keep_workdir})"
+                else:
+                    shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def vm_exit(o: vm.BatchOutcome) -> str:
