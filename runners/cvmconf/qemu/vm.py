@@ -260,8 +260,8 @@ class QemuVm:
         tail = self.console_tail(15)
         crash = self.crash_lines()
         detail = f"; guest kernel: {crash[0]}" if crash else ""
-        return f"boot failed: {why}{detail} (console: {self.console_file})" + (
-            "\n--- console tail ---\n" + tail if tail else "")
+        return f"boot failed: {why}{detail} (console: {self.console_file}" + (
+            ")\n--- console tail ---\n" + tail if tail else ", empty)")
 
     def kill(self) -> None:
         self.qmp_sock.unlink(missing_ok=True)
