@@ -12,6 +12,7 @@ namespace cvm::suites {
 namespace {
 
 constexpr const char* kFailNth = "/proc/thread-self/fail-nth";
+constexpr const char* kMakeItFail = "/proc/thread-self/make-it-fail";
 
 bool exists(const std::string& p) {
   struct stat st {};
@@ -20,13 +21,19 @@ bool exists(const std::string& p) {
 
 std::string point_dir(const char* point) { return std::string(kDebugfsDir) + "/" + point; }
 
-// Settings that make ordinary allocations eligible, per injection point directory.
+// Settings that make ordinary allocations eligible, per injection point directory. fail-nth
+// (one failure) ignores probability and task-filter; arm_all() fails every allocation of the
+// tasks whose make-it-fail is set (task-filter), and of no other task.
 const std::vector<std::pair<const char*, std::vector<std::pair<const char*, const char*>>>>&
 point_settings() {
   static const std::vector<std::pair<const char*, std::vector<std::pair<const char*, const char*>>>> s = {
-      {"failslab", {{"ignore-gfp-wait", "N"}, {"cache-filter", "N"}, {"verbose", "0"}}},
+      {"failslab", {{"ignore-gfp-wait", "N"}, {"cache-filter", "N"}, {"verbose", "0"},
+                    {"task-filter", "Y"}, {"probability", "100"}, {"interval", "1"},
+                    {"times", "-1"}, {"space", "0"}}},
       {"fail_page_alloc",
-       {{"ignore-gfp-wait", "N"}, {"ignore-gfp-highmem", "N"}, {"min-order", "0"}, {"verbose", "0"}}},
+       {{"ignore-gfp-wait", "N"}, {"ignore-gfp-highmem", "N"}, {"min-order", "0"}, {"verbose", "0"},
+        {"task-filter", "Y"}, {"probability", "100"}, {"interval", "1"}, {"times", "-1"},
+        {"space", "0"}}},
   };
   return s;
 }
@@ -68,11 +75,15 @@ Result<std::unique_ptr<ThreadFaultInjection>> ThreadFaultInjection::setup() {
   int fd = ::open(kFailNth, O_RDWR | O_CLOEXEC);
   if (fd < 0) return last_error(std::string("open ") + kFailNth);
   t->fail_nth_.reset(fd);
+  fd = ::open(kMakeItFail, O_RDWR | O_CLOEXEC);
+  if (fd < 0) return last_error(std::string("open ") + kMakeItFail);
+  t->make_it_fail_.reset(fd);
   return t;
 }
 
 ThreadFaultInjection::~ThreadFaultInjection() {
   if (fail_nth_.valid()) (void)disarm();
+  if (make_it_fail_.valid()) (void)disarm_all();
   for (auto it = saved_.rbegin(); it != saved_.rend(); ++it) (void)write_text(it->first, it->second);
 }
 
@@ -97,6 +108,18 @@ Result<bool> ThreadFaultInjection::disarm() {
   if (!injected && ::pwrite(fail_nth_.get(), "0", 1, 0) != 1)
     return last_error(std::string("write 0 to ") + kFailNth);
   return injected;
+}
+
+Result<void> ThreadFaultInjection::arm_all() {
+  if (::pwrite(make_it_fail_.get(), "1", 1, 0) != 1)
+    return last_error(std::string("write 1 to ") + kMakeItFail);
+  return {};
+}
+
+Result<void> ThreadFaultInjection::disarm_all() {
+  if (::pwrite(make_it_fail_.get(), "0", 1, 0) != 1)
+    return last_error(std::string("write 0 to ") + kMakeItFail);
+  return {};
 }
 
 }  // namespace cvm::suites

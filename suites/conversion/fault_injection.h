@@ -31,10 +31,15 @@ class ThreadFaultInjection {
   Result<void> arm(unsigned n);
   // Disarms; returns true when the armed failure was injected (the count was used up).
   Result<bool> disarm();
+  // Every injection point this thread reaches fails until disarm_all(), the kernel's fallbacks
+  // included (e.g. the sleeping retry after a failed atomic allocation).
+  Result<void> arm_all();
+  Result<void> disarm_all();
 
  private:
   ThreadFaultInjection() = default;
   UniqueFd fail_nth_;
+  UniqueFd make_it_fail_;
   std::vector<std::pair<std::string, std::string>> saved_;  // debugfs file -> old value
   std::vector<std::string> points_;
 };
