@@ -170,6 +170,7 @@ def view(run: dict) -> dict:
         "pin_rows": pin_rows,
         "pin_table": pincoverage.format_pin_coverage(pin_rows),
         "outcomes": list(ORDER),
+        "upstream": run.get("upstream"),
     }
 
 

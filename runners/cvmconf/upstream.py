@@ -315,6 +315,11 @@ def interpret(t: UpstreamTest, output: str, exit_code: int | None, broken: str |
         doc = ktap.parse(output)
     except ktap.KtapError as e:
         ktap_error = str(e)
+        if broken:   # died mid-way: the cases it finished count (the plan cannot hold)
+            try:
+                doc = ktap.parse(re.sub(r"(?m)^1\.\.\d+$", "", output))
+            except ktap.KtapError:
+                doc = None
     evidence = {"exit": broken or f"exited with status {exit_code}",
                 "command": f"{t.binary} {' '.join(t.args)}".strip()}
     if doc is not None and doc.tests:
@@ -357,7 +362,7 @@ def interpret(t: UpstreamTest, output: str, exit_code: int | None, broken: str |
         whole.outcome = ERROR
         whole.messages = [f"{t.test} printed malformed KTAP: {ktap_error}"]
     if not results:
-        whole.requirements = t.requirements_of(t.test)   # the whole program carries the mapping
+        whole.requirements = t.requirements()   # the whole program carries the mapping
     elif whole.outcome in (ERROR, TIMEOUT) or \
             (whole.outcome == FAIL and not any(r.outcome == FAIL for r in results)):
         whole.requirements = t.requirements()   # broken, or failed without a failing case
@@ -543,3 +548,24 @@ def check_built(tests: list[UpstreamTest]) -> list[str]:
         return []    # nothing to check against: neither a tree nor a build (said by the caller)
     return [f"upstream-map: {t.test}: {t.binary} is in no cached upstream build"
             for t in tests if t.binary not in have]
+
+
+def compare(base: dict, new: dict) -> dict | None:
+    """For `cvmconf compare`: the disagreements of each run and the requirements whose upstream
+    outcome or agreement changed (None when neither run had upstream results)."""
+    bu, nu = base.get("upstream"), new.get("upstream")
+    if not bu and not nu:
+        return None
+    br = {r["id"]: r for r in (bu or {}).get("requirements", [])}
+    nr = {r["id"]: r for r in (nu or {}).get("requirements", [])}
+    changed = []
+    for rid in sorted(set(br) | set(nr)):
+        b, n = br.get(rid), nr.get(rid)
+        bo, no = (b or {}).get("upstream"), (n or {}).get("upstream")
+        ba, na = (b or {}).get("agreement"), (n or {}).get("agreement")
+        if (bo, ba) != (no, na):
+            changed.append({"id": rid, "base": bo, "new": no, "base_agreement": ba,
+                            "new_agreement": na})
+    return {"base_disagreements": (bu or {}).get("disagreements", []) if bu else None,
+            "new_disagreements": (nu or {}).get("disagreements", []) if nu else None,
+            "changed": changed}
