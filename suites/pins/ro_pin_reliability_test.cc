@@ -8,7 +8,9 @@
 //
 // These need a R/O long-term pinner that can be read through: gup_test (CONFIG_GUP_TEST). io_uring
 // only takes R/W pins (rw_pin_reliability_test.cc), vmsplice takes short-term references.
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
@@ -133,6 +135,63 @@ std::vector<AnonCase> anon_cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, RoPinReliabilityAnon, ::testing::ValuesIn(anon_cases()),
+                         [](const auto& i) {
+                           return i.param.backing.name() + "_" + flavour_tag(i.param.flavour);
+                         });
+
+// --- PIN-002 as the kernel's cow selftest sets the page up -----------------------------------------
+// The cases above pin while the VMA is R/O (mprotect around the pin). cow.c pins with the VMA
+// writable: a page shared after fork (or previously shared) is R/O in the page table because of
+// COW; an exclusive page is made R/O in the page table by mprotect(PROT_READ), clearing the
+// soft-dirty bits (/proc/self/clear_refs "4": the next write must fault for soft-dirty tracking)
+// and mprotect(PROT_READ|PROT_WRITE), so the mprotect optimisation cannot map it writable again
+// and the write after the pin takes the write-fault path that must reuse the pinned page.
+bool clear_soft_dirty(std::string* why) {
+  int fd = open("/proc/self/clear_refs", O_WRONLY | O_CLOEXEC);
+  if (fd < 0) {
+    *why = std::string("/proc/self/clear_refs: ") + strerror(errno);
+    return false;
+  }
+  ssize_t n = write(fd, "4", 1);
+  int err = errno;
+  close(fd);
+  if (n != 1) {
+    *why = std::string("writing 4 (soft-dirty) to /proc/self/clear_refs: ") + strerror(err) +
+           " (kernel without CONFIG_MEM_SOFT_DIRTY?)";
+    return false;
+  }
+  return true;
+}
+
+class RoPinReliabilityAnonCowStyle : public ::testing::TestWithParam<AnonCase> {};
+
+CVM_TEST_P(RoPinReliabilityAnonCowStyle, PinObservesLaterWrite, "PIN-002") {
+  const AnonCase& c = GetParam();
+  CVM_RO_PROVIDER_OR_SKIP(p, c.flavour, "anon_" + c.backing.name());
+  CowRegion r;
+  prepare_anon(c.backing.size, r);
+  if (IsSkipped() || HasFatalFailure()) return;
+  RecordProperty("backing_verified", r.verified);
+  RecordProperty("setup", c.backing.state == AnonState::Exclusive
+                              ? "mprotect R/O, clear soft-dirty, mprotect R/W (PTE write-protected)"
+                              : "VMA writable, PTE R/O by COW");
+  std::optional<Sharer> sharer;
+  if (c.backing.state != AnonState::Exclusive) {
+    sharer.emplace(Sharer::fork_child(r, r.initial, c.backing.state == AnonState::PreviouslyShared));
+  } else {
+    ASSERT_EQ(mprotect(r.data, r.size, PROT_READ), 0) << strerror(errno);
+    std::string why;
+    bool cleared = clear_soft_dirty(&why);
+    ASSERT_EQ(mprotect(r.data, r.size, PROT_READ | PROT_WRITE), 0) << strerror(errno);
+    if (!cleared) GTEST_SKIP() << kCapabilityAbsent << why;
+  }
+  pin_write_and_read_back(*p, r, false);
+  if (sharer) {
+    EXPECT_EQ(sharer->finish(), "") << "the other process must keep its own copy (COW)";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, RoPinReliabilityAnonCowStyle, ::testing::ValuesIn(anon_cases()),
                          [](const auto& i) {
                            return i.param.backing.name() + "_" + flavour_tag(i.param.flavour);
                          });
