@@ -348,12 +348,15 @@ def interpret(t: UpstreamTest, output: str, exit_code: int | None, broken: str |
         whole.outcome = SKIP
         m = SKIP_PLAN_RE.search(output)
         lines = [l for l in output.strip().splitlines() if l.strip()]
-        whole.skip_reason = (m.group(1).strip() if m and m.group(1).strip() else
-                             (lines[-1].strip() if lines else "skipped (exit status 4)"))
+        why = (m.group(1).strip() if m and m.group(1).strip() else
+               (lines[-1].strip() if lines else "skipped (exit status 4)"))
+        whole.skip_reason = re.sub(r"^-\s*", "", why)
     elif exit_code != 0:
         whole.outcome = FAIL
         lines = [l for l in output.strip().splitlines() if l.strip()]
-        assertion = [l.strip() for l in lines if "Assertion Failure" in l or ".c:" in l][:4]
+        at = next((i for i, l in enumerate(lines) if "Test Assertion Failure" in l), None)
+        assertion = [" ".join(l.split()) for l in lines[at + 1:at + 4]] if at is not None \
+            else [l.strip() for l in lines[-3:]]
         whole.messages = [f"{t.test} exited with status {exit_code}"
                           + (": " + " | ".join(assertion) if assertion else "")]
         if ktap_error:
