@@ -622,6 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-catalogue",
                        help="check that the catalogue and the tests' requirement IDs agree")
     c.add_argument("--seeds-dir", help="also check that cited seed files exist there")
+    c.add_argument("--upstream-map", metavar="FILE",
+                   help="upstream selftest mapping to check (default: suites/upstream-map.yaml)")
     c.add_argument("--upstream-source", metavar="DIR",
                    help="kernel tree whose selftest makefiles must build the mapped upstream "
                         "tests (default: the unpacked reference source, else the cached build)")

@@ -175,3 +175,13 @@ def test_report_without_upstream_has_no_section():
     run = fake_run({"PIN-001": "PASS"}, [])
     del run["upstream"]
     assert "upstream disagree" not in report.render_markdown(run)
+
+
+def test_check_catalogue_rejects_a_mapping_with_an_unknown_id(build_dir, tmp_path):
+    from conftest import cvmconf
+    bad = tmp_path / "map.yaml"
+    bad.write_text("tests:\n  - test: mm/cow\n    binary: mm/cow\n    map:\n"
+                   "      - cases: ['*']\n        requirements: [PIN-999]\n")
+    r = cvmconf("--build-dir", str(build_dir), "check-catalogue", "--upstream-map", str(bad))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "upstream-map: mm/cow names unknown requirement PIN-999" in r.stdout
