@@ -13,7 +13,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
+#include <optional>
 
 #include "pin_cases.h"
 
@@ -146,7 +148,35 @@ INSTANTIATE_TEST_SUITE_P(Cases, RoPinReliabilityAnon, ::testing::ValuesIn(anon_c
 // soft-dirty bits (/proc/self/clear_refs "4": the next write must fault for soft-dirty tracking)
 // and mprotect(PROT_READ|PROT_WRITE), so the mprotect optimisation cannot map it writable again
 // and the write after the pin takes the write-fault path that must reuse the pinned page.
-bool clear_soft_dirty(std::string* why) {
+// The soft-dirty bit (bit 55) of the page's /proc/self/pagemap entry; an error text otherwise.
+std::optional<bool> soft_dirty(const void* addr, std::string* why) {
+  int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    *why = std::string("/proc/self/pagemap: ") + strerror(errno);
+    return std::nullopt;
+  }
+  uint64_t entry = 0;
+  off_t off = static_cast<off_t>(reinterpret_cast<uintptr_t>(addr) / getpagesize()) * 8;
+  ssize_t n = pread(fd, &entry, sizeof entry, off);
+  close(fd);
+  if (n != static_cast<ssize_t>(sizeof entry)) {
+    *why = "reading /proc/self/pagemap failed";
+    return std::nullopt;
+  }
+  return ((entry >> 55) & 1) != 0;
+}
+
+// Writing "4" to clear_refs is accepted also by kernels without CONFIG_MEM_SOFT_DIRTY, where it
+// does nothing: the page (just written) must show soft-dirty before and clean after, else the
+// page-table write protection this case needs was not set up.
+bool clear_soft_dirty(const void* page, std::string* why) {
+  auto before = soft_dirty(page, why);
+  if (!before) return false;
+  if (!*before) {
+    *why = "soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY): a written page's pagemap soft-dirty bit "
+           "is clear, so clear_refs cannot write-protect it";
+    return false;
+  }
   int fd = open("/proc/self/clear_refs", O_WRONLY | O_CLOEXEC);
   if (fd < 0) {
     *why = std::string("/proc/self/clear_refs: ") + strerror(errno);
@@ -156,8 +186,13 @@ bool clear_soft_dirty(std::string* why) {
   int err = errno;
   close(fd);
   if (n != 1) {
-    *why = std::string("writing 4 (soft-dirty) to /proc/self/clear_refs: ") + strerror(err) +
-           " (kernel without CONFIG_MEM_SOFT_DIRTY?)";
+    *why = std::string("writing 4 (soft-dirty) to /proc/self/clear_refs: ") + strerror(err);
+    return false;
+  }
+  auto after = soft_dirty(page, why);
+  if (!after) return false;
+  if (*after) {
+    *why = "clear_refs 4 left the page soft-dirty";
     return false;
   }
   return true;
@@ -181,7 +216,7 @@ CVM_TEST_P(RoPinReliabilityAnonCowStyle, PinObservesLaterWrite, "PIN-002") {
   } else {
     ASSERT_EQ(mprotect(r.data, r.size, PROT_READ), 0) << strerror(errno);
     std::string why;
-    bool cleared = clear_soft_dirty(&why);
+    bool cleared = clear_soft_dirty(r.data, &why);
     ASSERT_EQ(mprotect(r.data, r.size, PROT_READ | PROT_WRITE), 0) << strerror(errno);
     if (!cleared) GTEST_SKIP() << kCapabilityAbsent << why;
   }
