@@ -225,7 +225,9 @@ def build(source_spec: str | None = None, arch: str = "x86_64", cache: Path | No
         for rel in ("scripts/subarch.include", "mm/gup_test.h"):
             (shadow / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source.tree / rel, shadow / rel)
-        refkernel._make(["-C", str(source.tree), f"O={hdr}", f"ARCH={refkernel.KARCH[arch]}",
+        # A tree built in place refuses O= ("not clean"): its own objtree is used then.
+        objdir = [] if (source.tree / ".config").exists() else [f"O={hdr}"]
+        refkernel._make(["-C", str(source.tree), *objdir, f"ARCH={refkernel.KARCH[arch]}",
                          "headers_install", f"INSTALL_HDR_PATH={shadow / 'usr'}"],
                         log, "make headers_install")
         for d in sorted({t.directory for t in tests}):
