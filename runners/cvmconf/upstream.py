@@ -361,7 +361,7 @@ def interpret(t: UpstreamTest, output: str, exit_code: int | None, broken: str |
             else [l.strip() for l in lines[-3:]]
         whole.messages = [f"{t.test} exited with status {exit_code}"
                           + (": " + " | ".join(assertion) if assertion else "")]
-        if ktap_error:
+        if ktap_error and "no KTAP version line" not in ktap_error:
             whole.messages.append(f"KTAP: {ktap_error}")
     elif ktap_error and "no KTAP version line" not in ktap_error:
         whole.outcome = ERROR
@@ -390,7 +390,9 @@ def side_outcome(outcomes: list[str]) -> str:
 
 def agreement(cvm: str, up: str) -> str:
     """agree, disagree (one passed, the other failed), one-sided (one side exercised it, the
-    other skipped or did not run it), broken (a side did not complete), or neither exercised."""
+    other skipped or did not run it), incomplete (a side did not complete), or neither
+    exercised. (side_by_side says "not selected" when this run's filters left cvmconf's tests
+    of the requirement out.)"""
     if cvm in VERDICTS and up in VERDICTS:
         return "agree" if cvm == up else "disagree"
     if cvm in (ERROR, TIMEOUT) or up in (ERROR, TIMEOUT):
@@ -425,6 +427,8 @@ def side_by_side(requirements: list[dict], up_results: list[dict],
         failing = [u["name"] for u in ups if u["outcome"] in (FAIL, ERROR, TIMEOUT)][:8]
         skips = sorted({u.get("skip_reason", "") for u in ups if u["outcome"] == SKIP} - {""})
         a = agreement(c_out, u_out)
+        if c_out == "NOT RUN" and "not selected by the filters" in c.get("reason", ""):
+            a = "not selected"    # a filtered cvmconf run: no comparison, no disagreement
         rows.append({
             "id": rid, "level": c.get("level", ""), "cvmconf": c_out,
             "cvmconf_reason": c.get("reason", ""), "upstream": u_out,

@@ -185,3 +185,12 @@ def test_check_catalogue_rejects_a_mapping_with_an_unknown_id(build_dir, tmp_pat
     r = cvmconf("--build-dir", str(build_dir), "check-catalogue", "--upstream-map", str(bad))
     assert r.returncode == 1, r.stdout + r.stderr
     assert "upstream-map: mm/cow names unknown requirement PIN-999" in r.stdout
+
+
+def test_a_filtered_cvmconf_side_is_not_a_disagreement():
+    run = fake_run({"PIN-006": "NOT RUN"}, [_r("mm/gup_longterm: x", "PASS", ["PIN-006"])])
+    run["requirements"][0]["reason"] = "not selected by the filters of this run"
+    rows = upstream.side_by_side(run["requirements"], run["upstream"]["tests"], upstream.load_map())
+    row = next(r for r in rows if r["id"] == "PIN-006")
+    assert row["agreement"] == "not selected"
+    assert upstream.disagreements([row]) == []
