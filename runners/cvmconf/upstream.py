@@ -222,9 +222,15 @@ def build(source_spec: str | None = None, arch: str = "x86_64", cache: Path | No
                            stdout=log, stderr=subprocess.STDOUT, check=False)
         if r.returncode != 0:
             raise HarnessError(f"copying {source.tree}/tools failed (needs rsync; log {logpath})")
-        for rel in ("scripts/subarch.include", "mm/gup_test.h"):
-            (shadow / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source.tree / rel, shadow / rel)
+        # Read from outside tools/: the arch list, gup_test's ioctls, arm64's sysreg generator.
+        for rel in ("scripts/subarch.include", "mm/gup_test.h",
+                    f"arch/{refkernel.KARCH[arch]}/tools"):
+            src, dst = source.tree / rel, shadow / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_dir():
+                shutil.copytree(src, dst, dirs_exist_ok=True)
+            elif src.is_file():
+                shutil.copy2(src, dst)
         # A tree built in place refuses O= ("not clean"): its own objtree is used then.
         objdir = [] if (source.tree / ".config").exists() else [f"O={hdr}"]
         refkernel._make(["-C", str(source.tree), *objdir, f"ARCH={refkernel.KARCH[arch]}",
