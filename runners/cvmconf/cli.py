@@ -419,7 +419,7 @@ def cmd_run(args) -> int:
         from cvmconf import upstream
         run["upstream"] = upstream.section(
             run["requirements"], up.get("results", []), up["tests"], up["built"],
-            up.get("problems", []),
+            up.get("problems", []), up.get("batches", []),
             "" if "results" in up else "the upstream selftests did not run: the run was interrupted")
     _write_outputs(run, run_dir)
     coverage = pincoverage.format_pin_coverage(pincoverage.pin_coverage(run_results))
@@ -449,7 +449,13 @@ def _upstream_prepare(args, target) -> dict | None:
 def _upstream_run(up: dict, target, run_dir: Path, progress):
     from cvmconf import upstream
     progress.total = (progress.total or 0) + len(up["tests"])
-    return upstream.run(target, up["tests"], up["built"], up["arch"], record=_saver(run_dir),
+    save = _saver(run_dir)
+    up["batches"] = []
+
+    def record(out, rec):
+        save(out, rec)
+        up["batches"].append(rec.__dict__)
+    return upstream.run(target, up["tests"], up["built"], up["arch"], record=record,
                         progress=progress)
 
 

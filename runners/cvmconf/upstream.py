@@ -537,7 +537,8 @@ def run(target, tests: list[UpstreamTest], built: Built, arch: str, record=None,
 
 
 def section(requirements: list[dict], results: list[TestResult], tests: list[UpstreamTest],
-            built: Built | None, problems: list[dict], note: str = "") -> dict:
+            built: Built | None, problems: list[dict], batches: list[dict] | None = None,
+            note: str = "") -> dict:
     """run.json's "upstream" object."""
     from cvmconf import results as results_mod
     entries = [results_mod.test_entry(r) for r in results]
@@ -546,7 +547,8 @@ def section(requirements: list[dict], results: list[TestResult], tests: list[Ups
             "build": {"root": str(built.root), **built.meta} if built else None,
             "mapping": str(MAP_PATH.relative_to(ROOT)), "note": note,
             "summary": summary(entries, rows), "tests": entries, "requirements": rows,
-            "disagreements": disagreements(rows), "problems": problems}
+            "disagreements": disagreements(rows), "problems": problems,
+            "batches": batches or []}
 
 
 def check_built(tests: list[UpstreamTest]) -> list[str]:
