@@ -70,8 +70,8 @@ def _check_upstream_map(args, cat) -> list[str]:
     if src and Path(src).is_dir():
         tree = Path(src)
     else:
-        ref = refkernel.cache_root() / "src" / \
-            f"linux-source-7.2_{refkernel.REFERENCE_VERSION}" / "linux-source-7.2"
+        name = refkernel.debian.parse_spec(refkernel.REFERENCE_SOURCE).name
+        ref = refkernel.cache_root() / "src" / f"{name}_{refkernel.REFERENCE_VERSION}" / name
         tree = ref if ref.is_dir() else None
     problems = upstream.check_map(tests, set(cat.by_id()), tree)
     if tree is None:
