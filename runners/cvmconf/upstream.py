@@ -19,7 +19,6 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess

@@ -4,7 +4,6 @@ before pytest; `./cvmconf upstream build`), one run with --upstream and a select
 tests covering the same requirements. The run must carry both sides' outcomes per requirement."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
