@@ -50,12 +50,33 @@ def cmd_check_catalogue(args) -> int:
     for b in gtest.suite_binaries_in(_suite_dir(args)):
         declared.update(gtest.list_requirements(b))
     problems = catalogue.cross_check(cat, declared)
+    problems += _check_upstream_map(args, cat)
     for p in problems:
         print(f"catalogue: {p}")
     musts = [r for r in cat.requirements if r.level == "MUST"]
     print(f"catalogue: {len(cat.requirements)} requirements ({len(musts)} MUST), "
           f"{len(declared)} tests, {len(problems)} problem(s)")
     return EXIT_NONCONFORMANCE if problems else EXIT_OK
+
+
+def _check_upstream_map(args, cat) -> list[str]:
+    """The upstream mapping names known requirement IDs and programs that exist: in the cached
+    build when there is one, else in a kernel tree's makefiles (--upstream-source DIR or the
+    unpacked reference source)."""
+    from cvmconf import refkernel, upstream
+    tests = upstream.load_map(getattr(args, "upstream_map", None))
+    tree = None
+    src = getattr(args, "upstream_source", None)
+    if src and Path(src).is_dir():
+        tree = Path(src)
+    else:
+        name = refkernel.debian.parse_spec(refkernel.REFERENCE_SOURCE).name
+        ref = refkernel.cache_root() / "src" / f"{name}_{refkernel.REFERENCE_VERSION}" / name
+        tree = ref if ref.is_dir() else None
+    problems = upstream.check_map(tests, set(cat.by_id()), tree)
+    if tree is None:
+        problems += upstream.check_built(tests)
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,6 +434,7 @@ def _run(args, ctx: dict) -> int:
             ctx["debugfs"] = sysstate.DebugfsMount()
             ctx.setdefault("cleanups", []).append(
                 lambda: ctx["debugfs"] and ctx["debugfs"].restore())
+    up = _upstream_prepare(args, target)
     target.check()                      # no KVM: one line, exit 2, nothing written
     suite_dir, binaries, _ = _collect(args, cat, target)
     fp = target.fingerprint()
@@ -479,6 +501,8 @@ def _run(args, ctx: dict) -> int:
         else:
             rc = 0   # nothing to run here (e.g. suites not built for a VM's architecture)
         interrupted = rc == 2
+        if up is not None and not interrupted:
+            up["results"], up["problems"] = _upstream_run(up, target, run_dir, progress)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -534,6 +558,8 @@ def _run(args, ctx: dict) -> int:
         reasons.append(f"{not_run} selected test(s) did not run")
     if rc not in (0, 1, 2, 5):
         reasons.append(f"the pytest session failed (status {rc})")
+    if up is not None:
+        problems += up.get("problems", [])
     exit_code, verdict = results.verdict(reqs, entries, complete, problems)
     summary = results.summary(reqs, entries)
     summary.update({"verdict": verdict, "exit_code": exit_code,
@@ -548,6 +574,12 @@ def _run(args, ctx: dict) -> int:
         "batches": [rec.__dict__ for rec in executor.batches], "problems": problems,
         "system_state": system_state,
     })
+    if up is not None:
+        from cvmconf import upstream
+        run["upstream"] = upstream.section(
+            run["requirements"], up.get("results", []), up["tests"], up["built"],
+            up.get("problems", []), up.get("batches", []),
+            "" if "results" in up else "the upstream selftests did not run: the run was interrupted")
     written = _write_outputs_or_fallback(run, run_dir, base)
     if written != run_dir:
         exit_code = EXIT_HARNESS
@@ -599,6 +631,35 @@ def _write_outputs_or_fallback(run: dict, run_dir: Path, base: dict) -> Path:
     return fallback
 
 
+def _upstream_prepare(args, target) -> dict | None:
+    """--upstream: builds (or finds) the mapped upstream selftests for the target's architecture
+    and puts them where the target runs programs."""
+    if not getattr(args, "upstream", False):
+        if getattr(args, "upstream_source", None):
+            raise UsageError("--upstream-source needs --upstream")
+        return None
+    from cvmconf import upstream
+    from cvmconf.qemu.vm import HOST_ARCH
+    arch = getattr(target, "arch", HOST_ARCH)
+    tests = upstream.load_map()
+    built = upstream.build(args.upstream_source, arch=arch, tests=tests)
+    target.add_upstream(built.root)
+    return {"tests": tests, "built": built, "arch": arch}
+
+
+def _upstream_run(up: dict, target, run_dir: Path, progress):
+    from cvmconf import upstream
+    progress.total = (progress.total or 0) + len(up["tests"])
+    save = _saver(run_dir)
+    up["batches"] = []
+
+    def record(out, rec):
+        save(out, rec)
+        up["batches"].append(rec.__dict__)
+    return upstream.run(target, up["tests"], up["built"], up["arch"], record=record,
+                        progress=progress)
+
+
 def _print_summary(run: dict, run_dir: Path) -> None:
     from cvmconf import report, results
     s = run["summary"]
@@ -640,6 +701,14 @@ def _print_summary(run: dict, run_dir: Path) -> None:
         print(f"  {m}")
     for p in run["problems"]:
         print(f"  harness problem: {p['batch']} {p['binary']}: {p['problem']}")
+    if run.get("upstream"):
+        u = run["upstream"]["summary"]
+        uo = ", ".join(f"{v} {k}" for k, v in u["outcomes"].items())
+        ag = ", ".join(f"{v} {k}" for k, v in u["agreement"].items())
+        print(f"  upstream selftests: {u['results']} results ({uo}); {u['requirements']} mapped "
+              f"requirements ({ag})")
+        for d in run["upstream"]["disagreements"]:
+            print(f"  cvmconf and upstream disagree on {d['id']}: {d['why']}")
     try:
         shown_dir = run_dir.relative_to(Path.cwd())
     except ValueError:
@@ -657,6 +726,16 @@ def cmd_kernel(args) -> int:
     built = refkernel.build(args.source, arch=args.arch or HOST_ARCH, flavour=args.flavour,
                             jobs=args.jobs)
     print(built.image)
+    return EXIT_OK
+
+
+def cmd_upstream(args) -> int:
+    """upstream build: the kernel's KVM and mm selftests the mapping names, cached."""
+    from cvmconf import upstream
+    from cvmconf.qemu.vm import HOST_ARCH
+    built = upstream.build(args.source, arch=args.arch or HOST_ARCH)
+    for p in built.meta["programs"]:
+        print(built.root / "upstream" / p)
     return EXIT_OK
 
 
@@ -762,6 +841,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lock-wait", type=float, default=3600.0, metavar="S",
                    help="seconds to wait for another cvmconf run on this kernel (local target) "
                         "to finish before giving up with exit 2 (default 3600)")
+    r.add_argument("--upstream", action="store_true",
+                   help="also run the kernel's own KVM and mm selftests (suites/upstream-map.yaml) "
+                        "and report them per requirement beside cvmconf's outcome")
+    r.add_argument("--upstream-source", metavar="SPEC_OR_DIR",
+                   help="where the upstream selftests are built from (default: the reference "
+                        "source; give your kernel tree to test your tree's selftests)")
     r.set_defaults(func=cmd_run)
 
     l = sub.add_parser("list", help="list tests and requirements without running anything")
@@ -771,10 +856,24 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-catalogue",
                        help="check that the catalogue and the tests' requirement IDs agree")
     c.add_argument("--seeds-dir", help="also check that cited seed files exist there")
+    c.add_argument("--upstream-map", metavar="FILE",
+                   help="upstream selftest mapping to check (default: suites/upstream-map.yaml)")
+    c.add_argument("--upstream-source", metavar="DIR",
+                   help="kernel tree whose selftest makefiles must build the mapped upstream "
+                        "tests (default: the unpacked reference source, else the cached build)")
     c.set_defaults(func=cmd_check_catalogue)
 
     k = sub.add_parser("kernel", help="the reference kernel")
     ksub = k.add_subparsers(dest="kernel_command", required=True)
+    u = sub.add_parser("upstream", help="the kernel's own KVM and mm selftests")
+    usub = u.add_subparsers(dest="upstream_command", required=True)
+    ub = usub.add_parser("build", help="build (or find in the cache) the upstream selftests "
+                                       "suites/upstream-map.yaml names; prints their paths")
+    ub.add_argument("--source", metavar="SPEC_OR_DIR",
+                    help="debian:SUITE/linux-source-X.Y or a kernel tree (default: the pinned "
+                         "reference source)")
+    ub.add_argument("--arch", choices=("x86_64", "arm64"), help="architecture (default: host)")
+    ub.set_defaults(func=cmd_upstream)
     kb = ksub.add_parser("build", help="build (or find in the cache) a kernel with the project's "
                                        "config fragments; prints the image path")
     kb.add_argument("--source", metavar="SPEC_OR_DIR",

@@ -148,6 +148,8 @@ def compare(base: dict, new: dict) -> dict:
         if not out[s]["complete"]:
             notes.append(f"{s.upper()} run is incomplete: {out[s]['incomplete_reason']}")
     out["notes"] = notes
+    from cvmconf import upstream
+    out["upstream"] = upstream.compare(base, new)
     # INFO requirements never count towards conformance: their tests are listed, not counted.
     out["regression"] = bool([e for e in out["regressions"] if not e["info_only"]]
                              or req_regressions)

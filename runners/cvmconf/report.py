@@ -270,6 +270,7 @@ def view(run: dict) -> dict:
         "short_env": short_environment(run), "advice": results.advice(run),
         "not_exercised_groups": not_exercised_groups(run),
         "disagreements": disagreements(run, req_rows),
+        "upstream": run.get("upstream"),
     }
 
 

@@ -8,10 +8,14 @@
 //
 // These need a R/O long-term pinner that can be read through: gup_test (CONFIG_GUP_TEST). io_uring
 // only takes R/W pins (rw_pin_reliability_test.cc), vmsplice takes short-term references.
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
+#include <optional>
 
 #include "pin_cases.h"
 
@@ -133,6 +137,96 @@ std::vector<AnonCase> anon_cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, RoPinReliabilityAnon, ::testing::ValuesIn(anon_cases()),
+                         [](const auto& i) {
+                           return i.param.backing.name() + "_" + flavour_tag(i.param.flavour);
+                         });
+
+// --- PIN-002 as the kernel's cow selftest sets the page up -----------------------------------------
+// The cases above pin while the VMA is R/O (mprotect around the pin). cow.c pins with the VMA
+// writable: a page shared after fork (or previously shared) is R/O in the page table because of
+// COW; an exclusive page is made R/O in the page table by mprotect(PROT_READ), clearing the
+// soft-dirty bits (/proc/self/clear_refs "4": the next write must fault for soft-dirty tracking)
+// and mprotect(PROT_READ|PROT_WRITE), so the mprotect optimisation cannot map it writable again
+// and the write after the pin takes the write-fault path that must reuse the pinned page.
+// The soft-dirty bit (bit 55) of the page's /proc/self/pagemap entry; an error text otherwise.
+std::optional<bool> soft_dirty(const void* addr, std::string* why) {
+  int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    *why = std::string("/proc/self/pagemap: ") + strerror(errno);
+    return std::nullopt;
+  }
+  uint64_t entry = 0;
+  off_t off = static_cast<off_t>(reinterpret_cast<uintptr_t>(addr) / getpagesize()) * 8;
+  ssize_t n = pread(fd, &entry, sizeof entry, off);
+  close(fd);
+  if (n != static_cast<ssize_t>(sizeof entry)) {
+    *why = "reading /proc/self/pagemap failed";
+    return std::nullopt;
+  }
+  return ((entry >> 55) & 1) != 0;
+}
+
+// Writing "4" to clear_refs is accepted also by kernels without CONFIG_MEM_SOFT_DIRTY, where it
+// does nothing: the page (just written) must show soft-dirty before and clean after, else the
+// page-table write protection this case needs was not set up.
+bool clear_soft_dirty(const void* page, std::string* why) {
+  auto before = soft_dirty(page, why);
+  if (!before) return false;
+  if (!*before) {
+    *why = "soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY): a written page's pagemap soft-dirty bit "
+           "is clear, so clear_refs cannot write-protect it";
+    return false;
+  }
+  int fd = open("/proc/self/clear_refs", O_WRONLY | O_CLOEXEC);
+  if (fd < 0) {
+    *why = std::string("/proc/self/clear_refs: ") + strerror(errno);
+    return false;
+  }
+  ssize_t n = write(fd, "4", 1);
+  int err = errno;
+  close(fd);
+  if (n != 1) {
+    *why = std::string("writing 4 (soft-dirty) to /proc/self/clear_refs: ") + strerror(err);
+    return false;
+  }
+  auto after = soft_dirty(page, why);
+  if (!after) return false;
+  if (*after) {
+    *why = "clear_refs 4 left the page soft-dirty";
+    return false;
+  }
+  return true;
+}
+
+class RoPinReliabilityAnonCowStyle : public ::testing::TestWithParam<AnonCase> {};
+
+CVM_TEST_P(RoPinReliabilityAnonCowStyle, PinObservesLaterWrite, "PIN-002") {
+  const AnonCase& c = GetParam();
+  CVM_RO_PROVIDER_OR_SKIP(p, c.flavour, "anon_" + c.backing.name());
+  CowRegion r;
+  prepare_anon(c.backing.size, r);
+  if (IsSkipped() || HasFatalFailure()) return;
+  RecordProperty("backing_verified", r.verified);
+  RecordProperty("setup", c.backing.state == AnonState::Exclusive
+                              ? "mprotect R/O, clear soft-dirty, mprotect R/W (PTE write-protected)"
+                              : "VMA writable, PTE R/O by COW");
+  std::optional<Sharer> sharer;
+  if (c.backing.state != AnonState::Exclusive) {
+    sharer.emplace(Sharer::fork_child(r, r.initial, c.backing.state == AnonState::PreviouslyShared));
+  } else {
+    ASSERT_EQ(mprotect(r.data, r.size, PROT_READ), 0) << strerror(errno);
+    std::string why;
+    bool cleared = clear_soft_dirty(r.data, &why);
+    ASSERT_EQ(mprotect(r.data, r.size, PROT_READ | PROT_WRITE), 0) << strerror(errno);
+    if (!cleared) GTEST_SKIP() << kCapabilityAbsent << why;
+  }
+  pin_write_and_read_back(*p, r, false);
+  if (sharer) {
+    EXPECT_EQ(sharer->finish(), "") << "the other process must keep its own copy (COW)";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, RoPinReliabilityAnonCowStyle, ::testing::ValuesIn(anon_cases()),
                          [](const auto& i) {
                            return i.param.backing.name() + "_" + flavour_tag(i.param.flavour);
                          });

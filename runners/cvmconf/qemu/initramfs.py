@@ -130,8 +130,10 @@ def busybox_for(arch: str, cache: Path) -> Path:
     return p
 
 
-def build(bundle: kernel_mod.KernelBundle, binaries: list[Path], out: Path, cache: Path) -> Path:
-    """Writes a gzip'ed newc initramfs to out and returns it."""
+def build(bundle: kernel_mod.KernelBundle, binaries: list[Path], out: Path, cache: Path,
+          trees: list[tuple[Path, str]] = ()) -> Path:
+    """Writes a gzip'ed newc initramfs to out and returns it; trees: (host directory, where its
+    contents go in the guest), e.g. the upstream selftests."""
     stage = out.with_suffix(".d")
     if stage.exists():
         shutil.rmtree(stage)
@@ -142,6 +144,8 @@ def build(bundle: kernel_mod.KernelBundle, binaries: list[Path], out: Path, cach
         if not b.exists():
             raise HarnessError(f"binary for the initramfs is missing: {b}")
         shutil.copy2(b, stage / "cvmconf" / "bin" / b.name)
+    for src, dst in trees:
+        shutil.copytree(src, stage / dst, dirs_exist_ok=True)
     loaded: list[str] = []
     if bundle.modules_dir and bundle.release:
         dst = stage / "lib" / "modules" / bundle.release

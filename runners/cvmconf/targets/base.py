@@ -36,16 +36,22 @@ class BatchPlan:
     test_timeout: float              # seconds one test may run (from its start event)
     idle_timeout: float              # seconds the binary may run with no test running
     batch_timeout: float             # seconds for the whole process (group)
+    args: list[str] | None = None    # a non-GoogleTest program's arguments ("{report}": where it
+                                     # writes the output the target brings back whole)
 
     def command_line(self) -> str:
         """How a developer re-runs this batch by hand (for reports)."""
         env = " ".join(f"{k}={v}" for k, v in sorted(self.env.items()))
+        if self.args is not None:
+            return f"{env + ' ' if env else ''}{self.binary.name} {' '.join(self.args)}"
         shard = (f"GTEST_SHARD_INDEX={self.shard[0]} GTEST_TOTAL_SHARDS={self.shard[1]} "
                  if self.shard else "")
         return f"{env + ' ' if env else ''}{shard}{self.binary.name} --gtest_filter='{self.gtest_filter}'"
 
     def gtest_args(self, report: str) -> list[str]:
         """The binary's arguments: the filter, and where GoogleTest writes its JSON report."""
+        if self.args is not None:
+            return [report if a == "{report}" else a for a in self.args]
         return [f"--gtest_filter={self.gtest_filter}", f"--gtest_output=json:{report}"]
 
     def gtest_env(self, events: str, premature: str) -> dict[str, str]:
@@ -181,6 +187,10 @@ class Target(abc.ABC):
         so the runner can snapshot them before a batch and restore them after it; None when
         this target has none to watch."""
         return None
+
+    def add_upstream(self, root: Path) -> None:
+        """Makes the upstream selftests built under root (bin/cvm-upstream, upstream/...) runnable
+        there; before check(). The local target runs them where they were built."""
 
     def close(self) -> None:
         """Releases the target (shuts a VM down, removes its temporary files). Called on every

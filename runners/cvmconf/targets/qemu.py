@@ -147,6 +147,7 @@ class QemuTarget(Target):
         self._lists: dict[str, str] = {}
         self.keep_workdir: str | None = None   # why the work directory is kept as evidence
         self.workdir_kept: str | None = None
+        self.upstream_root: Path | None = None
 
     # --- where the binaries are --------------------------------------------------------------
     def suite_dir(self) -> Path:
@@ -173,6 +174,9 @@ class QemuTarget(Target):
                                  "with -DCVMCONF_STATIC=ON")
         return tools + suite_binaries
 
+    def add_upstream(self, root: Path) -> None:
+        self.upstream_root = Path(root)
+
     # --- the guest ------------------------------------------------------------------------------
     def _reference_kernel(self, arch: str) -> tuple[Path, Path]:
         """--kernel ref (or none): the project's reference kernel, built when missing."""
@@ -187,8 +191,10 @@ class QemuTarget(Target):
         suites = sorted(p for p in self.suite_dir().glob(gtest.SUITE_PREFIX + "*")
                         if p.is_file() and os.access(p, os.X_OK)) if self.suite_dir().is_dir() else []
         self.workdir.mkdir(parents=True, exist_ok=True)
+        trees = [(self.upstream_root / "bin", "cvmconf/bin"),
+                 (self.upstream_root / "upstream", "cvmconf/upstream")] if self.upstream_root else []
         self.initrd = initramfs.build(self.bundle, self._binaries(suites),
-                                      self.workdir / "initramfs.gz", self.cache)
+                                      self.workdir / "initramfs.gz", self.cache, trees)
 
     def _boot(self) -> None:
         self._prepare()
