@@ -40,6 +40,9 @@
 #define CVM_BOOTINFO_STRIDE 0x100ull
 #define CVM_COMM_GPA 0x60000ull         /* comm region: one 4 KiB ucall slot per vCPU */
 #define CVM_COMM_STRIDE 0x1000ull
+/* Offset in each vCPU's comm page where words host and guest share for a payload begin (stop
+ * flags, counters): the page is the one memory a protected guest shares back at entry. */
+#define CVM_COMM_WORDS_OFF 0x800ull
 #define CVM_SCRATCH_GPA 0x80000ull      /* free for tests: [0x80000, 0x100000) */
 #define CVM_SCRATCH_SIZE 0x80000ull
 #define CVM_IMAGE_GPA 0x100000ull       /* guest image load address */
@@ -108,6 +111,10 @@ struct cvm_boot_info {
   uint64_t mmio_doorbell_gpa;
   uint64_t args[CVM_BOOT_ARGS];
 };
+
+/* The pattern of CVM_CMD_FILL_PATTERN / CHECK_PATTERN (cmd.h): 64-bit word i of the range
+ * holds seed ^ (i * CVM_PATTERN_MUL), so the host can check what the guest wrote. */
+#define CVM_PATTERN_MUL 0x9e3779b97f4a7c15ull
 
 /* ---- ucall ---- */
 #define CVM_UCALL_MAGIC 0x4c4c4143554d5643ull /* "CVMUCALL" */

@@ -62,8 +62,7 @@ static inline void cvm_write64(uint64_t gva, uint64_t v) { *(volatile uint64_t *
 void cvm_fill8(uint64_t gva, uint8_t v, uint64_t len);
 /* Returns the offset of the first byte != v, or -1 when all match. */
 int64_t cvm_check8(uint64_t gva, uint8_t v, uint64_t len);
-/* 64-bit pattern helpers: word i holds seed ^ (i * CVM_PATTERN_MUL). */
-#define CVM_PATTERN_MUL 0x9e3779b97f4a7c15ull
+/* 64-bit pattern helpers: word i holds seed ^ (i * CVM_PATTERN_MUL) (abi.h). */
 void cvm_fill_pattern(uint64_t gva, uint64_t seed, uint64_t len);
 int64_t cvm_check_pattern(uint64_t gva, uint64_t seed, uint64_t len);
 
