@@ -142,6 +142,10 @@ class Arm64Pkvm final : public Arm64Base {
   bool has_private_memory() const override { return true; }
   bool confidential() const override { return true; }
   uint32_t boot_flags() const override { return CVM_BOOT_FLAG_ARM64_PROTECTED; }
+  std::optional<std::string> memslots_fixed_after_run() const override {
+    return "not applicable: memslots of a pKVM protected VM cannot be deleted or moved once it "
+           "has run (7.2 pkvm.rst; checked by PKVM-005)";
+  }
   std::optional<std::string> unavailable(const Capabilities& caps) const override {
     if (!caps.kvm_available) return "capability absent: " + caps.kvm_error;
     if (!caps.has_vm_type(vm_type())) {

@@ -264,6 +264,15 @@ CVM_TEST_F(Pkvm, UnsharedAccessKillsOnlyTheAccessingProcess, "PKVM-002") {
 
 // PKVM-003: a syscall that touches unshared memory fails with EFAULT or reclaims the page
 // (then zeroed, and the guest's next access makes KVM_RUN fail with EFAULT).
+// Whether `len` bytes the host obtained from guest page data (read at page offset 0) hold any
+// word of the pattern the guest wrote there with `seed` (a reclaim must not hand them out).
+bool holds_guest_pattern(const void* data, size_t len, uint64_t seed) {
+  const auto* w = static_cast<const uint64_t*>(data);
+  for (size_t i = 0; i < len / 8; i++)
+    if (w[i] == (seed ^ (i * CVM_PATTERN_MUL))) return true;
+  return false;
+}
+
 void check_syscall_outcome(Pvm& p, uint64_t page, long rc, int err, const char* what) {
   if (rc < 0) {
     EXPECT_EQ(err, EFAULT) << what << " into a donated page failed with " << errno_name(err);
@@ -303,8 +312,13 @@ CVM_TEST_F(Pkvm, ProcessVmReadvOfUnsharedPage, "PKVM-003") {
   char buf[64];
   iovec local{buf, sizeof buf}, remote{p.hva(3), sizeof buf};
   errno = 0;
+  std::memset(buf, 0xee, sizeof buf);
   long rc = process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
   int err = errno;
+  if (rc > 0) {
+    EXPECT_FALSE(holds_guest_pattern(buf, static_cast<size_t>(rc), 0x78))
+        << "process_vm_readv handed the guest's private data to the host";
+  }
   check_syscall_outcome(p, 3, rc, err, "process_vm_readv()");
 }
 
