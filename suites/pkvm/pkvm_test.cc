@@ -124,7 +124,7 @@ class Pkvm : public ::testing::Test {
   Pvm& var = var##_r.value()
 
 // PKVM-001: payloads boot in a protected VM; the guest finds the pKVM services of 7.2.
-CVM_TEST_F(Pkvm, PayloadBootsAndFindsMemShareServices, "PKVM-001") {
+CVM_TEST_F(Pkvm, PayloadBootsAndFindsMemShareServices, "PKVM-001", "PKVM-008") {
   CVM_NEW_PVM(p);
   auto f = p.hvc(uapi::pkvm::kSmcccFeatures);
   CVM_ASSERT_CMD(f);
@@ -144,7 +144,7 @@ CVM_TEST_F(Pkvm, PayloadBootsAndFindsMemShareServices, "PKVM-001") {
 }
 
 // PKVM-002: host reads and writes of memory the guest did not share back get SIGSEGV.
-CVM_TEST_F(Pkvm, HostReadOfUnsharedPageIsSigsegv, "PKVM-002") {
+CVM_TEST_F(Pkvm, HostReadOfUnsharedPageIsSigsegv, "PKVM-002", "PKVM-008") {
   CVM_NEW_PVM(p);
   guest_fills(p, 1, 0xabcd);
   FaultResult r = probe_read(p.hva(1, 8), 8);
@@ -155,7 +155,7 @@ CVM_TEST_F(Pkvm, HostReadOfUnsharedPageIsSigsegv, "PKVM-002") {
   EXPECT_EQ(c.value, UINT64_MAX);
 }
 
-CVM_TEST_F(Pkvm, HostWriteOfUnsharedPageIsSigsegv, "PKVM-002") {
+CVM_TEST_F(Pkvm, HostWriteOfUnsharedPageIsSigsegv, "PKVM-002", "PKVM-008") {
   CVM_NEW_PVM(p);
   guest_fills(p, 1, 0xabce);
   FaultResult r = probe_write(p.hva(1, 16), 0x5a, 8);
@@ -166,7 +166,7 @@ CVM_TEST_F(Pkvm, HostWriteOfUnsharedPageIsSigsegv, "PKVM-002") {
 }
 
 // From another thread while the vCPU keeps touching its pages.
-CVM_TEST_F(Pkvm, HostAccessFromAnotherThreadWhileVcpuRunsIsSigsegv, "PKVM-002") {
+CVM_TEST_F(Pkvm, HostAccessFromAnotherThreadWhileVcpuRunsIsSigsegv, "PKVM-002", "PKVM-008") {
   auto g = [&]() -> Result<std::unique_ptr<GuestVm>> {
     GuestVmOptions o;
     o.platform = find_platform("arm64-pkvm");
@@ -230,7 +230,7 @@ CVM_TEST_F(Pkvm, HostAccessFromAnotherThreadWhileVcpuRunsIsSigsegv, "PKVM-002") 
 // The default action: the accessing process dies of SIGSEGV; the host (and the test process
 // that watches it) carries on. The child builds its own pVM, as a forked child of a process
 // that owns one could not touch the parent's guest memory anyway.
-CVM_TEST_F(Pkvm, UnsharedAccessKillsOnlyTheAccessingProcess, "PKVM-002") {
+CVM_TEST_F(Pkvm, UnsharedAccessKillsOnlyTheAccessingProcess, "PKVM-002", "PKVM-008") {
   for (Access a : {Access::Read, Access::Write}) {
     ChildOutcome o = run_in_child([&](const ChildReport& rep) {
       auto k = Kvm::open();
@@ -290,7 +290,7 @@ void check_syscall_outcome(Pvm& p, uint64_t page, long rc, int err, const char* 
   EXPECT_EQ(c.event.exit.run_errno, EFAULT) << c.event.describe();
 }
 
-CVM_TEST_F(Pkvm, ReadSyscallIntoUnsharedPage, "PKVM-003") {
+CVM_TEST_F(Pkvm, ReadSyscallIntoUnsharedPage, "PKVM-003", "PKVM-008") {
   CVM_NEW_PVM(p);
   guest_fills(p, 2, 0x77);
   int fds[2];
@@ -306,7 +306,7 @@ CVM_TEST_F(Pkvm, ReadSyscallIntoUnsharedPage, "PKVM-003") {
   check_syscall_outcome(p, 2, rc, err, "read()");
 }
 
-CVM_TEST_F(Pkvm, ProcessVmReadvOfUnsharedPage, "PKVM-003") {
+CVM_TEST_F(Pkvm, ProcessVmReadvOfUnsharedPage, "PKVM-003", "PKVM-008") {
   CVM_NEW_PVM(p);
   guest_fills(p, 3, 0x78);
   char buf[64];
@@ -325,7 +325,7 @@ CVM_TEST_F(Pkvm, ProcessVmReadvOfUnsharedPage, "PKVM-003") {
 // io_uring: registering a donated page as a fixed buffer takes a long-term pin (KVM already
 // holds one: the "exclusive pin" question of seed 004); a read into it must then fail or
 // reclaim. The observation records what the kernel did at each step.
-CVM_TEST_F(Pkvm, IoUringFixedBufferOnUnsharedPage, "PKVM-003") {
+CVM_TEST_F(Pkvm, IoUringFixedBufferOnUnsharedPage, "PKVM-003", "PKVM-008") {
   CVM_NEW_PVM(p);
   guest_fills(p, 4, 0x79);
   io_uring ring;
@@ -366,7 +366,7 @@ CVM_TEST_F(Pkvm, IoUringFixedBufferOnUnsharedPage, "PKVM-003") {
 
 // PKVM-004: a page the guest shares back is the host's to read (with the guest's data) and
 // write; after MEM_UNSHARE host access faults again.
-CVM_TEST_F(Pkvm, SharedPageIsAccessibleAndUnshareRevokesIt, "PKVM-004") {
+CVM_TEST_F(Pkvm, SharedPageIsAccessibleAndUnshareRevokesIt, "PKVM-004", "PKVM-008") {
   CVM_NEW_PVM(p);
   guest_fills(p, 5, 0x4242);
   auto sh = p.hvc(uapi::pkvm::kSmcccMemShare, p.gpa(5));
@@ -392,7 +392,7 @@ CVM_TEST_F(Pkvm, SharedPageIsAccessibleAndUnshareRevokesIt, "PKVM-004") {
 }
 
 // Sharing a page that is not the guest's (never touched) or twice is refused.
-CVM_TEST_F(Pkvm, DoubleShareIsRefused, "PKVM-004") {
+CVM_TEST_F(Pkvm, DoubleShareIsRefused, "PKVM-004", "PKVM-008") {
   CVM_NEW_PVM(p);
   guest_fills(p, 6, 1);
   auto a = p.hvc(uapi::pkvm::kSmcccMemShare, p.gpa(6));
@@ -405,7 +405,7 @@ CVM_TEST_F(Pkvm, DoubleShareIsRefused, "PKVM-004") {
 }
 
 // PKVM-005: memslots cannot be moved or deleted once the pVM ran.
-CVM_TEST_F(Pkvm, MemslotsAreFixedAfterThePvmRan, "PKVM-005") {
+CVM_TEST_F(Pkvm, MemslotsAreFixedAfterThePvmRan, "PKVM-005", "PKVM-008") {
   CVM_NEW_PVM(p);
   guest_fills(p, 0, 2);
   auto del = p.gvm->vm().set_user_memory_region(kTestSlot, 0, CVM_TEST_MEM_GPA, 0, 0);
@@ -425,7 +425,7 @@ CVM_TEST_F(Pkvm, MemslotsAreFixedAfterThePvmRan, "PKVM-005") {
 // KVM_RUN (a page-cache page is not mapped into the guest), and the host survives. The file is
 // on a ramfs: its pages are page cache and not swap-backed (shmem/tmpfs and memfd pages are
 // swap-backed, which pkvm.rst allows: "with the exception of swap").
-CVM_TEST_F(Pkvm, FileBackedMemoryCannotBackThePvm, "PKVM-006") {
+CVM_TEST_F(Pkvm, FileBackedMemoryCannotBackThePvm, "PKVM-006", "PKVM-008") {
   char dir[] = "/tmp/cvmconf-ramfs-XXXXXX";
   ASSERT_NE(mkdtemp(dir), nullptr) << "mkdtemp: " << errno_name(errno);
   if (mount("ramfs", dir, "ramfs", 0, nullptr) != 0) {
@@ -455,7 +455,7 @@ CVM_TEST_F(Pkvm, FileBackedMemoryCannotBackThePvm, "PKVM-006") {
 
 // PKVM-007: donated pages count against RLIMIT_MEMLOCK: without CAP_IPC_LOCK and with a limit
 // below what the guest touches, KVM_RUN fails cleanly (ENOMEM) instead of over-committing.
-CVM_TEST_F(Pkvm, PvmLargerThanMemlockLimitFailsCleanly, "PKVM-007") {
+CVM_TEST_F(Pkvm, PvmLargerThanMemlockLimitFailsCleanly, "PKVM-007", "PKVM-008") {
   ChildOutcome o = run_in_child([&](const ChildReport& rep) {
     // Drop CAP_IPC_LOCK (14) from the effective set; keep the rest.
     struct {
