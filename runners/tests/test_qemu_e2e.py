@@ -1,7 +1,7 @@
 """The QEMU target end to end, for real: Debian's 6.1 kernels under QEMU TCG (downloaded with
 apt-get download and cached in BUILD/qemu-cache), with nested KVM (kvm-amd) on x86_64 and a pKVM
 host on arm64, and Debian's 7.2 arm64 kernel as a pKVM host with protected VMs (the arm64 suites,
-cross-built). ./cvmconf test installs QEMU and builds the arm64 guest tools first."""
+cross-built). ./cvmconf test installs QEMU and builds the arm64 guest tools and suites first."""
 import json
 import re
 import shutil
