@@ -18,6 +18,7 @@
 
 #include "cvmconf/platform.h"
 #include "cvmconf/uapi.h"
+#include "cvmconf_guest/arm64.h"
 
 namespace cvm {
 namespace {
@@ -43,15 +44,18 @@ constexpr uint64_t kTtbr0El1 = ARM64_SYS_REG(3, 0, 2, 0, 0);
 constexpr uint64_t kTcrEl1 = ARM64_SYS_REG(3, 0, 2, 0, 2);
 constexpr uint64_t kMairEl1 = ARM64_SYS_REG(3, 0, 10, 2, 0);
 
-// MAIR_EL1: attribute 0 Device-nGnRE, attribute 1 Normal write-back (inner and outer).
-constexpr uint64_t kAttrDevice = 0, kAttrNormal = 1;
-constexpr uint64_t kMair = (0x04ULL << (8 * kAttrDevice)) | (0xffULL << (8 * kAttrNormal));
-// TCR_EL1: T0SZ = 25 (39-bit VA, walks start at level 1), TTBR0 walks inner/outer write-back
-// cacheable and inner shareable, 4 KiB granule, TTBR1 walks disabled (EPD1), 40-bit IPS.
-constexpr uint64_t kTcr = 25 | (1ULL << 8) | (1ULL << 10) | (3ULL << 12) | (0ULL << 14) |
-                          (1ULL << 23) | (2ULL << 32);
-constexpr uint64_t kSctlrM = 1ULL << 0, kSctlrC = 1ULL << 2, kSctlrI = 1ULL << 12;
-constexpr uint64_t kCpacrFpen = 3ULL << 20;  // FP/SIMD not trapped
+constexpr uint64_t kAttrDevice = CVM_ARM64_ATTR_DEVICE, kAttrNormal = CVM_ARM64_ATTR_NORMAL;
+constexpr uint64_t kMair = CVM_ARM64_MAIR;
+static_assert(kMair == ((0x04ULL << (8 * kAttrDevice)) | (0xffULL << (8 * kAttrNormal))));
+constexpr uint64_t kTcr = CVM_ARM64_TCR;
+static_assert(kTcr == (25 | (1ULL << 8) | (1ULL << 10) | (3ULL << 12) | (0ULL << 14) |
+                       (1ULL << 23) | (2ULL << 32)));
+constexpr uint64_t kSctlrOn = CVM_ARM64_SCTLR_ON;
+static_assert(kSctlrOn == ((1ULL << 0) | (1ULL << 2) | (1ULL << 12)));  // M, C, I
+static_assert(CVM_ARM64_TTBR0 == CVM_ARM64_L1_GPA);
+static_assert(CVM_ARM64_STACK_BASE == CVM_STACK_GPA && CVM_ARM64_STACK_SIZE == CVM_STACK_SIZE);
+constexpr uint64_t kCpacrFpen = CVM_ARM64_CPACR;
+static_assert(kCpacrFpen == 3ULL << 20);  // FP/SIMD not trapped
 // PSTATE: EL1 with SP_EL1 (EL1h), D, A, I, F masked.
 constexpr uint64_t kPstateEl1hMasked = 0x5 | (0xfULL << 6);
 
@@ -109,7 +113,7 @@ class Arm64Base : public Platform {
         {kMairEl1, kMair},
         {kTcrEl1, kTcr},
         {kTtbr0El1, CVM_ARM64_L1_GPA},
-        {kSctlrEl1, sctlr.value() | kSctlrM | kSctlrC | kSctlrI},
+        {kSctlrEl1, sctlr.value() | kSctlrOn},
         {kRegX0, boot_info_gva},
         {kRegSpEl1, stack_top},
         {kRegPc, entry},

@@ -154,6 +154,33 @@ TEST_P(GuestVmTest, SeveralVcpusRunInParallel) {
   EXPECT_EQ(ok.load(), 4);
 }
 
+#if defined(__aarch64__)
+// PSCI CPU_ON: vCPU 1 is powered off; vCPU 0 starts it, and it runs the payload the host put in
+// its boot info after setting up its own MMU (it entered with the MMU off).
+TEST_P(GuestVmTest, PsciCpuOnStartsAPoweredOffVcpu) {
+  auto g = make(2);
+  ASSERT_TRUE(g);
+  ASSERT_TRUE(g->start(1, "hello", {0x77}).ok());
+  kvm_mp_state off{KVM_MP_STATE_STOPPED};
+  ASSERT_TRUE(g->vcpu(1).ioctl(KVM_SET_MP_STATE, &off, "KVM_SET_MP_STATE").ok());
+  UcallEvent e1;
+  std::thread second([&] { e1 = g->run(1, 20s); });
+  auto started = g->start(0, "psci_cpu_on", {1});
+  UcallEvent e0;
+  if (started.ok()) e0 = g->run(0);
+  if (!started.ok() || e0.kind != Kind::Sync) g->vcpu(1).kick();
+  second.join();
+  ASSERT_TRUE(started.ok()) << started.error();
+  ASSERT_EQ(e0.kind, Kind::Sync) << e0.describe();
+  EXPECT_EQ(e0.args.at(1), 0u) << "PSCI CPU_ON must return SUCCESS";
+  ASSERT_EQ(e1.kind, Kind::Sync) << e1.describe();
+  EXPECT_EQ(e1.args.at(2), 0x77u);
+  auto prints = g->prints(1);
+  ASSERT_EQ(prints.size(), 1u);
+  EXPECT_EQ(prints[0], "hello from vcpu 1 of 2");
+}
+#endif
+
 TEST_P(GuestVmTest, UnknownPayloadIsAnError) {
   auto g = make();
   ASSERT_TRUE(g);

@@ -143,6 +143,32 @@ CVM_TEST_F(Pkvm, PayloadBootsAndFindsMemShareServices, "PKVM-001", "PKVM-008") {
   CVM_ASSERT_CMD(p.cmd->exit());
 }
 
+// A second vCPU of a protected VM, powered off, started by vCPU 0 with PSCI CPU_ON: it sets
+// up its own MMU, shares its ucall page back and runs the payload in its boot info.
+CVM_TEST_F(Pkvm, PsciCpuOnStartsASecondVcpu, "PKVM-001", "PKVM-008") {
+  GuestVmOptions o;
+  o.platform = find_platform("arm64-pkvm");
+  o.vcpus = 2;
+  auto gv = GuestVm::create(*kvm_, o);
+  ASSERT_TRUE(gv.ok()) << gv.error();
+  GuestVm& g = *gv.value();
+  ASSERT_TRUE(g.start(1, "hello", {0x99}).ok());
+  kvm_mp_state off{KVM_MP_STATE_STOPPED};
+  ASSERT_TRUE(g.vcpu(1).ioctl(KVM_SET_MP_STATE, &off, "KVM_SET_MP_STATE").ok());
+  UcallEvent e1;
+  std::thread second([&] { e1 = g.run(1, 30s); });
+  auto started = g.start(0, "psci_cpu_on", {1});
+  UcallEvent e0;
+  if (started.ok()) e0 = g.run(0);
+  if (!started.ok() || e0.kind != Kind::Sync) g.vcpu(1).kick();
+  second.join();
+  ASSERT_TRUE(started.ok()) << started.error();
+  ASSERT_EQ(e0.kind, Kind::Sync) << e0.describe();
+  EXPECT_EQ(e0.args.at(1), 0u) << "PSCI CPU_ON must return SUCCESS";
+  ASSERT_EQ(e1.kind, Kind::Sync) << e1.describe();
+  EXPECT_EQ(e1.args.at(2), 0x99u);
+}
+
 // PKVM-002: host reads and writes of memory the guest did not share back get SIGSEGV.
 CVM_TEST_F(Pkvm, HostReadOfUnsharedPageIsSigsegv, "PKVM-002", "PKVM-008") {
   CVM_NEW_PVM(p);
