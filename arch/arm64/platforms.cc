@@ -3,9 +3,10 @@
 // Boot: the host builds an identity map in the boot region (4 KiB granule, 39-bit VA), then
 // initialises each vCPU with KVM_ARM_VCPU_INIT (PSCI 0.2) and enters the image through
 // KVM_SET_ONE_REG: PC, SP_EL1, X0 = &boot_info, PSTATE = EL1h with DAIF masked, and the MMU
-// already on (MAIR_EL1, TCR_EL1, TTBR0_EL1, SCTLR_EL1.{M,C,I}), as the KVM selftests do. Every
-// vCPU is entered that way (no PSCI CPU_ON from vCPU 0), so GuestVm starts and runs each vCPU
-// on its own like on x86. Ucalls ring the MMIO doorbell (abi.h).
+// already on (MAIR_EL1, TCR_EL1, TTBR0_EL1, SCTLR_EL1.{M,C,I}), as the KVM selftests do, so
+// GuestVm starts and runs each vCPU on its own like on x86. A vCPU can also be left powered off
+// and started by the guest with PSCI CPU_ON (payload psci_cpu_on; it then sets these registers
+// itself, cvmconf_guest/arm64.h). Ucalls ring the MMIO doorbell (abi.h).
 //
 // A protected VM is booted the same way: in 7.2 the host still provides the vCPU's register
 // state (pkvm.rst: "CPU state isolation: Unimplemented"), and the pages the host wrote before
