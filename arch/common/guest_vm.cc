@@ -137,6 +137,8 @@ UcallEvent GuestVm::run(int i, std::optional<std::chrono::milliseconds> timeout)
                 std::to_string(budget.count()) + " ms";
 #if defined(__x86_64__)
       if (auto r = v.get_regs()) ev.text += " (stuck at rip " + hex(r->rip) + ")";
+#elif defined(__aarch64__)
+      if (auto pc = v.pc()) ev.text += " (stuck at pc " + hex(*pc) + ")";
 #endif
       return ev;
     }
@@ -148,6 +150,9 @@ UcallEvent GuestVm::run(int i, std::optional<std::chrono::milliseconds> timeout)
 #if defined(__x86_64__)
     if (e.kind != ExitKind::Interrupted)
       if (auto r = v.get_regs()) ev.text = "rip " + hex(r->rip);
+#elif defined(__aarch64__)
+    if (e.kind != ExitKind::Interrupted)
+      if (auto pc = v.pc()) ev.text = "pc " + hex(*pc);
 #endif
     return ev;
   }

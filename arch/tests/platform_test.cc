@@ -33,6 +33,10 @@ TEST(Platforms, VmTypeMustBeCreatable) {
   Capabilities c;
   c.kvm_available = true;
   c.vm_types = 1;  // only the default type
+  VmTypeCaps d;
+  d.type = default_platform().vm_type();
+  d.creatable = true;
+  c.per_type.push_back(d);
   VmTypeCaps t;
   t.type = 4;
   t.name = "x86-snp";
@@ -42,6 +46,25 @@ TEST(Platforms, VmTypeMustBeCreatable) {
   auto why = vm_type_unavailable(c, 4);
   ASSERT_TRUE(why.has_value());
   EXPECT_NE(why->find("KVM_CAP_VM_TYPES (0x1)"), std::string::npos) << *why;
+}
+
+// arm64's protected type is bit 31: availability must come from creating it, not from a
+// shift of the 64-bit vm_types mask (which is undefined for such a type).
+TEST(Platforms, HighBitVmTypeIsAvailableWhenCreated) {
+  Capabilities c;
+  c.kvm_available = true;
+  VmTypeCaps t;
+  t.type = 1UL << 31;
+  t.creatable = true;
+  c.per_type.push_back(t);
+  EXPECT_TRUE(c.has_vm_type(1UL << 31));
+  EXPECT_FALSE(vm_type_unavailable(c, 1UL << 31).has_value());
+  c.per_type[0].creatable = false;
+  c.per_type[0].create_error = "KVM_CREATE_VM: Invalid argument (EINVAL)";
+  EXPECT_FALSE(c.has_vm_type(1UL << 31));
+  auto why = vm_type_unavailable(c, 1UL << 31);
+  ASSERT_TRUE(why.has_value());
+  EXPECT_NE(why->find("EINVAL"), std::string::npos) << *why;
 }
 
 #if defined(__x86_64__)

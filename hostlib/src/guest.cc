@@ -135,9 +135,15 @@ std::string UcallEvent::describe() const {
       if (args.size() == 2) os << " (left " << hex(args[0]) << ", right " << hex(args[1]) << ")";
       break;
     case Kind::Exception:
+#if defined(__aarch64__)
+      if (args.size() >= 4)
+        os << " vector " << args[0] << " esr " << hex(args[1]) << " elr " << hex(args[2])
+           << " far " << hex(args[3]);
+#else
       if (args.size() >= 4)
         os << " vector " << args[0] << " error " << hex(args[1]) << " rip " << hex(args[2])
            << " cr2 " << hex(args[3]);
+#endif
       break;
     case Kind::Exit:
     case Kind::Timeout:

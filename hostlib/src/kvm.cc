@@ -8,6 +8,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -463,6 +464,25 @@ Result<kvm_sregs> Vcpu::get_sregs() const {
 Result<void> Vcpu::set_sregs(const kvm_sregs& s) const {
   if (::ioctl(fd_.get(), KVM_SET_SREGS, &s) < 0) return last_error("KVM_SET_SREGS");
   return {};
+}
+#elif defined(__aarch64__)
+Result<uint64_t> Vcpu::get_one_reg(uint64_t id) const {
+  uint64_t v = 0;
+  kvm_one_reg r{id, reinterpret_cast<uint64_t>(&v)};
+  if (::ioctl(fd_.get(), KVM_GET_ONE_REG, &r) < 0) return last_error("KVM_GET_ONE_REG");
+  return v;
+}
+Result<void> Vcpu::set_one_reg(uint64_t id, uint64_t value) const {
+  kvm_one_reg r{id, reinterpret_cast<uint64_t>(&value)};
+  if (::ioctl(fd_.get(), KVM_SET_ONE_REG, &r) < 0) return last_error("KVM_SET_ONE_REG");
+  return {};
+}
+std::optional<uint64_t> Vcpu::pc() const {
+  const uint64_t id = KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE |
+                      (offsetof(struct kvm_regs, regs.pc) / sizeof(__u32));
+  auto v = get_one_reg(id);
+  if (!v) return std::nullopt;
+  return v.value();
 }
 #endif
 Result<long> Vcpu::ioctl(unsigned long request, void* arg, const char* what) const {

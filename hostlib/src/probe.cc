@@ -33,8 +33,8 @@ std::vector<unsigned long> candidate_types() {
           uapi::vmtype::kX86SevEs,   uapi::vmtype::kX86Snp,         uapi::vmtype::kX86Tdx};
 #elif defined(__aarch64__)
   // arm64 has no KVM_CAP_VM_TYPES: types are probed by creating them. Type 0 is the default
-  // VM; bit 31 is Android's protected-VM type (not mainline; facts §6).
-  return {0, uapi::vmtype::kArmProtectedAndroid};
+  // VM; bit 31 is KVM_VM_TYPE_ARM_PROTECTED (mainline 7.2; Android used it before).
+  return {0, uapi::vmtype::kArmProtected};
 #else
   return {0};
 #endif
@@ -108,9 +108,14 @@ std::string vm_type_name(unsigned long type) {
   }
 #elif defined(__aarch64__)
   if (type == 0) return "arm64-default";
-  if (type == uapi::vmtype::kArmProtectedAndroid) return "arm64-pkvm-protected";
+  if (type == uapi::vmtype::kArmProtected) return "arm64-pkvm-protected";
 #endif
   return "type-" + std::to_string(type);
+}
+
+bool Capabilities::has_vm_type(unsigned long type) const {
+  const VmTypeCaps* v = vm(type);
+  return v ? v->creatable : false;
 }
 
 const VmTypeCaps* Capabilities::vm(unsigned long type) const {
@@ -139,7 +144,10 @@ Capabilities probe_capabilities() {
     if (auto log = KmsgWatcher::open()) {
       log->rewind();
       for (const KmsgRecord& r : log->drain())
-        if (r.text.find("Protected nVHE mode initialized") != std::string::npos)
+        // 6.x logs "Protected nVHE mode initialized", 7.2 on a VHE-capable CPU "Protected hVHE
+        // mode initialized".
+        if (r.text.find("Protected nVHE mode initialized") != std::string::npos ||
+            r.text.find("Protected hVHE mode initialized") != std::string::npos)
           c.arm64_pkvm_initialized = true;
     }
   }
@@ -174,7 +182,7 @@ Capabilities probe_capabilities() {
       vc.create_error = vm.error().message();
     } else {
       vc.creatable = true;
-      c.vm_types |= 1ULL << t;
+      if (t < 64) c.vm_types |= 1ULL << t;
       fill_vm_caps(vm.value(), vc);
       vc.conversion_facts = probe_conversion(vm.value(), vc.guest_memfd, vc.memory_attributes);
     }

@@ -61,11 +61,20 @@ def detect_platforms(probe: dict) -> dict:
 
 
 def host_mode(probe: dict) -> str:
-    """What kind of KVM host this is, from the host's own hints (not from VM types): a pKVM host
-    only when the hypervisor said protected nVHE mode was initialized, not merely requested."""
+    """What kind of KVM host this is, from the host's own hints: a pKVM host only when the
+    hypervisor said protected (nVHE or hVHE) mode was initialized, not merely requested; and then
+    whether creating a protected VM worked (with the probe's error when it did not)."""
     hints = probe.get("host_hints", {}) or {}
     if hints.get("arm64_pkvm_initialized"):
-        return "pKVM host (kvm-arm.mode=protected, protected nVHE mode initialized)"
+        pvm = next((vt for vt in probe.get("vm_types", []) or []
+                    if isinstance(vt, dict) and vt.get("name") == "arm64-pkvm-protected"), None)
+        if pvm is None:
+            pvms = "protected VMs not probed"
+        elif pvm.get("creatable"):
+            pvms = "protected VMs available"
+        else:
+            pvms = f"protected VMs not creatable: {pvm.get('create_error', 'unknown')}"
+        return f"pKVM host (kvm-arm.mode=protected, protected mode initialized; {pvms})"
     if str(hints.get("kvm-arm.mode", "")) == "protected":
         return "arm64 host with kvm-arm.mode=protected requested, but protected mode not initialized"
     modes = [label + " host" for key, (label, on) in HINT_PLATFORM.items()

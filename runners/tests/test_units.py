@@ -73,6 +73,18 @@ def test_host_hint_without_a_usable_vm_is_noted():
     assert p["notes"] == ["host has kvm-arm.mode=protected but no pKVM VM could be created"]
 
 
+def test_pkvm_host_mode_says_whether_protected_vms_were_created():
+    hints = {"kvm-arm.mode": "protected", "arm64_pkvm_initialized": True}
+    ok = {"kvm_available": True, "host_hints": hints,
+          "vm_types": [vm("arm64-default", 0, True), vm("arm64-pkvm-protected", 2**31, True)]}
+    assert fingerprint.host_mode(ok) == ("pKVM host (kvm-arm.mode=protected, protected mode "
+                                         "initialized; protected VMs available)")
+    bad = dict(ok, vm_types=[vm("arm64-pkvm-protected", 2**31, False, "KVM_CREATE_VM: EINVAL")])
+    assert fingerprint.host_mode(bad).endswith("protected VMs not creatable: KVM_CREATE_VM: EINVAL)")
+    requested = {"kvm_available": True, "host_hints": {"kvm-arm.mode": "protected"}}
+    assert "not initialized" in fingerprint.host_mode(requested)
+
+
 def test_unknown_vm_types_and_probe_fields_flow_through():
     probe = {"kvm_available": True, "vm_types": [vm("x86-future", 9, True)],
              "conversion_backends": [{"name": "in-place", "available": False}]}

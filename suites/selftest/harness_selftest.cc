@@ -152,10 +152,7 @@ TEST(GuestAssertSelftest, GuestAssertionBecomesAFailureAtTheGuestFileAndLine) {
   auto t = run_inner("GuestInner.DISABLED_GuestAssertionFails");
   ASSERT_FALSE(t.is_null());
   std::string failures = failure_text(t);
-  std::string where = "guests/x86_64/payloads/selftest.c:" + std::to_string(line);
-#if defined(__aarch64__)
-  where = "guests/arm64/payloads/selftest.c:" + std::to_string(line);
-#endif
+  std::string where = "guests/common/payloads/selftest.c:" + std::to_string(line);
   EXPECT_EQ(failures.rfind(where, 0), 0u) << "failure must be reported at " << where << ":\n"
                                           << failures;
   EXPECT_NE(failures.find("guest assertion failed: x == 42"), std::string::npos) << failures;

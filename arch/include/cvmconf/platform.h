@@ -28,6 +28,9 @@ class Platform {
   virtual bool has_private_memory() const { return false; }
   // Hardware-isolated: the host cannot read guest registers or private memory.
   virtual bool confidential() const { return false; }
+  // Memslots cannot be deleted or moved once the VM has run (pKVM protected VMs, pkvm.rst):
+  // nullopt when they can, otherwise why not ("not applicable: ...").
+  virtual std::optional<std::string> memslots_fixed_after_run() const { return std::nullopt; }
 
   // nullopt when this kernel offers the platform; otherwise the exact missing capability,
   // suitable as a SKIP reason ("capability absent: ...").

@@ -20,6 +20,8 @@ enum cvm_cmd_op {
   CVM_CMD_FILL_PATTERN = 8,  /* a0 = gva, a1 = len, a2 = seed */
   CVM_CMD_CHECK_PATTERN = 9, /* a0 = gva, a1 = len, a2 = seed -> result = first bad offset or -1 */
   CVM_CMD_MAP_GPA_RANGE = 10,/* a0 = gpa, a1 = npages, a2 = attrs -> result = hypercall return */
+  CVM_CMD_HYPERCALL = 11,    /* a0 = nr / SMCCC function id, a1, a2 = first two arguments
+                                -> result = return value (arm64: X0) */
 };
 
 #endif

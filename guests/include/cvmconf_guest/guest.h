@@ -62,12 +62,22 @@ static inline void cvm_write64(uint64_t gva, uint64_t v) { *(volatile uint64_t *
 void cvm_fill8(uint64_t gva, uint8_t v, uint64_t len);
 /* Returns the offset of the first byte != v, or -1 when all match. */
 int64_t cvm_check8(uint64_t gva, uint8_t v, uint64_t len);
-/* 64-bit pattern helpers: word i holds seed ^ (i * CVM_PATTERN_MUL). */
-#define CVM_PATTERN_MUL 0x9e3779b97f4a7c15ull
+/* 64-bit pattern helpers: word i holds seed ^ (i * CVM_PATTERN_MUL) (abi.h). */
 void cvm_fill_pattern(uint64_t gva, uint64_t seed, uint64_t len);
 int64_t cvm_check_pattern(uint64_t gva, uint64_t seed, uint64_t len);
 
+/* Spin-loop hint. */
+static inline void cvm_cpu_relax(void) {
+#if defined(__x86_64__)
+  __asm__ volatile("pause" ::: "memory");
+#elif defined(__aarch64__)
+  __asm__ volatile("yield" ::: "memory");
+#endif
+}
+
 /* ---- hypercalls ---- */
+/* x86: vmcall/vmmcall with RAX = nr, RBX/RCX/RDX/RSI = a0..a3. arm64: an SMCCC HVC64 call with
+ * X0 = function id (nr), X1..X4 = a0..a3; returns X0. */
 uint64_t cvm_hypercall(uint64_t nr, uint64_t a0, uint64_t a1, uint64_t a2, uint64_t a3);
 /* KVM_HC_MAP_GPA_RANGE: a0 = gpa, a1 = npages, a2 = attributes (ENC_STAT | PAGE_SZ). */
 uint64_t cvm_map_gpa_range(uint64_t gpa, uint64_t npages, uint64_t attrs);

@@ -208,6 +208,12 @@ class Vcpu {
   Result<void> set_regs(const kvm_regs& r) const;
   Result<kvm_sregs> get_sregs() const;
   Result<void> set_sregs(const kvm_sregs& s) const;
+#elif defined(__aarch64__)
+  // KVM_GET_ONE_REG / KVM_SET_ONE_REG of a 64-bit register (core or system register id).
+  Result<uint64_t> get_one_reg(uint64_t id) const;
+  Result<void> set_one_reg(uint64_t id, uint64_t value) const;
+  // The guest's PC, for reports (nullopt when it cannot be read).
+  std::optional<uint64_t> pc() const;
 #endif
   Result<long> ioctl(unsigned long request, void* arg, const char* what) const;
 

@@ -40,7 +40,7 @@ struct Capabilities {
   std::string arch;             // "x86_64" / "aarch64"
   int api_version = 0;
   long vm_types_cap = 0;        // raw system KVM_CAP_VM_TYPES
-  uint64_t vm_types = 0;        // bit N: type N creatable (cap confirmed by creating a VM)
+  uint64_t vm_types = 0;        // bit N: type N < 64 creatable (cap confirmed by creating a VM)
   // System-fd values:
   long guest_memfd = 0;
   long guest_memfd_flags = 0;
@@ -52,11 +52,13 @@ struct Capabilities {
   std::vector<VmTypeCaps> per_type;
   // Host platform hints from module parameters / command line ("" when absent).
   std::string kvm_amd_sev_snp, kvm_intel_tdx, arm64_kvm_mode;
-  // arm64: the kernel log says protected nVHE (pKVM) mode was initialized.
+  // arm64: the kernel log says protected nVHE or hVHE (pKVM) mode was initialized.
   bool arm64_pkvm_initialized = false;
 
   const VmTypeCaps* vm(unsigned long type) const;
-  bool has_vm_type(unsigned long type) const { return (vm_types >> type) & 1; }
+  // Whether creating a VM of this type succeeded. Types are not small numbers everywhere
+  // (arm64's protected type is bit 31), so this asks per_type, not the vm_types bitmask.
+  bool has_vm_type(unsigned long type) const;
   nlohmann::json to_json() const;
 };
 

@@ -169,9 +169,12 @@ inline constexpr unsigned long kX86SevEs = 3;        // KVM_X86_SEV_ES_VM, 6.10
 inline constexpr unsigned long kX86Snp = 4;          // KVM_X86_SNP_VM, 6.11
 inline constexpr unsigned long kX86Tdx = 5;          // KVM_X86_TDX_VM, 6.16
 inline constexpr unsigned long kArmIpaSizeMask = 0xff;  // KVM_VM_TYPE_ARM_IPA_SIZE_MASK
-// Not mainline (facts §6): Android Common Kernel's protected-VM bit, and the 2022 posting's.
-inline constexpr unsigned long kArmProtectedAndroid = 1UL << 31;  // ACK downstream ABI
-inline constexpr unsigned long kArmProtected2022 = 1UL << 8;      // never merged
+// KVM_VM_TYPE_ARM_PROTECTED: mainline since 7.2 (include/uapi/linux/kvm.h of 7.2;
+// Documentation/virt/kvm/arm/pkvm.rst), the same bit Android's downstream ABI used (facts §6).
+// KVM_CREATE_VM accepts it only on a pKVM host (kvm-arm.mode=protected); otherwise EINVAL.
+inline constexpr unsigned long kArmProtected = 1UL << 31;
+inline constexpr unsigned long kArmProtectedAndroid = kArmProtected;  // ACK downstream ABI
+inline constexpr unsigned long kArmProtected2022 = 1UL << 8;      // 2022 posting, never merged
 }  // namespace vmtype
 
 // ---------------------------------------------------------------------------------------------
@@ -237,6 +240,26 @@ inline constexpr __u32 kCmdInitVcpu = 2;
 inline constexpr __u32 kCmdInitMemRegion = 3;
 inline constexpr __u32 kCmdFinalizeVm = 4;
 }  // namespace tdx
+
+// ---------------------------------------------------------------------------------------------
+// arm64 pKVM guest hypercalls: SMCCC HVC64 function ids of the vendor hypervisor service
+// (Linux 7.2 Documentation/virt/kvm/arm/hypercalls.rst; facts §6). Answered in the hypervisor
+// for protected guests only; each takes one granule (HYP_MEMINFO) at the IPA in X1, X2/X3 must
+// be 0, and returns 0 or INVALID_PARAMETER (-3). 7.2's hypervisor implements MEMINFO, MEM_SHARE
+// and MEM_UNSHARE (its features bitmap has bits 0, 2, 3, 4); MMIO_GUARD is documented but not
+// answered there (the call reaches the host, which answers NOT_SUPPORTED, -1).
+namespace pkvm {
+inline constexpr uint64_t kSmcccFeatures = 0x86000000;   // ARM_SMCCC_VENDOR_HYP_KVM_FEATURES
+inline constexpr uint64_t kSmcccHypMeminfo = 0xC6000002; // ARM_SMCCC_KVM_FUNC_HYP_MEMINFO 2
+inline constexpr uint64_t kSmcccMemShare = 0xC6000003;   // ARM_SMCCC_KVM_FUNC_MEM_SHARE 3
+inline constexpr uint64_t kSmcccMemUnshare = 0xC6000004; // ARM_SMCCC_KVM_FUNC_MEM_UNSHARE 4
+inline constexpr uint64_t kSmcccMmioGuard = 0xC6000007;  // ARM_SMCCC_KVM_FUNC_MMIO_GUARD 7
+inline constexpr unsigned kFuncHypMeminfo = 2, kFuncMemShare = 3, kFuncMemUnshare = 4,
+                          kFuncMmioGuard = 7;            // bits of the features bitmap
+inline constexpr int64_t kSmcccSuccess = 0;
+inline constexpr int64_t kSmcccNotSupported = -1;
+inline constexpr int64_t kSmcccInvalidParameter = -3;
+}  // namespace pkvm
 
 // ---------------------------------------------------------------------------------------------
 // gup_test debugfs interface (mm/gup_test.h, CONFIG_GUP_TEST; facts §7.1)

@@ -22,6 +22,7 @@ CVM_PAYLOAD(cmd_loop) {
       case CVM_CMD_FILL_PATTERN: cvm_fill_pattern(a0, a2, a1); break;
       case CVM_CMD_CHECK_PATTERN: result = (uint64_t)cvm_check_pattern(a0, a2, a1); break;
       case CVM_CMD_MAP_GPA_RANGE: result = cvm_map_gpa_range(a0, a1, a2); break;
+      case CVM_CMD_HYPERCALL: result = cvm_hypercall(a0, a1, a2, 0, 0); break;
       default: status = 1; break;
     }
   }

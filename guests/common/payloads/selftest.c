@@ -14,7 +14,8 @@ CVM_PAYLOAD(assert_fail) {
   GUEST_ASSERT_EQ(x, 42); /* CVM-SELFTEST-ASSERT-LINE */
 }
 
-/* Touches an unmapped guest virtual address: #PF reported as an exception ucall. */
+/* Touches an unmapped guest virtual address (page 0 is never mapped): #PF on x86, a data abort
+ * on arm64, reported as an exception ucall. */
 CVM_PAYLOAD(page_fault) {
   uint64_t addr = 0x8;
   __asm__ volatile("" : "+r"(addr)); /* hide the constant from the compiler's bounds checks */
@@ -23,10 +24,11 @@ CVM_PAYLOAD(page_fault) {
 
 /* Never exits: the watchdog must turn this into a clear failure. */
 CVM_PAYLOAD(spin) {
-  for (;;) __asm__ volatile("pause");
+  for (;;) cvm_cpu_relax();
 }
 
-/* Issues KVM_HC_MAP_GPA_RANGE(args[0], args[1], args[2]) and reports what it returned. */
+/* Issues KVM_HC_MAP_GPA_RANGE(args[0], args[1], args[2]) and reports what it returned (x86; on
+ * arm64 the same numbers go out as an SMCCC call, which KVM answers NOT_SUPPORTED). */
 CVM_PAYLOAD(map_gpa_range) {
   uint64_t r = cvm_map_gpa_range(bi->args[0], bi->args[1], bi->args[2]);
   GUEST_SYNC(1, r);
