@@ -272,7 +272,10 @@ def build(source_spec: str | None = None, arch: str = "x86_64", flavour: str = "
         hit = _load_built(out)
         if hit:
             return hit
-    obj = cache / "kbuild" / key
+    # Objects are kept per source, architecture and flavour (not per fragment): a fragment
+    # change rebuilds only what the changed options touch.
+    obj = cache / "kbuild" / (key if user_tree else
+                              f"{source.label.replace(' ', '_')}-{arch}-{flavour}")
     obj.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     logpath = out / "build.log"
@@ -309,8 +312,6 @@ def build(source_spec: str | None = None, arch: str = "x86_64", flavour: str = "
             "compiler": compiler(arch), "release": rel, "image": image.name,
             "build_seconds": round(time.monotonic() - t0, 1)}
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    if not user_tree:
-        shutil.rmtree(obj, ignore_errors=True)   # 1-2 GiB of objects; the image is kept
     m, s = divmod(int(meta["build_seconds"]), 60)
     _say(f"built {out / image.name} ({rel}) in {m}m{s:02d}s")
     return Built(image=out / image.name, config=out / "config", key=key, meta=meta)
