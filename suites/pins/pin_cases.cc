@@ -116,8 +116,15 @@ void hugetlb_memfd(size_t huge, size_t pages, std::optional<HugetlbPool>& pool, 
 
 void size_file(int fd, size_t size, const std::string& fs) {
   ASSERT_EQ(ftruncate(fd, static_cast<off_t>(size)), 0) << strerror(errno);
-  if (fallocate(fd, 0, 0, static_cast<off_t>(size)) != 0 && errno != EOPNOTSUPP)
-    FAIL() << "fallocate on " << fs << ": " << strerror(errno);
+  // hugetlbfs's fallocate stops with EINTR whenever signal_pending(), which io_uring's task
+  // work (TIF_NOTIFY_SIGNAL) makes true for a moment: the allocation is simply retried.
+  int r = -1;
+  for (int i = 0; i < 100; i++) {
+    r = fallocate(fd, 0, 0, static_cast<off_t>(size));
+    if (r == 0 || errno != EINTR) break;
+  }
+  if (r != 0 && errno != EOPNOTSUPP)
+    FAIL() << testing::harness_error("fallocate on " + fs, std::string(strerror(errno)));
 }
 
 std::string NonAnonBacking::name() const {
