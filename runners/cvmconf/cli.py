@@ -863,23 +863,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "tests (default: the unpacked reference source, else the cached build)")
     c.set_defaults(func=cmd_check_catalogue)
 
-    k = sub.add_parser("kernel", help="the reference kernel")
-    ksub = k.add_subparsers(dest="kernel_command", required=True)
+    def source_and_arch(parser, arch_help):
+        parser.add_argument("--source", metavar="SPEC_OR_DIR",
+                            help="debian:SUITE/linux-source-X.Y or a kernel tree (default: the "
+                                 "pinned reference source)")
+        parser.add_argument("--arch", choices=("x86_64", "arm64"), help=arch_help)
+
     u = sub.add_parser("upstream", help="the kernel's own KVM and mm selftests")
     usub = u.add_subparsers(dest="upstream_command", required=True)
     ub = usub.add_parser("build", help="build (or find in the cache) the upstream selftests "
                                        "suites/upstream-map.yaml names; prints their paths")
-    ub.add_argument("--source", metavar="SPEC_OR_DIR",
-                    help="debian:SUITE/linux-source-X.Y or a kernel tree (default: the pinned "
-                         "reference source)")
-    ub.add_argument("--arch", choices=("x86_64", "arm64"), help="architecture (default: host)")
+    source_and_arch(ub, "architecture (default: host)")
     ub.set_defaults(func=cmd_upstream)
+
+    k = sub.add_parser("kernel", help="the reference kernel")
+    ksub = k.add_subparsers(dest="kernel_command", required=True)
     kb = ksub.add_parser("build", help="build (or find in the cache) a kernel with the project's "
                                        "config fragments; prints the image path")
-    kb.add_argument("--source", metavar="SPEC_OR_DIR",
-                    help="debian:SUITE/linux-source-X.Y or a kernel tree (default: the pinned "
-                         "reference source)")
-    kb.add_argument("--arch", choices=("x86_64", "arm64"), help="kernel architecture (default: host)")
+    source_and_arch(kb, "kernel architecture (default: host)")
     kb.add_argument("--flavour", choices=("ref", "debug"), default="ref",
                     help="ref (default) or debug (adds lockdep and KASAN)")
     kb.add_argument("--jobs", type=int, metavar="N", help="make -j (default: number of CPUs)")
