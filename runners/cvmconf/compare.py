@@ -169,24 +169,41 @@ def compare(base: dict, new: dict) -> dict:
 
 LIST_IN_FULL = 15     # Markdown: longer lists of tests are grouped by requirement
 MOVED_IN_FULL = 10    # Markdown: changed-evidence entries listed at most
+REQUIREMENT_ROWS_IN_FULL = 4   # Markdown: a longer run of one requirement transition is a paragraph
 
 
 def by_requirement(entries: list[dict]) -> list[dict]:
-    """[{"id", "n", "transitions": "SKIP -> PASS 3, ..."}] of entries, per requirement named."""
+    """[{"id", "n", "transitions": "SKIP -> PASS 3, ...", "kinds": "SKIP -> PASS, ..."}] of
+    entries, per requirement named."""
     groups: dict[str, dict[str, int]] = {}
     for e in entries:
         for rid in e["requirements"] or ["(no requirement)"]:
             t = f"{e['base'] or 'absent'} -> {e['new'] or 'absent'}"
             groups.setdefault(rid, {})[t] = groups.setdefault(rid, {}).get(t, 0) + 1
     return [{"id": rid, "n": sum(ts.values()),
-             "transitions": ", ".join(f"{t} {n}" for t, n in sorted(ts.items()))}
+             "transitions": ", ".join(f"{t} {n}" for t, n in sorted(ts.items())),
+             "kinds": ", ".join(sorted(ts))}
             for rid, ts in sorted(groups.items())]
+
+
+def requirement_groups(rows: list[dict]) -> list[dict]:
+    """The changed requirements in runs of one transition ({"transition", "rows"}), in their
+    order, so that 40 requirements gone from PASS to SKIP take a paragraph, not 40 lines."""
+    groups: list[dict] = []
+    for r in rows:
+        t = f"{r['base'] or 'absent'} -> {r['new'] or 'absent'}  ({r['kind']})"
+        if groups and groups[-1]["transition"] == t:
+            groups[-1]["rows"].append(r)
+        else:
+            groups.append({"transition": t, "rows": [r]})
+    return groups
 
 
 def render_markdown(diff: dict) -> str:
     return jinja_env(False).get_template("compare.md.j2").render(
         d=diff, list_in_full=LIST_IN_FULL, moved_in_full=MOVED_IN_FULL,
-        by_requirement=by_requirement)
+        by_requirement=by_requirement, requirement_groups=requirement_groups,
+        rows_in_full=REQUIREMENT_ROWS_IN_FULL)
 
 
 def render_json(diff: dict) -> str:

@@ -173,7 +173,8 @@ def interpret(out: BatchOutput, requirements: dict[str, list[str]]) -> Interpret
                 name=t, binary=binary, outcome=ERROR,
                 messages=[f"not in the report of its batch ({exit_text}): it did not run"],
                 evidence={"exit": exit_text, "batch_command": plan.command_line()})
-        failed = any(r.outcome == FAIL for r in results.values())
+        # A harness ERROR is a failed GoogleTest assertion too: both make the binary exit 1.
+        failed = any(r.outcome in (FAIL, ERROR) for r in results.values())
         if out.exit_code == 1 and not failed:
             problems.append("exited with status 1 although no test failed")
         elif out.exit_code == 0 and failed:

@@ -129,6 +129,12 @@ def every_outcome_run(build_dir, broken_dir, tmp_path_factory):
     return subprocess.CompletedProcess(p.args, p.returncode, out, err), run_dir, data
 
 
+def fake_bzimage(path: Path) -> Path:
+    """A file with a bzImage's header magic and nothing else: enough for resolving, not booting."""
+    path.write_bytes(b"\0" * 0x202 + b"HdrS" + b"\0" * 16)
+    return path
+
+
 def leftovers(token: str) -> list[str]:
     """Live processes whose environment carries CVMCONF_TEST_TOKEN=token: a test passes a fresh
     token to a run, and every process the run starts (suite binaries, QEMU, their children)

@@ -71,6 +71,16 @@ def test_inconsistent_exit_status_is_a_problem():
     assert ex.interpret(out, REQS).problems == ["exited with status 1 although no test failed"]
 
 
+def test_harness_error_is_a_failed_test_for_the_exit_status():
+    # A set-up failure (ERROR, not FAIL) still made GoogleTest exit 1: that is consistent.
+    doc = json.loads(report(("S.a", True)))
+    doc["testsuites"][0]["testsuite"][0]["harness_error"] = "mapping the test's memory: ENOMEM"
+    out = BatchOutput(plan=plan(["S.a"]), exit_code=1, report_json=json.dumps(doc))
+    it = ex.interpret(out, REQS)
+    assert it.results["S.a"].outcome == "ERROR"
+    assert it.problems == []
+
+
 def test_crash_keeps_finished_tests_and_blames_the_running_one():
     lines = [KernelLine(900_000, "before the test"), KernelLine(1_000_500, "during c"),
              KernelLine(1_200_000, "oops c")]

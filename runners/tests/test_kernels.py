@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import conftest
+
 from cvmconf import catalogue, debian, refkernel
 from cvmconf.errors import UsageError
 from cvmconf.qemu import initramfs, kernel
@@ -133,8 +135,7 @@ def test_compressed_modules_reach_the_initramfs_decompressed(tmp_path, split_pac
 
 
 def test_modules_option_takes_a_7x_modules_package(tmp_path, split_packages):
-    img = tmp_path / "bzImage"
-    img.write_bytes(b"k")
+    img = conftest.fake_bzimage(tmp_path / "bzImage")
     b = kernel.resolve(str(img), "x86_64", tmp_path / "cache",
                        modules=str(FakeArchive.debs[f"linux-modules-{REL}"]))
     assert b.release == REL and (b.modules_dir / "kernel" / "arch").is_dir()

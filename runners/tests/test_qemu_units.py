@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+import conftest
+
 from cvmconf.errors import UsageError
 from cvmconf.qemu import kernel, vm
 
@@ -55,9 +57,19 @@ def test_missing_kernel_image_is_a_one_line_usage_error(tmp_path):
         kernel.resolve("/no/such", "mips", tmp_path)
 
 
+def test_a_file_that_is_not_a_kernel_image_is_refused_before_booting(tmp_path):
+    junk = tmp_path / "bzImage"
+    junk.write_bytes(b"this is not a kernel" * 100)
+    with pytest.raises(UsageError, match=r"is not a bzImage \(no b'HdrS' at 0x202\)"):
+        kernel.resolve(str(junk), "x86_64", tmp_path)
+    img = conftest.fake_bzimage(tmp_path / "real")
+    assert kernel.resolve(str(img), "x86_64", tmp_path).image == img.resolve()
+    with pytest.raises(UsageError, match="is not an arm64 Image"):
+        kernel.resolve(str(img), "arm64", tmp_path)
+
+
 def test_modules_option_is_validated(tmp_path):
-    img = tmp_path / "bzImage"
-    img.write_bytes(b"\0" * 16)
+    img = conftest.fake_bzimage(tmp_path / "bzImage")
     with pytest.raises(UsageError, match="not a directory or .deb"):
         kernel.resolve(str(img), "x86_64", tmp_path, modules=str(tmp_path / "nope"))
     empty = tmp_path / "empty"

@@ -139,6 +139,25 @@ def _modules_option(modules: str, cache: Path, release: str | None) -> Path:
     raise UsageError(f"--modules {modules}: not a directory or .deb")
 
 
+# Boot-image magic (Documentation/arch/x86/boot.rst: "HdrS" at 0x202; Documentation/arch/arm64/
+# booting.rst: "ARM\x64" at 0x38). Anything else would sit in QEMU until the boot timeout.
+_IMAGE_MAGIC = {"x86_64": (0x202, b"HdrS", "a bzImage"), "arm64": (0x38, b"ARM\x64", "an arm64 Image")}
+
+
+def check_image(path: Path, arch: str) -> None:
+    """Refuses a file that is not a kernel image QEMU can boot for `arch`, in one line."""
+    offset, magic, what = _IMAGE_MAGIC[arch]
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            found = f.read(len(magic))
+    except OSError as e:
+        raise UsageError(f"kernel image {path} cannot be read: {e.strerror}") from None
+    if found != magic:
+        raise UsageError(f"kernel image {path} is not {what} (no {magic!r} at {offset:#x}); "
+                         f"give a kernel for --arch {arch}")
+
+
 def resolve(kernel: str | None, arch: str, cache: Path, modules: str | None = None,
             build_reference=None) -> KernelBundle:
     """--kernel [--modules] -> KernelBundle, with one-line errors. `build_reference(arch)`
@@ -157,6 +176,7 @@ def resolve(kernel: str | None, arch: str, cache: Path, modules: str | None = No
         path = Path(kernel)
         if not path.is_file():
             raise UsageError(f"kernel image {kernel} is not a file")
+        check_image(path, arch)
         bundle = KernelBundle(image=path.resolve(), modules_dir=None, release=None, arch=arch,
                               source=kernel)
     elif (spec := debian.parse_spec(kernel)) is not None and (spec.suite or
