@@ -87,11 +87,12 @@ Result<void> set_supported_cpuid(const Kvm& kvm, Vcpu& vcpu) {
     std::unique_ptr<uint8_t[]> buf(new uint8_t[bytes]());
     auto* cpuid = reinterpret_cast<uapi::kvm_cpuid2_header*>(buf.get());
     cpuid->nent = static_cast<__u32>(nent);
-    if (::ioctl(kvm.fd(), uapi::kGetSupportedCpuid, cpuid) == 0) {
+    auto got = kvm_ioctl(kvm.fd(), -1, uapi::kGetSupportedCpuid, cpuid, "KVM_GET_SUPPORTED_CPUID");
+    if (got) {
       if (auto r = vcpu.ioctl(uapi::kSetCpuid2, cpuid, "KVM_SET_CPUID2"); !r) return r.error();
       return {};
     }
-    if (errno != E2BIG) return SysError{errno, "KVM_GET_SUPPORTED_CPUID"};
+    if (got.err() != E2BIG) return got.error();
   }
   return SysError{E2BIG, "KVM_GET_SUPPORTED_CPUID (more than 4096 entries)"};
 }

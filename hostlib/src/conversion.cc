@@ -21,8 +21,8 @@ class PerVmBackend final : public ConversionBackend {
   ConversionAbi abi() const override { return ConversionAbi::PerVmAttributes; }
   int issue(const ConversionRequest& r, uint64_t* raw_error_offset) const override {
     uapi::kvm_memory_attributes a = encode_per_vm_request(r);
-    const int rc = ::ioctl(vm_fd_, uapi::kSetMemoryAttributes, &a);
-    const int err = rc < 0 ? errno : 0;
+    const long rc = ioctl_retrying(vm_fd_, uapi::kSetMemoryAttributes, &a);
+    const int err = rc < 0 ? static_cast<int>(-rc) : 0;
     *raw_error_offset = kErrorOffsetUnset;  // no such field in this ABI
     return err;
   }
@@ -41,8 +41,8 @@ class InPlaceV8Backend final : public ConversionBackend {
   ConversionAbi abi() const override { return ConversionAbi::InPlaceV8; }
   int issue(const ConversionRequest& r, uint64_t* raw_error_offset) const override {
     uapi::kvm_memory_attributes2 a = encode_v8_request(r);
-    const int rc = ::ioctl(r.range.gmem_fd, uapi::kSetMemoryAttributes2, &a);
-    const int err = rc < 0 ? errno : 0;
+    const long rc = ioctl_retrying(r.range.gmem_fd, uapi::kSetMemoryAttributes2, &a);
+    const int err = rc < 0 ? static_cast<int>(-rc) : 0;
     *raw_error_offset = a.error_offset;
     return err;
   }
@@ -59,8 +59,8 @@ class RfcV2Backend final : public ConversionBackend {
   ConversionAbi abi() const override { return ConversionAbi::RfcV2; }
   int issue(const ConversionRequest& r, uint64_t* raw_error_offset) const override {
     RfcV2Encoded e = encode_rfc_v2_request(r);
-    const int rc = ::ioctl(r.range.gmem_fd, e.ioctl, &e.arg);
-    const int err = rc < 0 ? errno : 0;
+    const long rc = ioctl_retrying(r.range.gmem_fd, e.ioctl, &e.arg);
+    const int err = rc < 0 ? static_cast<int>(-rc) : 0;
     *raw_error_offset = e.arg.error_offset;
     return err;
   }

@@ -1,10 +1,20 @@
 #include "cvmconf/fd.h"
 
+#include <sys/ioctl.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <string>
 
 namespace cvm {
+
+long ioctl_retrying(int fd, unsigned long request, unsigned long arg) {
+  long r;
+  do {
+    r = ::ioctl(fd, request, arg);
+  } while (r < 0 && errno == EINTR);
+  return r < 0 ? -errno : r;
+}
 
 void UniqueFd::reset(int fd) {
   if (fd_ >= 0) ::close(fd_);

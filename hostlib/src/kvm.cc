@@ -53,6 +53,21 @@ const char* kvm_device_path() {
   return (p && *p) ? p : "/dev/kvm";
 }
 
+// --- the one ioctl path ------------------------------------------------------------------------
+bool vm_is_dead(int vm_fd) {
+  return vm_fd >= 0 && ::ioctl(vm_fd, KVM_CHECK_EXTENSION, KVM_CAP_USER_MEMORY) < 0 &&
+         errno == EIO;
+}
+
+Result<long> kvm_ioctl(int fd, int vm_fd, unsigned long request, unsigned long arg,
+                       const std::string& what) {
+  const long r = ioctl_retrying(fd, request, arg);
+  if (r >= 0) return r;
+  SysError e{static_cast<int>(-r), what};
+  if (e.err == EIO && vm_is_dead(vm_fd)) e.dead_vm_fd = vm_fd;
+  return e;
+}
+
 // --- Kvm ---------------------------------------------------------------------------------------
 Result<Kvm> Kvm::open() { return open(kvm_device_path()); }
 
@@ -60,40 +75,37 @@ Result<Kvm> Kvm::open(const char* path) {
   int fd = ::open(path, O_RDWR | O_CLOEXEC);
   if (fd < 0) return last_error(std::string("open ") + path);
   UniqueFd ufd(fd);
-  int v = ::ioctl(fd, KVM_GET_API_VERSION, 0);
-  if (v < 0) return last_error(std::string("KVM_GET_API_VERSION on ") + path);
-  if (v != KVM_API_VERSION)
-    return SysError{0, std::string(path) + ": KVM API version " + std::to_string(v) +
+  auto v = kvm_ioctl(fd, -1, KVM_GET_API_VERSION, 0ul, std::string("KVM_GET_API_VERSION on ") + path);
+  if (!v) return v.error();
+  if (v.value() != KVM_API_VERSION)
+    return SysError{0, std::string(path) + ": KVM API version " + std::to_string(v.value()) +
                            ", expected " + std::to_string(KVM_API_VERSION)};
   return Kvm(std::move(ufd));
 }
 
 long Kvm::check_extension(long cap) const {
-  int r = ::ioctl(fd_.get(), KVM_CHECK_EXTENSION, cap);
-  return r < 0 ? -errno : r;
+  return ioctl_retrying(fd_.get(), KVM_CHECK_EXTENSION, static_cast<unsigned long>(cap));
 }
 
 Result<int> Kvm::api_version() const {
-  int r = ::ioctl(fd_.get(), KVM_GET_API_VERSION, 0);
-  if (r < 0) return last_error("KVM_GET_API_VERSION");
-  return r;
+  auto r = kvm_ioctl(fd_.get(), -1, KVM_GET_API_VERSION, 0ul, "KVM_GET_API_VERSION");
+  if (!r) return r.error();
+  return static_cast<int>(r.value());
 }
 
 Result<int> Kvm::vcpu_mmap_size() const {
-  int r = ::ioctl(fd_.get(), KVM_GET_VCPU_MMAP_SIZE, 0);
-  if (r < 0) return last_error("KVM_GET_VCPU_MMAP_SIZE");
-  return r;
+  auto r = kvm_ioctl(fd_.get(), -1, KVM_GET_VCPU_MMAP_SIZE, 0ul, "KVM_GET_VCPU_MMAP_SIZE");
+  if (!r) return r.error();
+  return static_cast<int>(r.value());
 }
 
 Result<Vm> Kvm::create_vm(unsigned long type) const {
   auto sz = vcpu_mmap_size();
   if (!sz) return sz.error();
-  int fd;
-  do {
-    fd = ::ioctl(fd_.get(), KVM_CREATE_VM, type);
-  } while (fd < 0 && errno == EINTR);
-  if (fd < 0) return last_error("KVM_CREATE_VM(type=" + std::to_string(type) + ")");
-  return Vm(UniqueFd(fd), type, sz.value());
+  auto fd = kvm_ioctl(fd_.get(), -1, KVM_CREATE_VM, type,
+                      "KVM_CREATE_VM(type=" + std::to_string(type) + ")");
+  if (!fd) return fd.error();
+  return Vm(UniqueFd(static_cast<int>(fd.value())), type, sz.value());
 }
 
 // --- GuestMemfd --------------------------------------------------------------------------------
@@ -122,8 +134,7 @@ Result<Mapping> GuestMemfd::map(uint64_t len, int prot, uint64_t offset, int fla
 
 // --- Vm ----------------------------------------------------------------------------------------
 long Vm::check_extension(long cap) const {
-  int r = ::ioctl(fd_.get(), KVM_CHECK_EXTENSION, cap);
-  return r < 0 ? -errno : r;
+  return ioctl_retrying(fd_.get(), KVM_CHECK_EXTENSION, static_cast<unsigned long>(cap));
 }
 
 Result<void> Vm::enable_cap(uint32_t cap, uint64_t arg0, uint64_t arg1) const {
@@ -131,8 +142,9 @@ Result<void> Vm::enable_cap(uint32_t cap, uint64_t arg0, uint64_t arg1) const {
   ec.cap = cap;
   ec.args[0] = arg0;
   ec.args[1] = arg1;
-  if (::ioctl(fd_.get(), KVM_ENABLE_CAP, &ec) < 0)
-    return last_error("KVM_ENABLE_CAP(cap=" + std::to_string(cap) + ", arg0=" + hex(arg0) + ")");
+  auto r = kvm_ioctl(fd_.get(), fd_.get(), KVM_ENABLE_CAP, &ec,
+                     "KVM_ENABLE_CAP(cap=" + std::to_string(cap) + ", arg0=" + hex(arg0) + ")");
+  if (!r) return r.error();
   return {};
 }
 
@@ -145,21 +157,31 @@ Result<void> Vm::set_memslot(const MemslotSpec& s) const {
   r.userspace_addr = s.hva;
   r.guest_memfd_offset = s.gmem_offset;
   r.guest_memfd = static_cast<__u32>(s.gmem_fd);
-  int rc;
-  do {
-    rc = ::ioctl(fd_.get(), uapi::kSetUserMemoryRegion2, &r);
-  } while (rc < 0 && errno == EINTR);
-  if (rc < 0)
-    return last_error("KVM_SET_USER_MEMORY_REGION2(slot=" + std::to_string(s.slot) +
-                      ", flags=" + hex(s.flags) + ", gpa=" + hex(s.gpa) + ", size=" +
-                      hex(s.size) + ", gmem_fd=" + std::to_string(s.gmem_fd) +
-                      ", gmem_off=" + hex(s.gmem_offset) + ")");
+  auto rc = kvm_ioctl(fd_.get(), fd_.get(), uapi::kSetUserMemoryRegion2, &r,
+                      "KVM_SET_USER_MEMORY_REGION2(slot=" + std::to_string(s.slot) +
+                          ", flags=" + hex(s.flags) + ", gpa=" + hex(s.gpa) + ", size=" +
+                          hex(s.size) + ", gmem_fd=" + std::to_string(s.gmem_fd) +
+                          ", gmem_off=" + hex(s.gmem_offset) + ")");
+  if (!rc) return rc.error();
   return {};
 }
 
 Result<void> Vm::delete_memslot(uint32_t slot) const {
   MemslotSpec s;
   s.slot = slot;
+  return set_memslot(s);
+}
+
+Result<void> Vm::bind_gmem(uint32_t slot, uint64_t gpa, const GuestMemfd& gmem, uint64_t offset,
+                           uint64_t size, const void* hva) const {
+  MemslotSpec s;
+  s.slot = slot;
+  s.flags = uapi::kMemGuestMemfd;
+  s.gpa = gpa;
+  s.size = size;
+  s.hva = reinterpret_cast<uint64_t>(hva);
+  s.gmem_fd = gmem.fd();
+  s.gmem_offset = offset;
   return set_memslot(s);
 }
 
@@ -171,8 +193,9 @@ Result<void> Vm::set_user_memory_region(uint32_t slot, uint32_t flags, uint64_t 
   r.guest_phys_addr = gpa;
   r.memory_size = size;
   r.userspace_addr = hva;
-  if (::ioctl(fd_.get(), KVM_SET_USER_MEMORY_REGION, &r) < 0)
-    return last_error("KVM_SET_USER_MEMORY_REGION(slot=" + std::to_string(slot) + ")");
+  auto rc = kvm_ioctl(fd_.get(), fd_.get(), KVM_SET_USER_MEMORY_REGION, &r,
+                      "KVM_SET_USER_MEMORY_REGION(slot=" + std::to_string(slot) + ")");
+  if (!rc) return rc.error();
   return {};
 }
 
@@ -187,39 +210,35 @@ Result<GuestMemfd> Vm::create_guest_memfd(uint64_t size, uint64_t flags) const {
   uapi::kvm_create_guest_memfd c{};
   c.size = size;
   c.flags = flags;
-  int fd = ::ioctl(fd_.get(), uapi::kCreateGuestMemfd, &c);
-  if (fd < 0)
-    return last_error("KVM_CREATE_GUEST_MEMFD(size=" + hex(size) + ", flags=" + hex(flags) + ")");
-  return GuestMemfd(UniqueFd(fd), size, flags);
+  auto fd = kvm_ioctl(fd_.get(), fd_.get(), uapi::kCreateGuestMemfd, &c,
+                      "KVM_CREATE_GUEST_MEMFD(size=" + hex(size) + ", flags=" + hex(flags) + ")");
+  if (!fd) return fd.error();
+  return GuestMemfd(UniqueFd(static_cast<int>(fd.value())), size, flags);
 }
 
 Result<void> Vm::set_memory_attributes(uint64_t gpa, uint64_t size, uint64_t attributes,
                                        uint64_t flags) const {
   uapi::kvm_memory_attributes a{gpa, size, attributes, flags};
-  int rc;
-  do {
-    rc = ::ioctl(fd_.get(), uapi::kSetMemoryAttributes, &a);
-  } while (rc < 0 && errno == EINTR);
-  if (rc < 0)
-    return last_error("KVM_SET_MEMORY_ATTRIBUTES(gpa=" + hex(gpa) + ", size=" + hex(size) +
-                      ", attrs=" + hex(attributes) + ")");
+  auto rc = kvm_ioctl(fd_.get(), fd_.get(), uapi::kSetMemoryAttributes, &a,
+                      "KVM_SET_MEMORY_ATTRIBUTES(gpa=" + hex(gpa) + ", size=" + hex(size) +
+                          ", attrs=" + hex(attributes) + ")");
+  if (!rc) return rc.error();
   return {};
 }
 
 Result<Vcpu> Vm::create_vcpu(int id) const {
-  int fd = ::ioctl(fd_.get(), KVM_CREATE_VCPU, id);
-  if (fd < 0) return last_error("KVM_CREATE_VCPU(" + std::to_string(id) + ")");
-  UniqueFd ufd(fd);
+  auto fd = kvm_ioctl(fd_.get(), fd_.get(), KVM_CREATE_VCPU, static_cast<unsigned long>(id),
+                      "KVM_CREATE_VCPU(" + std::to_string(id) + ")");
+  if (!fd) return fd.error();
+  UniqueFd ufd(static_cast<int>(fd.value()));
   auto m = Mapping::map(static_cast<size_t>(vcpu_mmap_size_), PROT_READ | PROT_WRITE, MAP_SHARED,
-                        fd, 0);
+                        ufd.get(), 0);
   if (!m) return m.error();
-  return Vcpu(std::move(ufd), id, std::move(m.value()));
+  return Vcpu(std::move(ufd), id, std::move(m.value()), fd_.get());
 }
 
 Result<long> Vm::ioctl(unsigned long request, void* arg, const char* what) const {
-  long r = ::ioctl(fd_.get(), request, arg);
-  if (r < 0) return last_error(what);
-  return r;
+  return kvm_ioctl(fd_.get(), fd_.get(), request, arg, what);
 }
 
 // --- exits ---------------------------------------------------------------------------------------
@@ -335,6 +354,7 @@ std::string ExitInfo::describe() const {
   os << exit_kind_name(kind) << " (exit_reason " << reason;
   if (run_errno) os << ", KVM_RUN errno " << errno_name(run_errno);
   os << ")";
+  if (vm_dead) os << ": KVM has killed the VM (every ioctl on it fails with EIO), the kernel log says why";
   switch (kind) {
     case ExitKind::Io:
       os << " port " << hex(io.port) << (io.out ? " out" : " in") << " size " << int(io.size)
@@ -380,8 +400,8 @@ struct Vcpu::RunState {
   pthread_t thread{};
 };
 
-Vcpu::Vcpu(UniqueFd fd, int id, Mapping run_map)
-    : fd_(std::move(fd)), id_(id), run_map_(std::move(run_map)),
+Vcpu::Vcpu(UniqueFd fd, int id, Mapping run_map, int vm_fd)
+    : fd_(std::move(fd)), id_(id), run_map_(std::move(run_map)), vm_fd_(vm_fd),
       state_(std::make_unique<RunState>()) {}
 Vcpu::Vcpu(Vcpu&&) noexcept = default;
 Vcpu& Vcpu::operator=(Vcpu&&) noexcept = default;
@@ -429,6 +449,7 @@ ExitInfo Vcpu::run(std::optional<std::chrono::milliseconds> timeout) {
   }
   if (have_timer) timer_delete(timer);
   ExitInfo e = decode_exit(*r, rc, err);
+  e.vm_dead = rc < 0 && err == EIO && vm_is_dead(vm_fd_);
   if (r->immediate_exit) {
     r->immediate_exit = 0;
     if (rc < 0 && err == EINTR) e.kind = ExitKind::Interrupted;
@@ -449,32 +470,32 @@ void Vcpu::kick() {
 #if defined(__x86_64__)
 Result<kvm_regs> Vcpu::get_regs() const {
   kvm_regs r{};
-  if (::ioctl(fd_.get(), KVM_GET_REGS, &r) < 0) return last_error("KVM_GET_REGS");
+  if (auto rc = kvm_ioctl(fd_.get(), vm_fd_, KVM_GET_REGS, &r, "KVM_GET_REGS"); !rc) return rc.error();
   return r;
 }
 Result<void> Vcpu::set_regs(const kvm_regs& r) const {
-  if (::ioctl(fd_.get(), KVM_SET_REGS, &r) < 0) return last_error("KVM_SET_REGS");
+  if (auto rc = kvm_ioctl(fd_.get(), vm_fd_, KVM_SET_REGS, &r, "KVM_SET_REGS"); !rc) return rc.error();
   return {};
 }
 Result<kvm_sregs> Vcpu::get_sregs() const {
   kvm_sregs s{};
-  if (::ioctl(fd_.get(), KVM_GET_SREGS, &s) < 0) return last_error("KVM_GET_SREGS");
+  if (auto rc = kvm_ioctl(fd_.get(), vm_fd_, KVM_GET_SREGS, &s, "KVM_GET_SREGS"); !rc) return rc.error();
   return s;
 }
 Result<void> Vcpu::set_sregs(const kvm_sregs& s) const {
-  if (::ioctl(fd_.get(), KVM_SET_SREGS, &s) < 0) return last_error("KVM_SET_SREGS");
+  if (auto rc = kvm_ioctl(fd_.get(), vm_fd_, KVM_SET_SREGS, &s, "KVM_SET_SREGS"); !rc) return rc.error();
   return {};
 }
 #elif defined(__aarch64__)
 Result<uint64_t> Vcpu::get_one_reg(uint64_t id) const {
   uint64_t v = 0;
   kvm_one_reg r{id, reinterpret_cast<uint64_t>(&v)};
-  if (::ioctl(fd_.get(), KVM_GET_ONE_REG, &r) < 0) return last_error("KVM_GET_ONE_REG");
+  if (auto rc = kvm_ioctl(fd_.get(), vm_fd_, KVM_GET_ONE_REG, &r, "KVM_GET_ONE_REG"); !rc) return rc.error();
   return v;
 }
 Result<void> Vcpu::set_one_reg(uint64_t id, uint64_t value) const {
   kvm_one_reg r{id, reinterpret_cast<uint64_t>(&value)};
-  if (::ioctl(fd_.get(), KVM_SET_ONE_REG, &r) < 0) return last_error("KVM_SET_ONE_REG");
+  if (auto rc = kvm_ioctl(fd_.get(), vm_fd_, KVM_SET_ONE_REG, &r, "KVM_SET_ONE_REG"); !rc) return rc.error();
   return {};
 }
 std::optional<uint64_t> Vcpu::pc() const {
@@ -486,9 +507,7 @@ std::optional<uint64_t> Vcpu::pc() const {
 }
 #endif
 Result<long> Vcpu::ioctl(unsigned long request, void* arg, const char* what) const {
-  long r = ::ioctl(fd_.get(), request, arg);
-  if (r < 0) return last_error(what);
-  return r;
+  return kvm_ioctl(fd_.get(), vm_fd_, request, arg, what);
 }
 
 }  // namespace cvm

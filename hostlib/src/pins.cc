@@ -193,8 +193,8 @@ class GupTestPin final : public Pin {
   Result<void> release() override {
     if (!fd_.valid()) return {};
     Result<void> out;
-    if (::ioctl(fd_.get(), uapi::kPinLongtermTestStop) != 0)
-      out = last_error("gup_test PIN_LONGTERM_TEST_STOP");
+    if (long rc = ioctl_retrying(fd_.get(), uapi::kPinLongtermTestStop, 0ul); rc < 0)
+      out = SysError{static_cast<int>(-rc), "gup_test PIN_LONGTERM_TEST_STOP"};
     fd_.reset();  // closing also unpins (gup_test_release)
     lock_.unlock();
     g_gup_test_pin_held = false;
@@ -206,8 +206,8 @@ class GupTestPin final : public Pin {
     if (offset + len > len_) return SysError{EINVAL, "read_through beyond the pinned range"};
     std::vector<uint8_t> all(len_);
     __u64 user_addr = reinterpret_cast<uintptr_t>(all.data());
-    if (::ioctl(fd_.get(), uapi::kPinLongtermTestRead, &user_addr) != 0)
-      return last_error("gup_test PIN_LONGTERM_TEST_READ");
+    if (long rc = ioctl_retrying(fd_.get(), uapi::kPinLongtermTestRead, &user_addr); rc < 0)
+      return SysError{static_cast<int>(-rc), "gup_test PIN_LONGTERM_TEST_READ"};
     return std::vector<uint8_t>(all.begin() + static_cast<long>(offset),
                                 all.begin() + static_cast<long>(offset + len));
   }
@@ -241,8 +241,8 @@ Result<std::unique_ptr<Pin>> gup_test_start(const std::string& path, void* addr,
   args.addr = reinterpret_cast<uintptr_t>(addr);
   args.size = len;
   args.flags = flags;
-  if (::ioctl(fd, uapi::kPinLongtermTestStart, &args) != 0) {
-    SysError e = last_error(what + ": PIN_LONGTERM_TEST_START");
+  if (long rc = ioctl_retrying(fd, uapi::kPinLongtermTestStart, &args); rc < 0) {
+    SysError e{static_cast<int>(-rc), what + ": PIN_LONGTERM_TEST_START"};
     g_gup_test_pin_held = false;
     return e;
   }

@@ -29,7 +29,11 @@ const char* errno_name(int err) {
 
 std::string SysError::message() const {
   if (err == 0) return op;
-  return op + ": " + std::strerror(err) + " (" + errno_name(err) + ")";
+  std::string m = op + ": " + std::strerror(err) + " (" + errno_name(err) + ")";
+  if (dead_vm_fd >= 0)
+    m += "; KVM has killed the VM (fd " + std::to_string(dead_vm_fd) +
+         "): every ioctl on it fails with EIO, the kernel log says why";
+  return m;
 }
 
 std::ostream& operator<<(std::ostream& os, const SysError& e) { return os << e.message(); }

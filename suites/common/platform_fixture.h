@@ -16,6 +16,9 @@
 
 namespace cvm::suites {
 
+// Suites write ASSERT_TRUE(ok(call)) for calls that must succeed (gtest_support.h).
+using ::cvm::testing::ok;
+
 class PlatformTest : public ::testing::TestWithParam<const Platform*> {
  protected:
   void SetUp() override;

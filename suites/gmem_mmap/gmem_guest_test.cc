@@ -27,20 +27,10 @@ class GmemGuest : public PlatformTest {
     auto g = GuestVm::create(kvm(), o);
     ASSERT_TRUE(g.ok()) << testing::harness_error("GuestVm::create", g.error());
     gvm_ = std::move(g.value());
-    auto mem = gvm_->vm().create_guest_memfd(kPages * page_size(), kShared);
-    ASSERT_TRUE(mem.ok()) << mem.error();
-    mem_ = std::move(mem.value());
-    auto map = mem_.map(kPages * page_size());
-    ASSERT_TRUE(map.ok()) << map.error();
-    map_ = std::move(map.value());
-    MemslotSpec s;
-    s.slot = kTestSlot;
-    s.flags = uapi::kMemGuestMemfd;
-    s.gpa = CVM_TEST_MEM_GPA;
-    s.size = kPages * page_size();
-    s.hva = reinterpret_cast<uint64_t>(map_.data());
-    s.gmem_fd = mem_.fd();
-    ASSERT_TRUE(gvm_->vm().set_memslot(s).ok());
+    CVM_ASSIGN_OR_FAIL(mem_, gvm_->vm().create_guest_memfd(kPages * page_size(), kShared));
+    CVM_ASSIGN_OR_FAIL(map_, mem_.map(kPages * page_size()));
+    ASSERT_TRUE(ok(gvm_->vm().bind_gmem(kTestSlot, CVM_TEST_MEM_GPA, mem_, 0,
+                                        kPages * page_size(), map_.data())));
     // Booting from guest_memfd is the behaviour under test, not set-up: the same payload boots
     // from anonymous memory elsewhere, so a refusal here is the kernel's (MMAP-012).
     auto c = GuestCmd::start(*gvm_, 0);

@@ -12,6 +12,14 @@
 
 namespace cvm {
 
+// The one path of every ioctl hostlib issues (KVM, guest_memfd, gup_test; KVM_RUN aside: its
+// EINTR is an exit, see Vcpu::run). Retries EINTR: a signal (a vCPU kick, a watchdog, io_uring
+// task work) arrived before the call did anything. Returns the ioctl's value, or -errno.
+long ioctl_retrying(int fd, unsigned long request, unsigned long arg);
+inline long ioctl_retrying(int fd, unsigned long request, const void* arg) {
+  return ioctl_retrying(fd, request, reinterpret_cast<unsigned long>(arg));
+}
+
 class UniqueFd {
  public:
   UniqueFd() = default;

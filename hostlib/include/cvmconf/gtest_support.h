@@ -4,6 +4,8 @@
 //    can be listed without running anything (--cvm_list_requirements).
 //  - a kernel-log listener: a splat in /dev/kmsg during a test fails that test, lines attached.
 //  - guest-event assertions: a guest GUEST_ASSERT becomes a failure at the guest's file:line.
+//  - asserting forms of calls that must succeed: CVM_ASSIGN_OR_FAIL and testing::ok (the raw
+//    Result stays for negative tests, which check the errno).
 //  - main(): flags for stress budgets (--cvm_duration, --cvm_seed, --cvm_iterations).
 #pragma once
 
@@ -61,6 +63,15 @@ std::string harness_error(const std::string& step, const R& failed_result) {
   return harness_error(step, os.str());
 }
 
+// Asserting form of a call that returns Result<void> and must succeed:
+//   ASSERT_TRUE(ok(vm.set_memslot(spec)));
+// fails with the call's error ("KVM_SET_USER_MEMORY_REGION2(...): Invalid argument (EINVAL)").
+template <typename T>
+::testing::AssertionResult ok(const Result<T>& r) {
+  if (r.ok()) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << r.error();
+}
+
 // Reports ev as a failure unless it is of `kind` (and, for SYNC, at `stage`). A guest assertion
 // is reported at the guest's file:line. Returns whether ev was as expected.
 bool check_event(const UcallEvent& ev, UcallEvent::Kind kind, std::optional<uint64_t> stage,
@@ -89,6 +100,16 @@ int main(int argc, char** argv);
   static const ::cvm::testing::Covers CVM_CAT(cvm_covers_, CVM_CAT(suite, CVM_CAT(_, name)))( \
       #suite, #name, {__VA_ARGS__});                                                      \
   TEST_P(suite, name)
+
+// Asserting form of a call that returns Result<T> and must succeed, like kvm_util's
+// vm_create_guest_memfd() beside __vm_create_guest_memfd(): declares (or assigns) lhs from the
+// value, or fails the test fatally -- an ASSERT_ -- naming the call and its error:
+//   CVM_ASSIGN_OR_FAIL(auto gmem, vm.create_guest_memfd(size, flags));
+#define CVM_ASSIGN_OR_FAIL(lhs, expr) CVM_ASSIGN_OR_FAIL_(CVM_CAT(cvm_result_, __LINE__), lhs, expr)
+#define CVM_ASSIGN_OR_FAIL_(tmp, lhs, expr)                    \
+  auto tmp = (expr);                                           \
+  ASSERT_TRUE(tmp.ok()) << #expr << ": " << tmp.error();       \
+  lhs = std::move(tmp).value()
 
 // Guest-event assertions (fatal: return from the test on failure).
 #define CVM_ASSERT_SYNC(ev, stage)                                                       \

@@ -28,6 +28,19 @@ class GuestMemfd;
 // README: lets a lab point at a renamed node and lets tests show the "absent" path).
 const char* kvm_device_path();
 
+// The one path of every KVM ioctl (KVM_RUN aside: its EINTR is an exit, see Vcpu::run):
+// ioctl_retrying (fd.h) as a Result: the error names `what`; an EIO on a VM that now refuses every
+// ioctl is reported as a VM KVM has killed (SysError::dead_vm_fd). vm_fd: the VM that `fd`
+// belongs to (itself for a VM ioctl), -1 for /dev/kvm.
+Result<long> kvm_ioctl(int fd, int vm_fd, unsigned long request, unsigned long arg,
+                       const std::string& what);
+inline Result<long> kvm_ioctl(int fd, int vm_fd, unsigned long request, const void* arg,
+                              const std::string& what) {
+  return kvm_ioctl(fd, vm_fd, request, reinterpret_cast<unsigned long>(arg), what);
+}
+// Whether the VM answers KVM_CHECK_EXTENSION with EIO: KVM has killed it.
+bool vm_is_dead(int vm_fd);
+
 class Kvm {
  public:
   // Opens the KVM device. ENOENT/EACCES come back as errors, with the path in op.
@@ -96,6 +109,10 @@ class Vm {
   Result<void> enable_cap(uint32_t cap, uint64_t arg0, uint64_t arg1 = 0) const;
   Result<void> set_memslot(const MemslotSpec& spec) const;  // KVM_SET_USER_MEMORY_REGION2
   Result<void> delete_memslot(uint32_t slot) const;         // size 0 via REGION2
+  // A guest_memfd memslot (KVM_MEM_GUEST_MEMFD): `size` bytes of gmem from `offset` at gpa;
+  // hva is the address of the file's mapping (the shared view), nullptr for none.
+  Result<void> bind_gmem(uint32_t slot, uint64_t gpa, const GuestMemfd& gmem, uint64_t offset,
+                         uint64_t size, const void* hva = nullptr) const;
   Result<void> set_user_memory_region(uint32_t slot, uint32_t flags, uint64_t gpa,
                                       uint64_t size, uint64_t hva) const;  // legacy ioctl
   // KVM_SET_USER_MEMORY_REGION2, or the legacy KVM_SET_USER_MEMORY_REGION when the VM lacks
@@ -137,6 +154,7 @@ struct ExitInfo {
   ExitKind kind = ExitKind::Other;
   uint32_t reason = 0;  // raw kvm_run.exit_reason
   int run_errno = 0;    // errno of KVM_RUN (0 if it returned 0)
+  bool vm_dead = false; // KVM_RUN failed with EIO and the VM refuses every ioctl: KVM killed it
   struct {
     bool out = false;
     uint16_t port = 0;
@@ -183,13 +201,14 @@ ExitInfo decode_exit(const struct kvm_run& run, int rc, int err);
 
 class Vcpu {
  public:
-  Vcpu(UniqueFd fd, int id, Mapping run_map);
+  Vcpu(UniqueFd fd, int id, Mapping run_map, int vm_fd = -1);
   Vcpu(Vcpu&&) noexcept;
   Vcpu& operator=(Vcpu&&) noexcept;
   ~Vcpu();
 
   int fd() const { return fd_.get(); }
   int id() const { return id_; }
+  int vm_fd() const { return vm_fd_; }
   struct kvm_run* run_struct() const { return reinterpret_cast<struct kvm_run*>(run_map_.data()); }
 
   // One KVM_RUN, decoded. If timeout is set, a watchdog timer interrupts a vCPU that does not
@@ -222,6 +241,7 @@ class Vcpu {
   UniqueFd fd_;
   int id_ = 0;
   Mapping run_map_;
+  int vm_fd_ = -1;  // the VM's fd (not owned): to tell a killed VM from a failed ioctl
   bool timed_out_ = false;
   bool kicked_ = false;
   std::unique_ptr<RunState> state_;  // thread running KVM_RUN, for kick()

@@ -16,6 +16,9 @@ namespace cvm {
 struct SysError {
   int err = 0;         // errno value (0 only for harness-level errors without an errno)
   std::string op;      // what was attempted, e.g. "KVM_CREATE_GUEST_MEMFD(size=4096, flags=0x3)"
+  // EIO from a VM or vCPU ioctl, and the VM answers every ioctl with EIO since: KVM has killed
+  // the VM (kvm_vm_dead / KVM_BUG_ON). message() names the VM and points at the kernel log.
+  int dead_vm_fd = -1;
 
   std::string message() const;  // "op: strerror (ENAME)"
 };
