@@ -73,7 +73,7 @@ CVM_TEST_P(GmemGuest, PunchHoleZeroesForGuestAndHost, "MMAP-012") {
   // The guest writes every page, so KVM has them mapped for the guest.
   CVM_ASSERT_CMD(cmd_->fill8(gpa(0), kPages * ps, 0x77));
   ASSERT_EQ(*hva(2, 5), 0x77);
-  ASSERT_TRUE(mem_.punch_hole(2 * ps, ps).ok());
+  ASSERT_TRUE(ok(mem_.punch_hole(2 * ps, ps)));
   for (uint64_t off = 0; off < ps; off++) ASSERT_EQ(*hva(2, off), 0) << "host, offset " << off;
   auto g = cmd_->check8(gpa(2), ps, 0);
   CVM_ASSERT_CMD(g);
@@ -88,7 +88,7 @@ CVM_TEST_P(GmemGuest, PunchHoleZeroesForGuestAndHost, "MMAP-012") {
   EXPECT_EQ(*hva(2, 9), 0x33);
   // Host writes, punch, guest must not see the host's old write either.
   std::memset(hva(3), 0x5c, ps);
-  ASSERT_TRUE(mem_.punch_hole(3 * ps, ps).ok());
+  ASSERT_TRUE(ok(mem_.punch_hole(3 * ps, ps)));
   auto z = cmd_->check8(gpa(3), ps, 0);
   CVM_ASSERT_CMD(z);
   EXPECT_EQ(z.value, UINT64_MAX) << "stale host data visible to the guest";

@@ -39,6 +39,21 @@ class GmemMmap : public PlatformTest {
     return "";
   }
 
+  // A guest_memfd of `vm` (file_pages pages) mapped over map_pages pages, for probes that run
+  // while a vCPU runs: they cannot ASSERT on another thread, so the error comes back as text.
+  struct MappedGmem {
+    GuestMemfd file;
+    Mapping map;
+  };
+  static Result<MappedGmem> map_gmem(const Vm& vm, uint64_t file_pages, uint64_t flags,
+                                     uint64_t map_pages) {
+    auto g = vm.create_guest_memfd(file_pages * page_size(), flags);
+    if (!g) return g.error();
+    auto m = g->map(map_pages * page_size());
+    if (!m) return m.error();
+    return MappedGmem{std::move(g.value()), std::move(m.value())};
+  }
+
   // Runs probe (which returns "" on success) on this thread and on a second thread while a vCPU
   // of a payload VM of this platform runs; both must succeed, and the vCPU must keep running.
   void while_vcpu_runs(const std::function<std::string(GuestVm&)>& probe) {
@@ -111,23 +126,20 @@ CVM_TEST_P(GmemMmap, PrivatePagesSigbusOnReadAndWrite, "MMAP-006") {
   CVM_SKIP_IF(gmem_flags_unsupported(kMmap));
   GuestMemfd g = new_gmem(4, kMmap);  // no INIT_SHARED: every page is private
   ASSERT_TRUE(g.valid());
-  auto m = g.map(4 * page_size());
-  ASSERT_TRUE(m.ok()) << m.error();
-  EXPECT_EQ(expect_all_sigbus(m->data(), m->size()), "");
+  CVM_ASSIGN_OR_FAIL(Mapping m, g.map(4 * page_size()));
+  EXPECT_EQ(expect_all_sigbus(m.data(), m.size()), "");
   // Allocated private pages are just as inaccessible as unallocated ones.
-  ASSERT_TRUE(g.allocate(0, 4 * page_size()).ok());
-  EXPECT_EQ(expect_all_sigbus(m->data(), m->size()), "");
+  ASSERT_TRUE(ok(g.allocate(0, 4 * page_size())));
+  EXPECT_EQ(expect_all_sigbus(m.data(), m.size()), "");
 }
 
 CVM_TEST_P(GmemMmap, PrivatePagesSigbusWhileVcpuRuns, "MMAP-006") {
   CVM_SKIP_IF(gmem_flags_unsupported(kMmap));
   CVM_SKIP_IF(payloads_unsupported());
   while_vcpu_runs([&](GuestVm& gvm) -> std::string {
-    auto g = gvm.vm().create_guest_memfd(4 * page_size(), kMmap);
+    auto g = map_gmem(gvm.vm(), 4, kMmap, 4);
     if (!g) return g.error().message();
-    auto m = g->map(4 * page_size());
-    if (!m) return m.error().message();
-    return expect_all_sigbus(m->data(), m->size());
+    return expect_all_sigbus(g->map.data(), g->map.size());
   });
 }
 
@@ -153,45 +165,44 @@ CVM_TEST_P(GmemMmap, PastEndOfFileSigbusWhileVcpuRuns, "MMAP-007") {
   CVM_SKIP_IF(gmem_flags_unsupported(kShared));
   CVM_SKIP_IF(payloads_unsupported());
   while_vcpu_runs([&](GuestVm& gvm) -> std::string {
-    auto g = gvm.vm().create_guest_memfd(2 * page_size(), kShared);
+    auto g = map_gmem(gvm.vm(), 2, kShared, 4);  // mapped twice the file size
     if (!g) return g.error().message();
-    auto m = g->map(4 * page_size());
-    if (!m) return m.error().message();
-    FaultResult in = probe_write(m->data(), 1, 2 * page_size());
+    FaultResult in = probe_write(g->map.data(), 1, 2 * page_size());
     if (in.faulted()) return "inside the file: " + in.describe();
-    return expect_all_sigbus(m->data() + 2 * page_size(), 2 * page_size());
+    return expect_all_sigbus(g->map.data() + 2 * page_size(), 2 * page_size());
   });
 }
 
-// Sends fd over a unix socket.
-bool send_fd(int sock, int fd) {
+// One byte and room for one SCM_RIGHTS fd: what send_fd sends and recv_fd receives.
+struct FdMessage {
   char byte = 'F';
   iovec iov{&byte, 1};
   alignas(cmsghdr) char ctrl[CMSG_SPACE(sizeof(int))] = {};
   msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = ctrl;
-  msg.msg_controllen = sizeof ctrl;
-  cmsghdr* c = CMSG_FIRSTHDR(&msg);
+  FdMessage() {
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = ctrl;
+    msg.msg_controllen = sizeof ctrl;
+  }
+  FdMessage(const FdMessage&) = delete;
+};
+
+// Sends fd over a unix socket.
+bool send_fd(int sock, int fd) {
+  FdMessage m;
+  cmsghdr* c = CMSG_FIRSTHDR(&m.msg);
   c->cmsg_level = SOL_SOCKET;
   c->cmsg_type = SCM_RIGHTS;
   c->cmsg_len = CMSG_LEN(sizeof(int));
   std::memcpy(CMSG_DATA(c), &fd, sizeof fd);
-  return sendmsg(sock, &msg, 0) == 1;
+  return sendmsg(sock, &m.msg, 0) == 1;
 }
 
 int recv_fd(int sock) {
-  char byte;
-  iovec iov{&byte, 1};
-  alignas(cmsghdr) char ctrl[CMSG_SPACE(sizeof(int))] = {};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = ctrl;
-  msg.msg_controllen = sizeof ctrl;
-  if (recvmsg(sock, &msg, 0) != 1) return -1;
-  cmsghdr* c = CMSG_FIRSTHDR(&msg);
+  FdMessage m;
+  if (recvmsg(sock, &m.msg, 0) != 1) return -1;
+  cmsghdr* c = CMSG_FIRSTHDR(&m.msg);
   if (!c || c->cmsg_type != SCM_RIGHTS) return -1;
   int fd;
   std::memcpy(&fd, CMSG_DATA(c), sizeof fd);
@@ -203,9 +214,8 @@ CVM_TEST_P(GmemMmap, ReceivedFdSeesSameDataAndPunchedZeroes, "MMAP-010") {
   const size_t ps = page_size();
   GuestMemfd g = new_gmem(4, kShared);
   ASSERT_TRUE(g.valid());
-  auto m = g.map(4 * ps);
-  ASSERT_TRUE(m.ok());
-  for (size_t i = 0; i < 4; i++) std::memset(m->data() + i * ps, 0x10 + static_cast<int>(i), ps);
+  CVM_ASSIGN_OR_FAIL(Mapping m, g.map(4 * ps));
+  for (size_t i = 0; i < 4; i++) std::memset(m.data() + i * ps, 0x10 + static_cast<int>(i), ps);
   int sv[2];
   ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
   const int inherited = g.fd();
@@ -237,8 +247,8 @@ CVM_TEST_P(GmemMmap, ReceivedFdSeesSameDataAndPunchedZeroes, "MMAP-010") {
   pollfd pf{sv[0], POLLIN, 0};
   bool ready = poll(&pf, 1, 20000) == 1 && read(sv[0], &msg, 1) == 1 && msg == 'r';
   if (ready) {
-    EXPECT_EQ(m->data()[3 * ps], 0x99) << "the child's write must be visible here";
-    ASSERT_TRUE(g.punch_hole(ps, ps).ok());
+    EXPECT_EQ(m.data()[3 * ps], 0x99) << "the child's write must be visible here";
+    ASSERT_TRUE(ok(g.punch_hole(ps, ps)));
     msg = 'g';
     EXPECT_EQ(write(sv[0], &msg, 1), 1);
   }
@@ -253,23 +263,22 @@ CVM_TEST_P(GmemMmap, MappingFaultsLazily, "MMAP-013") {
   const size_t ps = page_size();
   GuestMemfd g = new_gmem(4, kShared);
   ASSERT_TRUE(g.valid());
-  auto m = g.map(4 * ps);
-  ASSERT_TRUE(m.ok());
+  CVM_ASSIGN_OR_FAIL(Mapping m, g.map(4 * ps));
   auto resident = [&] {
     unsigned char v[4] = {};
-    EXPECT_EQ(mincore(m->data(), 4 * ps, v), 0) << strerror(errno);
+    EXPECT_EQ(mincore(m.data(), 4 * ps, v), 0) << strerror(errno);
     std::string s;
     for (unsigned char c : v) s += (c & 1) ? '1' : '0';
     return s;
   };
   EXPECT_EQ(resident(), "0000") << "mapping alone must not fault anything in";
-  m->data()[ps] = 1;
+  m.data()[ps] = 1;
   EXPECT_EQ(resident(), "0100") << "touching page 1 faults in exactly page 1";
-  (void)*static_cast<volatile uint8_t*>(m->data() + 3 * ps);
+  (void)*static_cast<volatile uint8_t*>(m.data() + 3 * ps);
   EXPECT_EQ(resident(), "0101") << "a read faults the page in too";
-  ASSERT_TRUE(g.punch_hole(ps, ps).ok());
+  ASSERT_TRUE(ok(g.punch_hole(ps, ps)));
   EXPECT_EQ(resident(), "0001") << "a punched page is gone until touched again";
-  EXPECT_EQ(m->data()[ps], 0) << "and reads back as zero";
+  EXPECT_EQ(m.data()[ps], 0) << "and reads back as zero";
   EXPECT_EQ(resident(), "0101");
 }
 

@@ -35,6 +35,7 @@ namespace {
 
 using namespace std::chrono_literals;
 using Kind = UcallEvent::Kind;
+using testing::ok;
 
 constexpr uint32_t kTestSlot = 1;
 constexpr uint64_t kPages = 8;
@@ -118,14 +119,9 @@ class Pkvm : public ::testing::Test {
   std::optional<Kvm> kvm_;
 };
 
-#define CVM_NEW_PVM(var, ...)                       \
-  auto var##_r = Pvm::create(*kvm_, ##__VA_ARGS__); \
-  ASSERT_TRUE(var##_r.ok()) << var##_r.error();     \
-  Pvm& var = var##_r.value()
-
 // PKVM-001: payloads boot in a protected VM; the guest finds the pKVM services of 7.2.
 CVM_TEST_F(Pkvm, PayloadBootsAndFindsMemShareServices, "PKVM-001", "PKVM-008") {
-  CVM_NEW_PVM(p);
+  CVM_ASSIGN_OR_FAIL(Pvm p, Pvm::create(*kvm_));
   auto f = p.hvc(uapi::pkvm::kSmcccFeatures);
   CVM_ASSERT_CMD(f);
   auto g = p.hvc(uapi::pkvm::kSmcccHypMeminfo);
@@ -152,9 +148,9 @@ CVM_TEST_F(Pkvm, PsciCpuOnStartsASecondVcpu, "PKVM-001", "PKVM-008") {
   auto gv = GuestVm::create(*kvm_, o);
   ASSERT_TRUE(gv.ok()) << gv.error();
   GuestVm& g = *gv.value();
-  ASSERT_TRUE(g.start(1, "hello", {0x99}).ok());
+  ASSERT_TRUE(ok(g.start(1, "hello", {0x99})));
   kvm_mp_state off{KVM_MP_STATE_STOPPED};
-  ASSERT_TRUE(g.vcpu(1).ioctl(KVM_SET_MP_STATE, &off, "KVM_SET_MP_STATE").ok());
+  ASSERT_TRUE(ok(g.vcpu(1).ioctl(KVM_SET_MP_STATE, &off, "KVM_SET_MP_STATE")));
   UcallEvent e1;
   std::thread second([&] { e1 = g.run(1, 30s); });
   auto started = g.start(0, "psci_cpu_on", {1});
@@ -171,7 +167,7 @@ CVM_TEST_F(Pkvm, PsciCpuOnStartsASecondVcpu, "PKVM-001", "PKVM-008") {
 
 // PKVM-002: host reads and writes of memory the guest did not share back get SIGSEGV.
 CVM_TEST_F(Pkvm, HostReadOfUnsharedPageIsSigsegv, "PKVM-002", "PKVM-008") {
-  CVM_NEW_PVM(p);
+  CVM_ASSIGN_OR_FAIL(Pvm p, Pvm::create(*kvm_));
   guest_fills(p, 1, 0xabcd);
   FaultResult r = probe_read(p.hva(1, 8), 8);
   EXPECT_TRUE(r.sigsegv()) << "host read of a donated page: " << r.describe();
@@ -182,7 +178,7 @@ CVM_TEST_F(Pkvm, HostReadOfUnsharedPageIsSigsegv, "PKVM-002", "PKVM-008") {
 }
 
 CVM_TEST_F(Pkvm, HostWriteOfUnsharedPageIsSigsegv, "PKVM-002", "PKVM-008") {
-  CVM_NEW_PVM(p);
+  CVM_ASSIGN_OR_FAIL(Pvm p, Pvm::create(*kvm_));
   guest_fills(p, 1, 0xabce);
   FaultResult r = probe_write(p.hva(1, 16), 0x5a, 8);
   EXPECT_TRUE(r.sigsegv()) << "host write to a donated page: " << r.describe();
@@ -207,7 +203,7 @@ CVM_TEST_F(Pkvm, HostAccessFromAnotherThreadWhileVcpuRunsIsSigsegv, "PKVM-002", 
   s.gpa = CVM_TEST_MEM_GPA;
   s.size = mem->size();
   s.hva = reinterpret_cast<uint64_t>(mem->data());
-  ASSERT_TRUE(gvm.vm().set_memslot_compat(s).ok());
+  ASSERT_TRUE(ok(gvm.vm().set_memslot_compat(s)));
   const uint64_t slot_gpa = CVM_COMM_GPA;  // vCPU 0's ucall slot page, shared at entry
   auto* stop = reinterpret_cast<volatile uint64_t*>(gvm.boot_hva(slot_gpa + kStopOff));
   auto* count = reinterpret_cast<volatile uint64_t*>(gvm.boot_hva(slot_gpa + kCountOff));
@@ -284,7 +280,7 @@ CVM_TEST_F(Pkvm, UnsharedAccessKillsOnlyTheAccessingProcess, "PKVM-002", "PKVM-0
     EXPECT_EQ(o.output, "accessing") << what << ": the child must die at the access";
   }
   // The host is alive: a new protected guest still runs.
-  CVM_NEW_PVM(p);
+  CVM_ASSIGN_OR_FAIL(Pvm p, Pvm::create(*kvm_));
   guest_fills(p, 0, 0x55);
 }
 
@@ -317,7 +313,7 @@ void check_syscall_outcome(Pvm& p, uint64_t page, long rc, int err, const char* 
 }
 
 CVM_TEST_F(Pkvm, ReadSyscallIntoUnsharedPage, "PKVM-003", "PKVM-008") {
-  CVM_NEW_PVM(p);
+  CVM_ASSIGN_OR_FAIL(Pvm p, Pvm::create(*kvm_));
   guest_fills(p, 2, 0x77);
   int fds[2];
   ASSERT_EQ(pipe(fds), 0);
@@ -333,7 +329,7 @@ CVM_TEST_F(Pkvm, ReadSyscallIntoUnsharedPage, "PKVM-003", "PKVM-008") {
 }
 
 CVM_TEST_F(Pkvm, ProcessVmReadvOfUnsharedPage, "PKVM-003", "PKVM-008") {
-  CVM_NEW_PVM(p);
+  CVM_ASSIGN_OR_FAIL(Pvm p, Pvm::create(*kvm_));
   guest_fills(p, 3, 0x78);
   char buf[64];
   iovec local{buf, sizeof buf}, remote{p.hva(3), sizeof buf};
@@ -352,7 +348,7 @@ CVM_TEST_F(Pkvm, ProcessVmReadvOfUnsharedPage, "PKVM-003", "PKVM-008") {
 // holds one: the "exclusive pin" question of seed 004); a read into it must then fail or
 // reclaim. The observation records what the kernel did at each step.
 CVM_TEST_F(Pkvm, IoUringFixedBufferOnUnsharedPage, "PKVM-003", "PKVM-008") {
-  CVM_NEW_PVM(p);
+  CVM_ASSIGN_OR_FAIL(Pvm p, Pvm::create(*kvm_));
   guest_fills(p, 4, 0x79);
   io_uring ring;
   int rc = io_uring_queue_init(4, &ring, 0);
@@ -393,7 +389,7 @@ CVM_TEST_F(Pkvm, IoUringFixedBufferOnUnsharedPage, "PKVM-003", "PKVM-008") {
 // PKVM-004: a page the guest shares back is the host's to read (with the guest's data) and
 // write; after MEM_UNSHARE host access faults again.
 CVM_TEST_F(Pkvm, SharedPageIsAccessibleAndUnshareRevokesIt, "PKVM-004", "PKVM-008") {
-  CVM_NEW_PVM(p);
+  CVM_ASSIGN_OR_FAIL(Pvm p, Pvm::create(*kvm_));
   guest_fills(p, 5, 0x4242);
   auto sh = p.hvc(uapi::pkvm::kSmcccMemShare, p.gpa(5));
   CVM_ASSERT_CMD(sh);
@@ -419,7 +415,7 @@ CVM_TEST_F(Pkvm, SharedPageIsAccessibleAndUnshareRevokesIt, "PKVM-004", "PKVM-00
 
 // Sharing a page that is not the guest's (never touched) or twice is refused.
 CVM_TEST_F(Pkvm, DoubleShareIsRefused, "PKVM-004", "PKVM-008") {
-  CVM_NEW_PVM(p);
+  CVM_ASSIGN_OR_FAIL(Pvm p, Pvm::create(*kvm_));
   guest_fills(p, 6, 1);
   auto a = p.hvc(uapi::pkvm::kSmcccMemShare, p.gpa(6));
   CVM_ASSERT_CMD(a);
@@ -432,7 +428,7 @@ CVM_TEST_F(Pkvm, DoubleShareIsRefused, "PKVM-004", "PKVM-008") {
 
 // PKVM-005: memslots cannot be moved or deleted once the pVM ran.
 CVM_TEST_F(Pkvm, MemslotsAreFixedAfterThePvmRan, "PKVM-005", "PKVM-008") {
-  CVM_NEW_PVM(p);
+  CVM_ASSIGN_OR_FAIL(Pvm p, Pvm::create(*kvm_));
   guest_fills(p, 0, 2);
   auto del = p.gvm->vm().set_user_memory_region(kTestSlot, 0, CVM_TEST_MEM_GPA, 0, 0);
   ASSERT_FALSE(del.ok()) << "deleting a memslot of a pVM that ran succeeded";
@@ -471,7 +467,7 @@ CVM_TEST_F(Pkvm, FileBackedMemoryCannotBackThePvm, "PKVM-006", "PKVM-008") {
   rmdir(dir);
   ASSERT_TRUE(m.ok()) << m.error();
   std::memset(m->data(), 0x21, kPages * page_size());
-  CVM_NEW_PVM(p, 1, std::move(m.value()));
+  CVM_ASSIGN_OR_FAIL(Pvm p, Pvm::create(*kvm_, 1, std::move(m.value())));
   auto c = p.cmd->read8(p.gpa(0));
   ASSERT_FALSE(c.ok) << "the pVM read file-backed (ramfs) memory (" << hex(c.value) << ")";
   EXPECT_EQ(c.event.kind, Kind::Exit) << c.event.describe();

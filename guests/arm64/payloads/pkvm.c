@@ -6,5 +6,5 @@
 CVM_PAYLOAD(pkvm_info) {
   uint64_t features = cvm_hypercall(CVM_SMCCC_KVM_FEATURES, 0, 0, 0, 0);
   uint64_t granule = cvm_hypercall(CVM_SMCCC_KVM_HYP_MEMINFO, 0, 0, 0, 0);
-  GUEST_SYNC(1, features, granule);
+  CVM_GUEST_SYNC(1, features, granule);
 }

@@ -10,5 +10,5 @@ CVM_PAYLOAD(psci_cpu_on) {
   uint64_t target = bi->args[0];
   uint64_t r = cvm_hypercall(CVM_PSCI_CPU_ON, target, (uint64_t)&cvm_arm64_secondary_start,
                              CVM_BOOTINFO_GPA + target * CVM_BOOTINFO_STRIDE, 0);
-  GUEST_SYNC(1, r);
+  CVM_GUEST_SYNC(1, r);
 }

@@ -5,7 +5,7 @@
 CVM_PAYLOAD(cmd_loop) {
   uint64_t result = 0, status = 0;
   for (;;) {
-    GUEST_SYNC(CVM_STAGE_CMD, result, status);
+    CVM_GUEST_SYNC(CVM_STAGE_CMD, result, status);
     volatile struct cvm_ucall *u = cvm_ucall_slot();
     uint64_t op = u->reply[0], a0 = u->reply[1], a1 = u->reply[2], a2 = u->reply[3];
     result = 0;

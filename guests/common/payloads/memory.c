@@ -10,5 +10,5 @@ CVM_PAYLOAD(touch_until_stopped) {
     for (uint64_t off = 0; off < len; off += 4096) cvm_write8(gva + off, cvm_read8(gva + off));
     cvm_write64(count, ++passes);
   }
-  GUEST_SYNC(1, passes);
+  CVM_GUEST_SYNC(1, passes);
 }

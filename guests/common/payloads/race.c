@@ -2,7 +2,7 @@
  * args[0] = GVA of the test memory, args[1] = pages per vCPU, args[2] = GVA of the control
  * block, args[3] = stride in words between the words checked and written (0: every word; guest
  * memory accesses are slow on some hosts, so the host picks a sample). Runs until ctl->stop;
- * ends with GUEST_SYNC(1, passes, violations). */
+ * ends with CVM_GUEST_SYNC(1, passes, violations). */
 #include "cvmconf_guest/guest.h"
 #include "cvmconf_guest/race.h"
 
@@ -88,5 +88,5 @@ CVM_PAYLOAD(punch_race) {
     me->done = req;
     me->passes = pass;
   }
-  GUEST_SYNC(1, pass, me->violations);
+  CVM_GUEST_SYNC(1, pass, me->violations);
 }

@@ -3,15 +3,15 @@
 
 /* Prints, syncs with values, returns. */
 CVM_PAYLOAD(hello) {
-  GUEST_PRINT("hello from vcpu %u of %u", bi->vcpu_id, bi->nr_vcpus);
-  uint64_t reply = GUEST_SYNC(1, 0x1111, bi->args[0]);
-  GUEST_SYNC(2, reply + 1);
+  CVM_GUEST_PRINT("hello from vcpu %u of %u", bi->vcpu_id, bi->nr_vcpus);
+  uint64_t reply = CVM_GUEST_SYNC(1, 0x1111, bi->args[0]);
+  CVM_GUEST_SYNC(2, reply + 1);
 }
 
 /* Fails an assertion on purpose: the host must report this file and line. */
 CVM_PAYLOAD(assert_fail) {
   uint64_t x = bi->args[0];
-  GUEST_ASSERT_EQ(x, 42); /* CVM-SELFTEST-ASSERT-LINE */
+  CVM_GUEST_ASSERT_EQ(x, 42); /* CVM-SELFTEST-ASSERT-LINE */
 }
 
 /* Touches an unmapped guest virtual address (page 0 is never mapped): #PF on x86, a data abort
@@ -31,5 +31,5 @@ CVM_PAYLOAD(spin) {
  * arm64 the same numbers go out as an SMCCC call, which KVM answers NOT_SUPPORTED). */
 CVM_PAYLOAD(map_gpa_range) {
   uint64_t r = cvm_map_gpa_range(bi->args[0], bi->args[1], bi->args[2]);
-  GUEST_SYNC(1, r);
+  CVM_GUEST_SYNC(1, r);
 }

@@ -34,25 +34,27 @@ void cvm_halt(void) __attribute__((noreturn));
 #define CVM_NARGS_(...) CVM_NARGS_IMPL_(0, ##__VA_ARGS__, 7, 6, 5, 4, 3, 2, 1, 0)
 #define CVM_NARGS_IMPL_(_0, _1, _2, _3, _4, _5, _6, _7, N, ...) N
 
-/* GUEST_SYNC(stage, values...): host sees stage and values; returns the host's reply[0]. */
-#define GUEST_SYNC(...)                                                                  \
+/* The CVM_GUEST_ prefix keeps these apart from kvm_util's GUEST_SYNC/GUEST_ASSERT, which they
+ * resemble but do not match: a sync here carries up to 7 values and returns the host's reply.
+ * CVM_GUEST_SYNC(stage, values...): host sees stage and values; returns the host's reply[0]. */
+#define CVM_GUEST_SYNC(...)                                                                  \
   ({                                                                                     \
     const uint64_t cvm_sync_args_[] = {__VA_ARGS__};                                     \
     cvm_ucall(CVM_UCALL_SYNC, CVM_NARGS_(__VA_ARGS__), cvm_sync_args_, __FILE__, __LINE__, \
               0);                                                                        \
   })
-#define GUEST_PRINT(...) cvm_printf(__VA_ARGS__)
-#define GUEST_ASSERT(cond)                                                   \
+#define CVM_GUEST_PRINT(...) cvm_printf(__VA_ARGS__)
+#define CVM_GUEST_ASSERT(cond)                                                   \
   do {                                                                       \
     if (!(cond)) cvm_assert_fail(__FILE__, __LINE__, #cond, 0, 0, 0);        \
   } while (0)
-#define GUEST_ASSERT_EQ(a, b)                                                      \
+#define CVM_GUEST_ASSERT_EQ(a, b)                                                      \
   do {                                                                             \
     uint64_t cvm_a_ = (uint64_t)(a), cvm_b_ = (uint64_t)(b);                       \
     if (cvm_a_ != cvm_b_)                                                          \
       cvm_assert_fail(__FILE__, __LINE__, #a " == " #b, 2, cvm_a_, cvm_b_);        \
   } while (0)
-#define GUEST_FAIL(msg) cvm_assert_fail(__FILE__, __LINE__, msg, 0, 0, 0)
+#define CVM_GUEST_FAIL(msg) cvm_assert_fail(__FILE__, __LINE__, msg, 0, 0, 0)
 
 /* ---- memory helpers (volatile: every access really happens, in order) ---- */
 static inline uint8_t cvm_read8(uint64_t gva) { return *(volatile uint8_t *)gva; }

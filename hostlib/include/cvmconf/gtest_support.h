@@ -3,7 +3,7 @@
 //    (suites/requirements.yaml). The IDs are recorded as the test property "requirements" and
 //    can be listed without running anything (--cvm_list_requirements).
 //  - a kernel-log listener: a splat in /dev/kmsg during a test fails that test, lines attached.
-//  - guest-event assertions: a guest GUEST_ASSERT becomes a failure at the guest's file:line.
+//  - guest-event assertions: a guest CVM_GUEST_ASSERT becomes a failure at the guest's file:line.
 //  - asserting forms of calls that must succeed: CVM_ASSIGN_OR_FAIL and testing::ok (the raw
 //    Result stays for negative tests, which check the errno).
 //  - main(): flags for stress budgets (--cvm_duration, --cvm_seed, --cvm_iterations).

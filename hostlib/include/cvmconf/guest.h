@@ -38,9 +38,9 @@ class GuestImage {
 // What the guest told the host (or why it could not).
 struct UcallEvent {
   enum class Kind {
-    Sync,       // GUEST_SYNC(stage, values...): args[0] = stage
-    Print,      // GUEST_PRINT: text
-    Assert,     // GUEST_ASSERT*: file, line, text (expression), args (values)
+    Sync,       // CVM_GUEST_SYNC(stage, values...): args[0] = stage
+    Print,      // CVM_GUEST_PRINT: text
+    Assert,     // CVM_GUEST_ASSERT*: file, line, text (expression), args (values)
     Done,       // payload returned
     Exception,  // guest CPU exception: args = vector, error code, rip, cr2
     Exit,       // a vCPU exit that is not a ucall (exit holds it)
