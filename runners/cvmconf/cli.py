@@ -48,7 +48,7 @@ def cmd_check_catalogue(args) -> int:
     cat = catalogue.load(args.catalogue, seeds_dir=args.seeds_dir)
     declared: dict[str, list[str]] = {}
     for b in gtest.suite_binaries_in(_suite_dir(args)):
-        declared.update(gtest.list_requirements(b))
+        declared.update(gtest.list_suite(b).requirements)
     problems = catalogue.cross_check(cat, declared)
     problems += _check_upstream_map(args, cat)
     for p in problems:

@@ -45,7 +45,7 @@ def test_real_catalogue_agrees_with_suites(build_dir):
     cat = catalogue.load()
     declared = {}
     for b in gtest.suite_binaries(build_dir):
-        declared.update(gtest.list_requirements(b))
+        declared.update(gtest.list_suite(b).requirements)
     assert declared, "no tests declared by the suites"
     assert catalogue.cross_check(cat, declared) == []
 
