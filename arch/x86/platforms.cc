@@ -74,7 +74,8 @@ class X86Snp final : public X86Confidential {
   Result<Vm> create_vm(const Kvm& kvm) const override {
     auto vm = kvm.create_vm(vm_type());
     if (!vm) return vm;
-    // KVM_SEV_INIT2 with default features (facts §5.3, step 2).
+    // KVM_SEV_INIT2 with default features (amd-memory-encryption.rst 1. KVM_SEV_INIT2;
+    // tools/testing/selftests/kvm/lib/x86/sev.c does the same).
     uapi::sev::kvm_sev_init init{};
     struct kvm_sev_cmd cmd {};
     cmd.id = uapi::sev::kCmdInit2;

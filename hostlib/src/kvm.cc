@@ -266,7 +266,8 @@ ExitInfo decode_exit(const struct kvm_run& run, int rc, int err) {
   e.run_errno = rc < 0 ? err : 0;
   const auto* base = reinterpret_cast<const uint8_t*>(&run);
   if (rc < 0) {
-    // KVM reports a memory fault as -1/EFAULT with exit_reason MEMORY_FAULT (facts §1.5).
+    // KVM reports a memory fault as -1/EFAULT with exit_reason MEMORY_FAULT (api.rst
+    // KVM_EXIT_MEMORY_FAULT).
     if (err == EFAULT && run.exit_reason == uapi::kExitMemoryFault) {
       e.kind = ExitKind::MemoryFault;
       const auto* mf = reinterpret_cast<const uapi::kvm_run_memory_fault*>(

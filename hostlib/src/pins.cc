@@ -115,7 +115,8 @@ class IoUringProvider final : public PinProvider {
     }
     return std::unique_ptr<Pin>(new IoUringPin(ring, addr, len));
   }
-  // io_uring reports an unpinnable buffer as EFAULT, EOPNOTSUPP or ENOSPC (facts §7.2).
+  // io_uring reports an unpinnable buffer as EFAULT, EOPNOTSUPP or ENOSPC (as
+  // tools/testing/selftests/mm/gup_longterm.c accepts).
   bool is_refusal(int err) const override {
     return err == EFAULT || err == EOPNOTSUPP || err == ENOSPC;
   }
@@ -181,8 +182,8 @@ const IoUringProvider kIoUring;
 const VmspliceProvider kVmsplice;
 
 // --- gup_test: PIN_LONGTERM_TEST_START/STOP/READ (CONFIG_GUP_TEST) ------------------------------
-// One pinned set for the whole system (facts §7.1): a process-local flag and the system lock
-// "gup_test" keep cvmconf's users from stepping on each other.
+// One pinned set for the whole system (mm/gup_test.c, Linux 7.2): a process-local flag and
+// the system lock "gup_test" keep cvmconf's users from stepping on each other.
 std::atomic<bool> g_gup_test_pin_held{false};
 
 class GupTestPin final : public Pin {

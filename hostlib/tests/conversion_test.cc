@@ -55,7 +55,7 @@ TEST(ConversionEncoding, V8UsesFileOffsetAndPresetsErrorOffset) {
   EXPECT_EQ(b.reserved[0], 1u);
   EXPECT_EQ(b.flags, uapi::kRfcV4Attr2ModePreserve);
   EXPECT_EQ(b.attributes, 0u);
-  // The first four words overlay struct kvm_memory_attributes (facts §3.2).
+  // The first four words overlay struct kvm_memory_attributes (in-place series v8).
   EXPECT_EQ(offsetof(uapi::kvm_memory_attributes2, error_offset), 32u);
   EXPECT_EQ(uapi::kSetMemoryAttributes2, 0xC080AED2UL);
 }

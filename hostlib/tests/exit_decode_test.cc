@@ -66,7 +66,8 @@ TEST(ExitDecode, Hypercall) {
   EXPECT_EQ(e.hypercall.flags & uapi::kExitHypercallLongMode, uapi::kExitHypercallLongMode);
 }
 
-// KVM reports memory faults as KVM_RUN = -1/EFAULT with exit_reason MEMORY_FAULT (facts §1.5).
+// KVM reports memory faults as KVM_RUN = -1/EFAULT with exit_reason MEMORY_FAULT
+// (api.rst KVM_EXIT_MEMORY_FAULT; x86/private_mem_kvm_exits_test.c).
 TEST(ExitDecode, MemoryFaultViaEfault) {
   RunBuf b;
   b.run().exit_reason = uapi::kExitMemoryFault;

@@ -93,7 +93,7 @@ TEST_F(KvmObjects, MemslotWithGuestMemfd) {
   ASSERT_TRUE(backing.ok());
   s.hva = reinterpret_cast<uint64_t>(backing->data());
   EXPECT_TRUE(vm->set_memslot(s).ok());
-  // Binding past the end of the file is refused (facts §1.9).
+  // Binding past the end of the file is refused (virt/kvm/guest_memfd.c, kvm_gmem_bind).
   MemslotSpec s2 = s;
   s2.slot = 2;
   s2.gpa = 2ULL << 32;

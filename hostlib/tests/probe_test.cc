@@ -38,7 +38,8 @@ TEST(Probe, AgreesWithTheKernel) {
       EXPECT_FALSE(t.create_error.empty()) << t.name;
     }
   }
-  // GUEST_MEMFD_FLAGS is a bitmask: INIT_SHARED implies MMAP where reported (facts §2).
+  // GUEST_MEMFD_FLAGS is a bitmask: INIT_SHARED implies MMAP where reported
+  // (guest_memfd_test.c, test_guest_memfd).
   for (const auto& t : c.per_type) {
     if (t.creatable && t.guest_memfd_flags > 0 && (t.guest_memfd_flags & 2)) {
       EXPECT_TRUE(t.guest_memfd_flags & 1) << t.name;

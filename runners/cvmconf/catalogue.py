@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
+import json
 import os
-import re
 
 import yaml
 
 from cvmconf.errors import UsageError
 
-LEVELS = ("MUST", "SHOULD", "INFO")
-ID_RE = re.compile(r"^[A-Z]+-[0-9]{3}$")
-KNOWN_KEYS = {"id", "family", "level", "statement", "seeds", "refs", "platforms", "needs",
-              "tests", "untested_reason"}
-REQUIRED_KEYS = {"id", "family", "level", "statement", "seeds", "platforms", "needs", "tests"}
+LEVELS = ("MUST", "SHOULD", "INFO")   # the schema's enum, in this order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +50,67 @@ def default_path() -> str:
     return os.path.normpath(os.path.join(here, "..", "..", "suites", "requirements.yaml"))
 
 
+def schema_path() -> str:
+    return os.path.join(os.path.dirname(default_path()), "requirements.schema.json")
+
+
+@functools.lru_cache(maxsize=1)
+def _validator():
+    try:
+        import jsonschema
+    except ImportError:
+        raise UsageError("python3-jsonschema is not installed (./cvmconf installs it)") from None
+    try:
+        with open(schema_path(), encoding="utf-8") as f:
+            schema = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read the catalogue schema {schema_path()}: {e}") from None
+    return jsonschema.Draft7Validator(schema)
+
+
+def _message(root: dict, error) -> str:
+    """One line for a schema violation: the failing schema's errorMessage (a string, or one per
+    keyword), else the missing or unexpected keys, else the nearest enclosing errorMessage."""
+    own = error.schema.get("errorMessage") if isinstance(error.schema, dict) else None
+    if isinstance(own, dict):
+        own = own.get(error.validator)
+    if own:
+        return own
+    if error.validator == "required":
+        missing = sorted(set(error.validator_value) - set(error.instance))
+        return f"missing key(s) {', '.join(missing)}"
+    if error.validator == "additionalProperties":
+        unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        return f"unknown key(s) {', '.join(unknown)}"
+    enclosing, node = None, root
+    for key in list(error.absolute_schema_path)[:-1]:
+        node = node[key]
+        if isinstance(node, dict) and isinstance(node.get("errorMessage"), str):
+            enclosing = node["errorMessage"]
+    return enclosing or error.message[:200]
+
+
+def _shape_error(data, path: str) -> str | None:
+    """The first violation of suites/requirements.schema.json, as one line naming the file and
+    the entry (its id, or its position when it has none), or None."""
+    v = _validator()
+    errors = sorted(v.iter_errors(data), key=lambda e: [
+        (0, x, "") if isinstance(x, int) else (1, 0, str(x)) for x in e.absolute_path])
+    if not errors:
+        return None
+    e = errors[0]
+    where = f"requirement catalogue {path}"
+    p = list(e.absolute_path)
+    if len(p) >= 2 and p[0] == "requirements":
+        raw = data["requirements"][p[1]]
+        rid = raw.get("id") if isinstance(raw, dict) else None
+        where += f", {rid}" if isinstance(rid, str) else f", entry {p[1] + 1}"
+    return f"{where}: {_message(v.schema, e)}"
+
+
 def load(path: str | None = None, seeds_dir: str | None = None) -> Catalogue:
-    """Loads and validates the catalogue. Raises UsageError with one line on any problem."""
+    """Loads and validates the catalogue. Raises UsageError with one line on any problem: its
+    shape against suites/requirements.schema.json, then what the entries refer to."""
     path = path or default_path()
     try:
         with open(path, encoding="utf-8") as f:
@@ -65,78 +121,37 @@ def load(path: str | None = None, seeds_dir: str | None = None) -> Catalogue:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise UsageError(f"requirement catalogue {path}{where}: not valid YAML") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"requirement catalogue {path}: top level must be a mapping")
-    for key in ("platforms", "capabilities", "families", "requirements"):
-        if key not in data:
-            raise UsageError(f"requirement catalogue {path}: missing '{key}'")
-    platforms = data["platforms"]
-    capabilities = data["capabilities"]
-    families = data["families"]
-    if not all(isinstance(x, dict) for x in (platforms, capabilities, families)):
-        raise UsageError(f"requirement catalogue {path}: platforms/capabilities/families must be mappings")
-    if not isinstance(data["requirements"], list):
-        raise UsageError(f"requirement catalogue {path}: 'requirements' must be a list")
-    seed_titles = data.get("seeds", {})
-    if not isinstance(seed_titles, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in seed_titles.items()):
-        raise UsageError(f"requirement catalogue {path}: 'seeds' must map seed files to titles")
+    problem = _shape_error(data, path)
+    if problem:
+        raise UsageError(problem)
+    platforms, capabilities = data["platforms"], data["capabilities"]
+    families, seed_titles = data["families"], data.get("seeds", {})
     reqs: list[Requirement] = []
     seen: set[str] = set()
-    for i, raw in enumerate(data["requirements"]):
-        where = f"requirement catalogue {path}, entry {i + 1}"
-        if not isinstance(raw, dict):
-            raise UsageError(f"{where}: must be a mapping")
-        rid = raw.get("id", "?")
+    for raw in data["requirements"]:
+        rid = raw["id"]
         where = f"requirement catalogue {path}, {rid}"
-        unknown = set(raw) - KNOWN_KEYS
-        if unknown:
-            raise UsageError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-        missing = REQUIRED_KEYS - set(raw)
-        if missing:
-            raise UsageError(f"{where}: missing key(s) {', '.join(sorted(missing))}")
-        if not isinstance(rid, str) or not ID_RE.match(rid):
-            raise UsageError(f"{where}: id must look like FAMILY-NNN")
         if rid in seen:
             raise UsageError(f"{where}: duplicate id")
         seen.add(rid)
         if raw["family"] not in families:
             raise UsageError(f"{where}: unknown family '{raw['family']}'")
-        if raw["level"] not in LEVELS:
-            raise UsageError(f"{where}: level must be one of {', '.join(LEVELS)}")
-        if not isinstance(raw["statement"], str) or not raw["statement"].strip():
-            raise UsageError(f"{where}: statement must be a non-empty string")
-        for key in ("seeds", "refs", "platforms", "needs", "tests"):
-            val = raw.get(key, [])
-            if not isinstance(val, list) or not all(isinstance(v, str) for v in val):
-                raise UsageError(f"{where}: '{key}' must be a list of strings")
-        if not raw["seeds"]:
-            raise UsageError(f"{where}: cites no seed thread")
         for sd in raw["seeds"]:
             if seed_titles and sd not in seed_titles:
                 raise UsageError(f"{where}: seed {sd} is not listed under 'seeds'")
+            if seeds_dir and not os.path.exists(os.path.join(seeds_dir, sd)):
+                raise UsageError(f"{where}: seed file {sd} not found in {seeds_dir}")
         for p in raw["platforms"]:
             if p not in platforms:
                 raise UsageError(f"{where}: unknown platform '{p}'")
         for n in raw["needs"]:
             if n not in capabilities:
                 raise UsageError(f"{where}: unknown capability '{n}'")
-        reason = raw.get("untested_reason")
-        if reason is not None and (not isinstance(reason, str) or not reason.strip()):
-            raise UsageError(f"{where}: untested_reason must be a non-empty string")
-        if raw["level"] in ("MUST", "SHOULD") and not raw["tests"] and not reason:
-            raise UsageError(f"{where}: a {raw['level']} requirement needs tests or an untested_reason")
-        if raw["tests"] and reason:
-            raise UsageError(f"{where}: has tests and an untested_reason; keep one")
-        if seeds_dir:
-            for s in raw["seeds"]:
-                if not os.path.exists(os.path.join(seeds_dir, s)):
-                    raise UsageError(f"{where}: seed file {s} not found in {seeds_dir}")
         reqs.append(Requirement(
             id=rid, family=raw["family"], level=raw["level"], statement=raw["statement"].strip(),
             seeds=tuple(raw["seeds"]), refs=tuple(raw.get("refs", [])),
             platforms=tuple(raw["platforms"]), needs=tuple(raw["needs"]),
-            tests=tuple(raw["tests"]), untested_reason=reason))
+            tests=tuple(raw["tests"]), untested_reason=raw.get("untested_reason")))
     return Catalogue(path=path, requirements=reqs, families=families, platforms=platforms,
                      capabilities=capabilities, seed_titles=dict(seed_titles))
 

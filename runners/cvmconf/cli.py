@@ -13,6 +13,7 @@ broke, the run is incomplete).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -48,7 +49,7 @@ def cmd_check_catalogue(args) -> int:
     cat = catalogue.load(args.catalogue, seeds_dir=args.seeds_dir)
     declared: dict[str, list[str]] = {}
     for b in gtest.suite_binaries_in(_suite_dir(args)):
-        declared.update(gtest.list_requirements(b))
+        declared.update(gtest.list_suite(b).requirements)
     problems = catalogue.cross_check(cat, declared)
     problems += _check_upstream_map(args, cat)
     for p in problems:
@@ -387,13 +388,38 @@ def _cleanup_run(ctx: dict, executor, progress, interrupted: bool) -> dict:
     return state
 
 
-def _run(args, ctx: dict) -> int:
-    from cvmconf import executor as ex
-    from cvmconf import results, rollup, sysstate, targets
-    from cvmconf.progress import Progress
+@dataclasses.dataclass
+class _Execution:
+    """What executing a run's tests left: the pytest status, the plugin (listings, selection,
+    results), the executor (batches, problems), the upstream selftests and the restored state."""
+    rc: int | None
+    interrupted: bool
+    plugin: object
+    executor: object
+    binaries: list
+    up: dict | None
+    system_state: dict
 
-    stopper: Stopper = ctx["stopper"]
+
+def _run(args, ctx: dict) -> int:
+    """A run, step by step: options, target, run directory, execution, results."""
     cat = catalogue.load(args.catalogue)
+    duration, source = _run_options(args, cat)
+    target = _open_target(args, ctx)
+    up = _upstream_prepare(args, target)
+    target.check()                      # no KVM: one line, exit 2, nothing written
+    suite_dir, binaries, _ = _collect(args, cat, target)
+    fp = target.fingerprint()
+    run_dir, base = _start_run_dir(args, ctx, cat, target, fp, source, duration, suite_dir)
+    done = _execute(args, ctx, cat, target, fp, run_dir, base, duration, suite_dir, binaries, up)
+    run, run_results, exit_code = _assemble_run(args, ctx, cat, base, done)
+    return _write_and_report(run, run_dir, base, run_results, exit_code)
+
+
+def _run_options(args, cat) -> tuple[int | None, dict]:
+    """Checks the options of `run` (UsageError, one line); returns the stress duration and the
+    kernel source's description."""
+    from cvmconf import results
     _validate_filters(args, cat)
     for name in ("duration", "test_timeout", "idle_timeout"):
         v = getattr(args, name)
@@ -410,12 +436,17 @@ def _run(args, ctx: dict) -> int:
     duration = args.duration
     if duration is None and os.environ.get("CVMCONF_DURATION", "").isdigit():
         duration = int(os.environ["CVMCONF_DURATION"])
-
     if args.lock_wait < 0:
         raise UsageError("--lock-wait must be >= 0")
     if args.run_id and not re.match(r"^[A-Za-z0-9._-]+$", args.run_id):
         raise UsageError(f"--run-id {args.run_id!r}: use letters, digits, '.', '_' and '-'")
+    return duration, source
 
+
+def _open_target(args, ctx: dict):
+    """Creates the target (ctx["target"], closed by cmd_run on every path); on the local host
+    also takes the run lock and prepares debugfs, both put back by the cleanup."""
+    from cvmconf import sysstate, targets
     target = targets.create(args.target, build_dir=_build_dir(args), **_target_options(args))
     ctx["target"] = target
     if args.target == "local":
@@ -434,10 +465,14 @@ def _run(args, ctx: dict) -> int:
             ctx["debugfs"] = sysstate.DebugfsMount()
             ctx.setdefault("cleanups", []).append(
                 lambda: ctx["debugfs"] and ctx["debugfs"].restore())
-    up = _upstream_prepare(args, target)
-    target.check()                      # no KVM: one line, exit 2, nothing written
-    suite_dir, binaries, _ = _collect(args, cat, target)
-    fp = target.fingerprint()
+    return target
+
+
+def _start_run_dir(args, ctx: dict, cat, target, fp: dict, source: dict, duration,
+                   suite_dir: Path) -> tuple[Path, dict]:
+    """Creates results/<run-id>/ with a run.json that marks the run incomplete until the end;
+    returns the directory and that first run.json (the base of the final one)."""
+    from cvmconf import results
     started = results.now_iso()
     run_id = args.run_id or _run_id(fp)
     results_root = Path(args.results_dir) if args.results_dir else REPO / "results"
@@ -473,6 +508,17 @@ def _run(args, ctx: dict) -> int:
     except OSError as e:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise UsageError(f"cannot write {run_dir / 'run.json'}: {e.strerror or e}") from None
+    return run_dir, base
+
+
+def _execute(args, ctx: dict, cat, target, fp: dict, run_dir: Path, base: dict, duration,
+             suite_dir: Path, binaries, up: dict | None) -> _Execution:
+    """Runs the selected tests (pytest session, executor batches) and the upstream selftests,
+    then cleans up (_cleanup_run) on every path, a signal included."""
+    from cvmconf import executor as ex
+    from cvmconf import results, sysstate
+    from cvmconf.progress import Progress
+    stopper: Stopper = ctx["stopper"]
 
     def mark_stopped_at_once() -> None:   # the hard exit: say so in run.json (small, atomic)
         results.write_json(run_dir / "run.json", {
@@ -507,26 +553,22 @@ def _run(args, ctx: dict) -> int:
         interrupted = True
     finally:
         system_state = _cleanup_run(ctx, executor, progress, interrupted)
+    return _Execution(rc=rc, interrupted=interrupted, plugin=plugin, executor=executor,
+                      binaries=binaries, up=up, system_state=system_state)
 
-    selected = {name: [i.test for i in items] for name, items in plugin.selected.items()}
-    if rc == 5 and not plugin.errors and not any(selected.values()):
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise UsageError("no test matches the filters" +
-                         (f" ({_selection_text(args)})" if _selection_text(args) else ""))
 
-    problems = list(executor.problems) + system_state.pop("problems")
-    for e in plugin.errors:
-        problems.append({"batch": "-", "binary": e.split(":", 1)[0], "problem": e})
-    if rc not in (0, 1, 2, 5):
-        problems.append({"batch": "-", "binary": "-",
-                         "problem": f"pytest session ended with status {rc}"})
-    got = plugin.all_results()
+def _test_entries(done: _Execution, selected: dict[str, list[str]]):
+    """run.json's test entries of the selected tests (a test without a result: not run), the
+    results among them, and how many did not run."""
+    from cvmconf import results
+    got = done.plugin.all_results()
     run_results: list[gtest.TestResult] = []
     entries: list[dict] = []
     not_run = 0
-    not_run_reason = "the run was interrupted" if interrupted else "its batch never ran"
-    for b in binaries:
-        _, reqs_here = plugin.listings.get(b.name, ([], {}))
+    not_run_reason = "the run was interrupted" if done.interrupted else "its batch never ran"
+    for b in done.binaries:
+        listing = done.plugin.listings.get(b.name)
+        reqs_here = listing.requirements if listing else {}
         res = got.get(b.name, {})
         for t in selected.get(b.name, []):
             r = res.get(t)
@@ -537,10 +579,32 @@ def _run(args, ctx: dict) -> int:
             else:
                 run_results.append(r)
                 entries.append(results.test_entry(r))
+    return entries, run_results, not_run, not_run_reason
+
+
+def _assemble_run(args, ctx: dict, cat, base: dict, done: _Execution):
+    """The final run.json from the execution: test entries, requirement roll-up, problems,
+    completeness and verdict. Returns it, the test results and the exit code."""
+    from cvmconf import results, rollup
+    stopper: Stopper = ctx["stopper"]
+    plugin, rc, interrupted, up = done.plugin, done.rc, done.interrupted, done.up
+    selected = {name: [i.test for i in items] for name, items in plugin.selected.items()}
+    if rc == 5 and not plugin.errors and not any(selected.values()):
+        shutil.rmtree(ctx["run_dir"], ignore_errors=True)
+        raise UsageError("no test matches the filters" +
+                         (f" ({_selection_text(args)})" if _selection_text(args) else ""))
+
+    problems = list(done.executor.problems) + done.system_state.pop("problems")
+    for e in plugin.errors:
+        problems.append({"batch": "-", "binary": e.split(":", 1)[0], "problem": e})
+    if rc not in (0, 1, 2, 5):
+        problems.append({"batch": "-", "binary": "-",
+                         "problem": f"pytest session ended with status {rc}"})
+    entries, run_results, not_run, not_run_reason = _test_entries(done, selected)
     available: dict[str, list[str]] = {}
-    for name, (tests_here, reqs_here) in plugin.listings.items():
-        for t in tests_here:
-            for rid in reqs_here.get(t, []):
+    for listing in plugin.listings.values():
+        for t in listing.tests:
+            for rid in listing.requirements.get(t, []):
                 available.setdefault(rid, []).append(t)
     sel_names = {t for ts in selected.values() for t in ts}
     notes = [args.suites_note] if getattr(args, "suites_note", None) else []
@@ -568,11 +632,11 @@ def _run(args, ctx: dict) -> int:
     run.update({
         "complete": complete, "incomplete_reason": "; ".join(reasons) if not complete else None,
         "finished": results.now_iso(), "summary": summary,
-        "target": target.describe(),   # again at the end: e.g. how often a VM was rebooted
+        "target": ctx["target"].describe(),   # again at the end: e.g. how often a VM was rebooted
         "notes": notes,
         "requirements": [r.to_dict() for r in reqs], "tests": entries,
-        "batches": [rec.__dict__ for rec in executor.batches], "problems": problems,
-        "system_state": system_state,
+        "batches": [rec.__dict__ for rec in done.executor.batches], "problems": problems,
+        "system_state": done.system_state,
     })
     if up is not None:
         from cvmconf import upstream
@@ -580,6 +644,11 @@ def _run(args, ctx: dict) -> int:
             run["requirements"], up.get("results", []), up["tests"], up["built"],
             up.get("problems", []), up.get("batches", []),
             "" if "results" in up else "the upstream selftests did not run: the run was interrupted")
+    return run, run_results, exit_code
+
+
+def _write_and_report(run: dict, run_dir: Path, base: dict, run_results, exit_code: int) -> int:
+    """Writes run.json and its renderings, prints the pin coverage and the summary."""
     written = _write_outputs_or_fallback(run, run_dir, base)
     if written != run_dir:
         exit_code = EXIT_HARNESS

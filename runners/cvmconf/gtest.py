@@ -1,5 +1,5 @@
-"""GoogleTest suite binaries: discovery, the test list (--gtest_list_tests), the requirement
-listing (--cvm_list_requirements), and the JSON report (--gtest_output=json) turned into per-test
+"""GoogleTest suite binaries: discovery, the listing of tests and their requirement IDs
+(--cvm_list_requirements), and the JSON report (--gtest_output=json) turned into per-test
 results. Every parser here raises ReportError with one line on input it cannot understand."""
 from __future__ import annotations
 
@@ -75,72 +75,49 @@ def family_of(binary: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# --gtest_list_tests
+# The listing: --cvm_list_requirements (hostlib gtest_support.cc) prints every registered test,
+# in GoogleTest's execution order, with the requirement IDs it names:
+#   {"tests": [{"name": "Suite.Test", "requirements": ["ID", ...], "file": ..., "line": ...}]}
+# It is the runner's only listing of a binary: the tests to run and their requirements.
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_/]+$")
 
 
-def parse_test_list(text: str) -> list[str]:
-    """Parses `--gtest_list_tests` output into full test names, in execution order.
-
-    The format is a suite line ("Prefix/Suite." optionally followed by "  # TypeParam = ...")
-    followed by indented test lines ("  Name/param" optionally followed by "  # GetParam() = ...").
-    DISABLED_ tests are left out (they do not run)."""
-    if not isinstance(text, str):
-        raise ReportError("test list is not text")
-    names: list[str] = []
-    seen: set[str] = set()
-    suite: str | None = None
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        if line.startswith("  "):
-            name = line[2:].split("  #", 1)[0].strip()
-            if suite is None:
-                raise ReportError(f"test list line {n}: test name before any test suite")
-            if not _NAME_RE.match(name):
-                raise ReportError(f"test list line {n}: not a GoogleTest test name: {name[:80]!r}")
-            full = f"{suite}.{name}"
-            if full in seen:
-                raise ReportError(f"test list line {n}: test {full[:120]} listed twice")
-            seen.add(full)
-            if not any(p.startswith("DISABLED_") for p in [*suite.split("/"), name]):
-                names.append(full)
-        else:
-            s = line.split("  #", 1)[0].strip()
-            if not s.endswith(".") or not _NAME_RE.match(s[:-1]):
-                raise ReportError(f"test list line {n}: not a GoogleTest suite line: {s[:80]!r}")
-            suite = s[:-1]
-    return names
+@dataclasses.dataclass
+class SuiteListing:
+    tests: list[str]                    # full names in execution order, DISABLED_ tests left out
+    requirements: dict[str, list[str]]  # every listed test (DISABLED_ too) -> requirement IDs
 
 
-def list_tests(binary: str | os.PathLike) -> list[str]:
-    out = _run_listing(binary, ["--gtest_list_tests"])
-    try:
-        return parse_test_list(out)
-    except ReportError as e:
-        raise HarnessError(f"{Path(binary).name}: {e}") from None
+def _disabled(full_name: str) -> bool:
+    suite, name = full_name.split(".", 1)
+    return any(p.startswith("DISABLED_") for p in [*suite.split("/"), *name.split("/")[:1]])
 
 
-# ---------------------------------------------------------------------------------------------
-# --cvm_list_requirements
-
-def parse_requirement_list(text: str) -> dict[str, list[str]]:
-    """Parses `--cvm_list_requirements` output: {"tests": [{"name": ..., "requirements": [...]}]}."""
+def parse_listing(text: str) -> SuiteListing:
+    """Parses the --cvm_list_requirements JSON; ReportError (one line) on anything else."""
     try:
         data = json.loads(text)
     except (ValueError, TypeError):
-        raise ReportError("requirement list is not JSON") from None
+        raise ReportError("test list is not JSON") from None
     if not isinstance(data, dict) or not isinstance(data.get("tests"), list):
-        raise ReportError("requirement list has no 'tests' list")
-    out: dict[str, list[str]] = {}
-    for i, t in enumerate(data["tests"]):
+        raise ReportError("test list has no 'tests' list")
+    listing = SuiteListing(tests=[], requirements={})
+    for i, t in enumerate(data["tests"], 1):
         if not isinstance(t, dict) or not isinstance(t.get("name"), str) or \
                 not isinstance(t.get("requirements"), list) or \
                 not all(isinstance(r, str) for r in t["requirements"]):
-            raise ReportError(f"requirement list entry {i + 1} is malformed")
-        out[t["name"]] = list(t["requirements"])
-    return out
+            raise ReportError(f"test list entry {i} is malformed")
+        full = t["name"]
+        suite, dot, name = full.partition(".")
+        if not dot or not _NAME_RE.match(suite) or not _NAME_RE.match(name):
+            raise ReportError(f"test list entry {i}: not a GoogleTest test name: {full[:80]!r}")
+        if full in listing.requirements:
+            raise ReportError(f"test list entry {i}: test {full[:120]} listed twice")
+        listing.requirements[full] = list(t["requirements"])
+        if not _disabled(full):
+            listing.tests.append(full)
+    return listing
 
 
 def _run_listing(binary: str | os.PathLike, args: list[str]) -> str:
@@ -154,13 +131,16 @@ def _run_listing(binary: str | os.PathLike, args: list[str]) -> str:
     return out.stdout
 
 
-def list_requirements(binary: str | os.PathLike) -> dict[str, list[str]]:
-    """Test full name -> requirement IDs, from the binary itself (nothing runs)."""
-    out = _run_listing(binary, ["--cvm_list_requirements"])
+LIST_FLAG = "--cvm_list_requirements"
+
+
+def list_suite(binary: str | os.PathLike) -> SuiteListing:
+    """The binary's tests and their requirement IDs, from the binary itself (nothing runs)."""
+    out = _run_listing(binary, [LIST_FLAG])
     try:
-        return parse_requirement_list(out)
-    except ReportError:
-        raise HarnessError(f"{binary}: --cvm_list_requirements printed malformed JSON") from None
+        return parse_listing(out)
+    except ReportError as e:
+        raise HarnessError(f"{Path(binary).name}: {LIST_FLAG}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The pytest collector plugin: one pytest item per GoogleTest test of every suite binary.
 
-pytest collects (each binary is a pytest File whose items come from --gtest_list_tests), applies
+pytest collects (each binary is a pytest File whose items come from its listing,
+--cvm_list_requirements: tests in execution order with their requirement IDs), applies
 `-k`, and then this plugin applies --requirement/--family/--filter. Execution is not one process
 per item: when the test loop starts, the Executor runs every selected test of a binary in batches
 (GoogleTest sharding and filters), and each item reports the result of its own test.
@@ -76,9 +77,8 @@ class SuiteFile(pytest.File):
         listing = self.plugin.listing(self.binary)
         if listing is None:
             return
-        tests, reqs = listing
-        for t in tests:
-            ids = reqs.get(t, [])
+        for t in listing.tests:
+            ids = listing.requirements.get(t, [])
             yield GTestItem.from_parent(self, name=t, binary=self.binary, test=t,
                                         requirements=ids, plugin=self.plugin,
                                         families=self.plugin.families_of(ids))
@@ -96,7 +96,7 @@ class CvmconfPlugin:
         self.family_names = set(family_names or [])
         self.gtest_filter = gtest_filter
         self.errors: list[str] = []
-        self.listings: dict[str, tuple[list[str], dict[str, list[str]]]] = {}
+        self.listings: dict[str, gtest.SuiteListing] = {}
         self.selected: dict[str, list[GTestItem]] = {}
         self.deselected: list[GTestItem] = []
         self.futures: dict[str, list[concurrent.futures.Future]] = {}
@@ -108,12 +108,11 @@ class CvmconfPlugin:
     def listing(self, binary: SuiteBinary):
         if binary.name not in self.listings:
             try:
-                tests = self.target.list_tests(binary)
-                reqs = self.target.list_requirements(binary)
+                listing = self.target.list_suite(binary)
             except Exception as e:  # one line in the run's problems, not a pytest traceback
                 self.errors.append(f"{binary.name}: {e}")
                 return None
-            self.listings[binary.name] = (tests, reqs)
+            self.listings[binary.name] = listing
         return self.listings[binary.name]
 
     def families_of(self, ids: list[str]) -> list[str]:
@@ -157,8 +156,9 @@ class CvmconfPlugin:
                 self.progress.total = sum(len(v) for v in self.selected.values())
             for name, items in self.selected.items():
                 b = items[0].binary
-                tests, reqs = self.listings[name]
-                self.futures[name] = self.executor.submit(b, [i.test for i in items], tests, reqs)
+                listing = self.listings[name]
+                self.futures[name] = self.executor.submit(b, [i.test for i in items], listing.tests,
+                                                          listing.requirements)
         yield
 
     def result_of(self, item: GTestItem) -> TestResult | None:

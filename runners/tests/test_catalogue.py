@@ -45,7 +45,7 @@ def test_real_catalogue_agrees_with_suites(build_dir):
     cat = catalogue.load()
     declared = {}
     for b in gtest.suite_binaries(build_dir):
-        declared.update(gtest.list_requirements(b))
+        declared.update(gtest.list_suite(b).requirements)
     assert declared, "no tests declared by the suites"
     assert catalogue.cross_check(cat, declared) == []
 
@@ -63,12 +63,39 @@ def test_minimal_catalogue_loads(tmp_path):
     (("needs: [kvm]", "needs: [warp]"), "unknown capability"),
     (('tests: ["*Suite.Test*"]', "tests: []"), "needs tests or an untested_reason"),
     (("id: MMAP-001", "id: mmap1"), "FAMILY-NNN"),
-    (("statement: something holds", "statement: something holds\n  colour: blue"), "unknown key"),
+    (("statement: something holds", "statement: something holds\n  colour: blue"),
+     r"MMAP-001: unknown key\(s\) colour$"),
+    (("  level: MUST\n", ""), r"MMAP-001: missing key\(s\) level$"),
+    (("statement: something holds", "statement: '  '"), "statement must be a non-empty string"),
+    (("needs: [kvm]", "needs: kvm"), "'needs' must be a list of strings"),
+    (("needs: [kvm]", "needs: [kvm]\n  refs: [1]"), "'refs' must be a list of strings"),
+    (("needs: [kvm]", "needs: [kvm]\n  untested_reason: x"), "has tests and an untested_reason"),
+    (("- id: MMAP-001", "- id: 7"), r"entry 1: id must look like FAMILY-NNN$"),
 ])
 def test_malformed_entries_are_rejected(tmp_path, mutation, message):
     old, new = mutation
     with pytest.raises(UsageError, match=message):
         catalogue.load(write(tmp_path, HEADER + GOOD.replace(old, new)))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[1, 2]\n", r"req.yaml: top level must be a mapping$"),
+    (HEADER.replace("capabilities: {kvm: k}\n", ""), r"req.yaml: missing key\(s\) capabilities$"),
+    (HEADER.replace("{kvm: k}", "[kvm]"), "platforms/capabilities/families must be mappings$"),
+    (HEADER + "  - just a string\n", r"req.yaml, entry 1: must be a mapping$"),
+    (HEADER.replace("requirements:\n", "requirements: {}\n"), "'requirements' must be a list$"),
+])
+def test_malformed_catalogues_are_one_line(tmp_path, text, message):
+    with pytest.raises(UsageError, match=message) as e:
+        catalogue.load(write(tmp_path, text))
+    assert "\n" not in str(e.value) and str(e.value).startswith("requirement catalogue ")
+
+
+def test_schema_is_a_valid_draft7_schema():
+    import json
+    import jsonschema
+    with open(catalogue.schema_path(), encoding="utf-8") as f:
+        jsonschema.Draft7Validator.check_schema(json.load(f))
 
 
 def test_duplicate_ids_rejected(tmp_path):

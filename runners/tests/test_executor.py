@@ -5,6 +5,7 @@ import json
 import pytest
 
 from cvmconf import executor as ex
+from cvmconf import gtest
 from cvmconf.kmsg import KernelLine
 from cvmconf.targets.base import (KILLED_INTERRUPTED, KILLED_TEST_TIMEOUT, BatchOutput, BatchPlan,
                                   SuiteBinary, Target)
@@ -139,11 +140,8 @@ class ScriptedTarget(Target):
     def fingerprint(self):
         return {}
 
-    def list_tests(self, binary):
-        return ALL
-
-    def list_requirements(self, binary):
-        return REQS
+    def list_suite(self, binary):
+        return gtest.SuiteListing(tests=list(ALL), requirements=dict(REQS))
 
     def run_batch(self, plan, on_event=None):
         self.plans.append(plan)

@@ -1,7 +1,8 @@
-"""Parsers of external formats (GoogleTest JSON report, --gtest_list_tests, the requirement list,
+"""Parsers of external formats (GoogleTest JSON report, the suites' test listing,
 the event stream), property-based: valid input round-trips; malformed input gives the parser's
 own error with a one-line message, never a traceback and never a silent pass."""
 import json
+import subprocess
 
 import pytest
 from hypothesis import assume, given, settings
@@ -153,67 +154,71 @@ def test_real_report_of_a_suite_binary_parses(build_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# --gtest_list_tests
+# The listing (--cvm_list_requirements): tests in execution order and their requirement IDs
+
+def _listing(entries) -> str:
+    return json.dumps({"tests": [{"name": n, "requirements": r, "file": "x_test.cc", "line": 1}
+                                 for n, r in entries]})
+
 
 @given(st.lists(st.tuples(st.from_regex(r"\A[A-Z][A-Za-z0-9_]{0,8}(/[A-Za-z0-9_]{1,8})?\Z"),
                           st.lists(st.from_regex(r"\A[a-z][A-Za-z0-9_]{0,8}(/[a-z0-9_]{1,6})?\Z"),
-                                   min_size=1, max_size=4, unique=True),
-                          st.booleans()),
-                max_size=4, unique_by=lambda s: s[0]))
-def test_test_lists_parse(suites):
-    text = ""
-    want = []
-    for suite, names, commented in suites:
-        text += f"{suite}." + ("  # TypeParam = int" if commented else "") + "\n"
-        for n in names:
-            text += f"  {n}" + ("  # GetParam() = x-y z" if commented else "") + "\n"
-            if not any(p.startswith("DISABLED_") for p in [*suite.split("/"), n]):
-                want.append(f"{suite}.{n}")
-    assert gtest.parse_test_list(text) == want
+                                   min_size=1, max_size=4, unique=True)),
+                max_size=4, unique_by=lambda s: s[0]),
+       st.lists(st.from_regex(r"\A[A-Z]{2,6}-[0-9]{3}\Z"), max_size=3))
+def test_listings_parse_in_order(suites, ids):
+    entries = [(f"{suite}.{n}", ids) for suite, names in suites for n in names]
+    got = gtest.parse_listing(_listing(entries))
+    assert got.tests == [n for n, _ in entries]
+    assert got.requirements == {n: ids for n, _ in entries}
 
 
-def test_disabled_tests_are_not_listed():
-    text = "S.\n  a\n  DISABLED_b\nDISABLED_T.\n  c\n"
-    assert gtest.parse_test_list(text) == ["S.a"]
+def test_disabled_tests_are_not_run_but_keep_their_requirements():
+    text = _listing([("S.a", ["X-001"]), ("S.DISABLED_b", ["X-002"]), ("DISABLED_T.c", []),
+                     ("P/DISABLED_U.d/x", []), ("P/V.DISABLED_e/0", []), ("P/V.f/0", [])])
+    got = gtest.parse_listing(text)
+    assert got.tests == ["S.a", "P/V.f/0"]
+    assert got.requirements["S.DISABLED_b"] == ["X-002"]
 
 
 @pytest.mark.parametrize("text, message", [
-    ("  orphan\n", "before any test suite"),
-    ("Suite\n  a\n", "not a GoogleTest suite line"),
-    ("Suite.\n  a b\n", "not a GoogleTest test name"),
-    ("Suite.\n  a\n  a\n", "listed twice"),
-    ("Running main() from gtest_main.cc\nSuite.\n  a\n", "not a GoogleTest suite line"),
+    ("", "not JSON"),
+    ("{", "not JSON"),
+    ("Running main() from gtest_main.cc\n", "not JSON"),
+    ("[]", "no 'tests' list"),
+    ('{"tests": 1}', "no 'tests' list"),
+    ('{"tests": [{"name": 1}]}', "entry 1 is malformed"),
+    ('{"tests": [{"name": "a", "requirements": [1]}]}', "entry 1 is malformed"),
+    (_listing([("Suite", [])]), "not a GoogleTest test name"),
+    (_listing([("Suite.a b", [])]), "not a GoogleTest test name"),
+    (_listing([("S.a", []), ("S.a", [])]), "entry 2: test S.a listed twice"),
 ])
-def test_malformed_test_lists_are_rejected(text, message):
+def test_malformed_listings_are_rejected(text, message):
     with pytest.raises(ReportError, match=message):
-        gtest.parse_test_list(text)
+        gtest.parse_listing(text)
 
 
 @given(st.text(max_size=200))
-def test_arbitrary_test_lists_give_names_or_a_clear_error(text):
+def test_arbitrary_listings_give_names_or_a_clear_error(text):
     try:
-        names = gtest.parse_test_list(text)
+        got = gtest.parse_listing(text)
     except ReportError as e:
         assert "\n" not in str(e)
     else:
-        assert all("." in n and " " not in n for n in names)
+        assert all("." in n and " " not in n for n in got.tests)
 
 
-def test_real_binaries_list_their_tests(build_dir):
+def test_real_binaries_list_their_tests(build_dir, tmp_path):
     for b in gtest.suite_binaries(build_dir):
-        names = gtest.list_tests(b)
-        declared = gtest.list_requirements(b)
-        assert names and set(names) <= set(declared)
-
-
-# ---------------------------------------------------------------------------------------------
-# --cvm_list_requirements
-
-@pytest.mark.parametrize("text", ["", "{", "[]", '{"tests": 1}', '{"tests": [{"name": 1}]}',
-                                  '{"tests": [{"name": "a", "requirements": [1]}]}'])
-def test_malformed_requirement_lists_are_rejected(text):
-    with pytest.raises(ReportError):
-        gtest.parse_requirement_list(text)
+        got = gtest.list_suite(b)
+        assert got.tests and set(got.tests) <= set(got.requirements)
+        # The same tests, in the same order, as GoogleTest's own listing (its JSON form).
+        out = tmp_path / f"{b.name}.json"
+        subprocess.run([str(b), "--gtest_list_tests", f"--gtest_output=json:{out}"],
+                       check=True, capture_output=True, timeout=60)
+        own = [f"{s['name']}.{t['name']}" for s in json.loads(out.read_text())["testsuites"]
+               for t in s["testsuite"]]
+        assert got.tests == [n for n in own if not gtest._disabled(n)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -124,7 +124,8 @@ void make_conversion_env(std::unique_ptr<ConversionEnv>& env, const Kvm& kvm, co
 
 // Whether the back-end on this platform is expected to keep page contents across conversion:
 // in-place v8 on SW_PROTECTED VMs (the v8 selftests rely on it). Elsewhere contents are
-// unspecified (facts §3.2, §3.3, §3.5) and only recorded.
+// unspecified (v8's api.rst text on KVM_SET_MEMORY_ATTRIBUTES2; RFC v4/v5 made it a content
+// mode; RFC v2 did not promise it) and only recorded.
 bool content_preserved_expected(ConversionAbi abi, const Platform& p);
 
 // KVM reads a page's attribute when a fault starts and again once it holds the MMU notifier

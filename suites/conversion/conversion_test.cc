@@ -205,7 +205,7 @@ CVM_TEST_P(Conversion, ToPrivateZapsHostMappings, "CONV-005") {
   if (!in_place())
     GTEST_SKIP() << testing::kNotApplicable
                  << "the per-vm-attributes back-end keeps shared memory outside guest_memfd, so "
-                    "conversion to private unmaps nothing from the host (facts §1.3)";
+                    "conversion to private unmaps nothing from the host (api.rst 4.141)";
   const size_t ps = page_size();
   ConversionEnvOptions o;
   o.pages = 2;
@@ -258,7 +258,7 @@ CVM_TEST_P(Conversion, ToSharedIsLazilyAccessible, "CONV-007") {
   if (!in_place())
     GTEST_SKIP() << testing::kNotApplicable
                  << "the per-vm-attributes back-end never unmaps the host's separate shared "
-                    "memory, so there is nothing to fault back in (facts §1.3)";
+                    "memory, so there is nothing to fault back in (api.rst 4.141)";
   ConversionEnvOptions o;
   o.pages = 2;
   o.init_shared = false;

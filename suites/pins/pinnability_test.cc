@@ -1,4 +1,4 @@
-// Long-term pinnability matrix (seed 001; facts §7.2 gup_longterm): MAP_SHARED and MAP_PRIVATE
+// Long-term pinnability matrix (seed 001; selftests/mm/gup_longterm.c): MAP_SHARED and MAP_PRIVATE
 // mappings of memfd, a tmpfile on /tmp's file system, a file on each disk file system present
 // (ext4, xfs, btrfs) and hugetlb (memfd, every huge page size), pinned by every provider.
 // Expected, as upstream: R/O pins and pins of MAP_PRIVATE mappings work; R/W long-term pins of

@@ -1,4 +1,4 @@
-// R/O long-term pin reliability in private writable (COW) mappings (seed 001, facts §7.3
+// R/O long-term pin reliability in private writable (COW) mappings (seed 001, selftests/mm/cow.c
 // do_test_ro_pin): take a R/O long-term pin, modify the page through the page table, read
 // through the pin: the pin must see the modification, for every backing and for GUP and
 // GUP-fast. And its consequence: R/O long-term pinning populates an exclusive anonymous page

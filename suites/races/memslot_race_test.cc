@@ -1,6 +1,7 @@
 // Memslot deletion racing the last close of its guest_memfd and hole punching (RACE-005): the
 // shape of syzbot's KASAN slab-use-after-free in kvm_gmem_release (close -> kvm_gmem_release
-// wrote into a memslot that memslot deletion had freed; harness-anchors.md §7.2).
+// wrote into a memslot that memslot deletion had freed; fixed by "KVM: guest_memfd:
+// Remove bindings on memslot deletion when gmem is dying", 2025-11).
 //
 // Each iteration the driver creates a guest_memfd (seeded size, with or without MMAP, some pages
 // allocated or written), binds it to a seeded memslot (userspace_addr an anonymous area, or the

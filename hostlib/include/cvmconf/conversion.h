@@ -1,9 +1,9 @@
 // Shared <-> private conversion: three kernel ABIs behind one interface, chosen per VM by
-// probing behaviour (never by the cap number of an unmerged series; facts §3.6), plus the host
-// side of guest-initiated conversion (KVM_HC_MAP_GPA_RANGE exits) and implicit conversion
-// (KVM_EXIT_MEMORY_FAULT).
+// probing behaviour (never by the cap number of an unmerged series: they moved with every
+// rebase), plus the host side of guest-initiated conversion (KVM_HC_MAP_GPA_RANGE exits) and
+// implicit conversion (KVM_EXIT_MEMORY_FAULT).
 //
-// Back-ends (facts §1.3, §3.2, §3.5):
+// Back-ends (api.rst 4.141; in-place series v8; RFC v2):
 //   per-vm-attributes  KVM_SET_MEMORY_ATTRIBUTES on the VM fd, by GPA (mainline 6.8+). Private
 //                      memory is the guest_memfd, shared memory is separate host memory (the
 //                      memslot's userspace_addr). No error offset in the ABI.
@@ -160,7 +160,7 @@ struct ConversionSelection {
 };
 
 // Pure: which back-end the facts support. Preference when several answer: in-place v8, then
-// RFC v2 (the file's own state wins over per-VM attributes there, facts §3.5), then per-VM.
+// RFC v2 (the file's own state wins over per-VM attributes there), then per-VM.
 ConversionSelection select_conversion_backend(const ConversionProbeFacts& f);
 
 // Asks the kernel, on vm (a VM of the type being probed) whose KVM_CAP_GUEST_MEMFD and
@@ -195,7 +195,8 @@ std::optional<GuestConversionRequest> decode_map_gpa_range(const ExitInfo& e);
 // conversion makes [gpa, gpa+size) what the access wanted.
 std::optional<GuestConversionRequest> decode_memory_fault(const ExitInfo& e);
 
-// The value written to kvm_run.hypercall.ret to complete a MAP_GPA_RANGE (facts §1.6):
+// The value written to kvm_run.hypercall.ret to complete a MAP_GPA_RANGE (api.rst
+// KVM_EXIT_HYPERCALL):
 // 0 on success, EAGAIN when the conversion may be retried after its cause goes away (pins),
 // EINVAL for every other failure (KVM accepts only 0, EINVAL and EAGAIN for SNP/TDX).
 uint64_t map_gpa_range_ret(const ConversionResult& r);

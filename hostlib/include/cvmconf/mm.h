@@ -162,7 +162,8 @@ std::string fs_name_from_magic(unsigned long magic);
 Result<std::string> fs_type_of_fd(int fd);
 Result<std::string> fs_type_of_path(const std::string& path);
 // File systems that need writeback (dirty tracking) of shared file mappings: a R/W long-term
-// pin of a MAP_SHARED mapping of them must be refused (facts §7.2).
+// pin of a MAP_SHARED mapping of them must be refused
+// (tools/testing/selftests/mm/gup_longterm.c, fs_supports_writable_longterm_pinning).
 bool fs_needs_writeback(const std::string& fs);
 // File systems whose shared mappings may be pinned R/W long-term (tmpfs, hugetlbfs).
 bool fs_longterm_shared_rw_ok(const std::string& fs);

@@ -58,10 +58,10 @@ class PinProvider {
   // (EFAULT for memory that cannot be pinned; io_uring may also report EOPNOTSUPP/ENOSPC).
   virtual Result<std::unique_ptr<Pin>> pin(void* addr, size_t len) const = 0;
   // Whether a pin() failure with this errno means "the kernel refused to pin this memory"
-  // (default: EFAULT; io_uring also reports EOPNOTSUPP and ENOSPC, facts §7.2).
+  // (default: EFAULT; io_uring also reports EOPNOTSUPP and ENOSPC, as gup_longterm.c accepts).
   virtual bool is_refusal(int err) const;
   // Whether a pin() failure with this errno means "this provider cannot take such pins at all"
-  // (gup_test: PIN_LONGTERM_TEST_START failing with EINVAL, facts §7.1). Default: never.
+  // (gup_test: PIN_LONGTERM_TEST_START failing with EINVAL, as cow.c skips). Default: never.
   virtual bool is_unsupported(int err) const;
 };
 
@@ -86,7 +86,7 @@ std::vector<const PinProvider*> available_pin_providers(const PinRequest& req = 
 // The provider with this name (available or not), or nullptr.
 const PinProvider* pin_provider_by_name(const std::string& name);
 
-// --- gup_test (CONFIG_GUP_TEST, facts §7.1) -----------------------------------------------------
+// --- gup_test (CONFIG_GUP_TEST, mm/gup_test.c) --------------------------------------------------
 // Four providers, one per kind: "gup_test_ro", "gup_test_ro_fast", "gup_test_rw",
 // "gup_test_rw_fast" (R/O or R/W x pin_user_pages or pin_user_pages_fast, all FOLL_LONGTERM).
 // The kernel keeps ONE pinned set for the whole system (any fd's STOP or close drops it, and a

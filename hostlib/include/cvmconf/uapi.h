@@ -4,12 +4,14 @@
 // KVM_RUN, struct kvm_run, regs/sregs, KVM_CHECK_EXTENSION, ...) comes from <linux/kvm.h>.
 //
 // Every item names the kernel version or series it comes from. Source of the numbers:
-// ../shared/reference/kernel-uapi-facts.md (sections cited as "facts §N").
+// include/uapi/linux/kvm.h and Documentation/virt/kvm/api.rst of Linux 7.2 for mainline items,
+// the series' lore postings (named where used) for the out-of-tree ones.
 //
 // Names live in namespace cvm::uapi and are deliberately NOT the kernel's macro names, so a
 // newer system header that does define KVM_CAP_GUEST_MEMFD etc. cannot collide with them.
 //
-// Capability numbers of UNMERGED series move between versions (facts §3.6): they are listed
+// Capability numbers of UNMERGED series move between versions (RFC v2 used 240-242, the
+// in-place series 246, 249 and 250): they are listed
 // here for documentation and unit tests only; feature detection is by behaviour (probe.h).
 #pragma once
 
@@ -24,7 +26,7 @@ namespace cvm::uapi {
 inline constexpr unsigned kKvmIo = 0xAE;  // KVMIO, all versions
 
 // ---------------------------------------------------------------------------------------------
-// Capabilities (mainline; facts §1)
+// Capabilities (mainline; include/uapi/linux/kvm.h, Linux 7.2)
 namespace cap {
 inline constexpr long kExitHypercall = 201;        // KVM_CAP_EXIT_HYPERCALL, 5.18; bitmask of nrs
 inline constexpr long kUserMemory2 = 231;          // KVM_CAP_USER_MEMORY2, 6.8
@@ -36,7 +38,7 @@ inline constexpr long kPreFaultMemory = 236;       // KVM_CAP_PRE_FAULT_MEMORY, 
 inline constexpr long kGuestMemfdFlags = 244;      // KVM_CAP_GUEST_MEMFD_FLAGS, 6.18 (was ..._MMAP)
 inline constexpr long kCheckExtensionVm = 105;     // KVM_CAP_CHECK_EXTENSION_VM, 4.0
 inline constexpr long kMaxVcpus = 66;              // KVM_CAP_MAX_VCPUS
-// Out-of-tree numbers, documentation only (never probe with them; facts §3.2, §3.3, §3.5):
+// Out-of-tree numbers, documentation only (never probe with them; see the series below):
 inline constexpr long kDocOnlyGmemMemoryAttributesV8 = 250;   // in-place conversion v8
 inline constexpr long kDocOnlyGmemConversionRfcV2 = 241;      // RFC v2; = mainline ARM_EL2_E2H0
 }  // namespace cap
@@ -58,7 +60,7 @@ inline constexpr unsigned long kSetCpuid2 = _IOW(kKvmIo, 0x90, kvm_cpuid2_header
 static_assert(kGetSupportedCpuid == 0xc008ae05 && kSetCpuid2 == 0x4008ae90);
 
 // ---------------------------------------------------------------------------------------------
-// guest_memfd creation (6.8; flags 6.18; facts §1.1)
+// guest_memfd creation (6.8; flags 6.18; api.rst 4.142 KVM_CREATE_GUEST_MEMFD, Linux 7.2)
 struct kvm_create_guest_memfd {
   __u64 size;
   __u64 flags;
@@ -68,7 +70,7 @@ static_assert(sizeof(kvm_create_guest_memfd) == 64);
 
 inline constexpr __u64 kGmemFlagMmap = 1ULL << 0;        // GUEST_MEMFD_FLAG_MMAP, 6.18
 inline constexpr __u64 kGmemFlagInitShared = 1ULL << 1;  // GUEST_MEMFD_FLAG_INIT_SHARED, 6.18
-// RFC v2 (1G hugetlb + conversion, May 2025) gave bit 1 the OPPOSITE meaning (facts §3.6):
+// RFC v2 (1G hugetlb + conversion, May 2025) gave bit 1 the OPPOSITE meaning:
 inline constexpr __u64 kRfcV2GmemFlagSupportShared = 1ULL << 0;  // GUEST_MEMFD_FLAG_SUPPORT_SHARED
 inline constexpr __u64 kRfcV2GmemFlagInitPrivate = 1ULL << 1;    // GUEST_MEMFD_FLAG_INIT_PRIVATE
 
@@ -77,7 +79,7 @@ inline constexpr unsigned long kCreateGuestMemfd =
 static_assert(kCreateGuestMemfd == 0xC040AED4UL);
 
 // ---------------------------------------------------------------------------------------------
-// Memslots (6.8; facts §1.2)
+// Memslots (6.8; api.rst 4.140 KVM_SET_USER_MEMORY_REGION2, Linux 7.2)
 struct kvm_userspace_memory_region2 {
   __u32 slot;
   __u32 flags;
@@ -100,7 +102,7 @@ inline constexpr unsigned long kSetUserMemoryRegion2 =
 static_assert(kSetUserMemoryRegion2 == 0x40A0AE49UL);
 
 // ---------------------------------------------------------------------------------------------
-// Per-VM memory attributes (6.8; facts §1.3)
+// Per-VM memory attributes (6.8; api.rst 4.141 KVM_SET_MEMORY_ATTRIBUTES, Linux 7.2)
 struct kvm_memory_attributes {
   __u64 address;
   __u64 size;
@@ -113,7 +115,8 @@ inline constexpr unsigned long kSetMemoryAttributes =
     _IOW(kKvmIo, 0xd2, kvm_memory_attributes);  // KVM_SET_MEMORY_ATTRIBUTES, 6.8 (VM ioctl)
 static_assert(kSetMemoryAttributes == 0x4020AED2UL);
 
-// In-place conversion series v8 (2026-06-18; facts §3.2): guest_memfd ioctl.
+// In-place conversion series v8 ("[PATCH v8 00/46] guest_memfd: In-place conversion support",
+// 2026-06-18, lore): guest_memfd ioctl.
 struct kvm_memory_attributes2 {
   union {
     __u64 address;
@@ -129,11 +132,13 @@ static_assert(sizeof(kvm_memory_attributes2) == 128);
 inline constexpr unsigned long kSetMemoryAttributes2 =
     _IOWR(kKvmIo, 0xd2, kvm_memory_attributes2);  // KVM_SET_MEMORY_ATTRIBUTES2, v8 (gmem fd)
 static_assert(kSetMemoryAttributes2 == 0xC080AED2UL);
-// RFC v4/v5 content modes in flags (superseded by v8, which has none; facts §3.3):
+// RFC v4/v5 content modes in flags (superseded by v8, which has none; lore
+// 20260428-gmem-inplace-conversion-v5-0-d8608ccfca22@google.com):
 inline constexpr __u64 kRfcV4Attr2ModeZero = 1ULL << 0;
 inline constexpr __u64 kRfcV4Attr2ModePreserve = 1ULL << 1;
 
-// RFC v2 (May 2025) conversion ioctls on the guest_memfd fd (facts §3.5).
+// RFC v2 (May 2025, 1G hugetlb + conversion) conversion ioctls on the guest_memfd fd (its
+// selftest: guest_memfd_conversions_test.c in the AMDESE/linux and intel/tdx trees).
 inline constexpr unsigned kGmemIo = 0xAF;  // KVM_GMEM_IO, RFC v2
 struct kvm_gmem_convert {
   __u64 offset;
@@ -148,7 +153,7 @@ static_assert(kGmemConvertShared == 0xC040AF41UL);
 static_assert(kGmemConvertPrivate == 0xC040AF42UL);
 
 // ---------------------------------------------------------------------------------------------
-// Pre-fault (6.10; facts §1.7)
+// Pre-fault (6.10; api.rst 4.143 KVM_PRE_FAULT_MEMORY, Linux 7.2)
 struct kvm_pre_fault_memory {
   __u64 gpa;
   __u64 size;
@@ -160,7 +165,7 @@ inline constexpr unsigned long kPreFaultMemory = _IOWR(kKvmIo, 0xd5, kvm_pre_fau
 static_assert(kPreFaultMemory == 0xC040AED5UL);
 
 // ---------------------------------------------------------------------------------------------
-// VM types (facts §1.4)
+// VM types (api.rst 8.41 KVM_CAP_VM_TYPES; arch/x86/include/uapi/asm/kvm.h, Linux 7.2)
 namespace vmtype {
 inline constexpr unsigned long kX86Default = 0;      // KVM_X86_DEFAULT_VM
 inline constexpr unsigned long kX86SwProtected = 1;  // KVM_X86_SW_PROTECTED_VM, 6.8
@@ -170,7 +175,8 @@ inline constexpr unsigned long kX86Snp = 4;          // KVM_X86_SNP_VM, 6.11
 inline constexpr unsigned long kX86Tdx = 5;          // KVM_X86_TDX_VM, 6.16
 inline constexpr unsigned long kArmIpaSizeMask = 0xff;  // KVM_VM_TYPE_ARM_IPA_SIZE_MASK
 // KVM_VM_TYPE_ARM_PROTECTED: mainline since 7.2 (include/uapi/linux/kvm.h of 7.2;
-// Documentation/virt/kvm/arm/pkvm.rst), the same bit Android's downstream ABI used (facts §6).
+// Documentation/virt/kvm/arm/pkvm.rst), the same bit Android's downstream ABI used
+// ("ANDROID: KVM: arm64: Introduce KVM_VM_TYPE_ARM_PROTECTED machine type for PVMs").
 // KVM_CREATE_VM accepts it only on a pKVM host (kvm-arm.mode=protected); otherwise EINVAL.
 inline constexpr unsigned long kArmProtected = 1UL << 31;
 inline constexpr unsigned long kArmProtectedAndroid = kArmProtected;  // ACK downstream ABI
@@ -178,7 +184,7 @@ inline constexpr unsigned long kArmProtected2022 = 1UL << 8;      // 2022 postin
 }  // namespace vmtype
 
 // ---------------------------------------------------------------------------------------------
-// Exits (facts §1.5)
+// Exits (api.rst 5. The kvm_run structure, Linux 7.2)
 inline constexpr __u32 kExitHypercall = 3;      // KVM_EXIT_HYPERCALL
 inline constexpr __u32 kExitMemoryFault = 39;   // KVM_EXIT_MEMORY_FAULT, 6.8
 inline constexpr __u32 kExitTdx = 40;           // KVM_EXIT_TDX, 6.16
@@ -195,7 +201,8 @@ struct kvm_run_memory_fault {
 inline constexpr unsigned kKvmRunExitUnionOffset = 32;
 
 // ---------------------------------------------------------------------------------------------
-// KVM_HC_MAP_GPA_RANGE (5.13; facts §1.6)
+// KVM_HC_MAP_GPA_RANGE (5.13; Documentation/virt/kvm/x86/hypercalls.rst 9.; api.rst 7.40
+// KVM_CAP_EXIT_HYPERCALL, Linux 7.2)
 inline constexpr __u64 kHcMapGpaRange = 12;                // KVM_HC_MAP_GPA_RANGE
 inline constexpr __u64 kMapGpaRangePageSz4K = 0;           // KVM_MAP_GPA_RANGE_PAGE_SZ_4K
 inline constexpr __u64 kMapGpaRangePageSz2M = 1ULL << 0;   // KVM_MAP_GPA_RANGE_PAGE_SZ_2M
@@ -209,7 +216,8 @@ inline constexpr __u64 kKvmHcEinval = 22;     // KVM_EINVAL
 inline constexpr __u64 kKvmHcEnosys = 1000;   // KVM_ENOSYS
 
 // ---------------------------------------------------------------------------------------------
-// SEV / SNP (facts §5.2). KVM_MEMORY_ENCRYPT_OP and struct kvm_sev_cmd are in 6.1's header.
+// SEV / SNP (Documentation/virt/kvm/x86/amd-memory-encryption.rst, Linux 7.2).
+// KVM_MEMORY_ENCRYPT_OP and struct kvm_sev_cmd are in 6.1's header.
 namespace sev {
 inline constexpr __u32 kCmdInit2 = 22;            // KVM_SEV_INIT2, 6.10
 inline constexpr __u32 kCmdSnpLaunchStart = 100;  // KVM_SEV_SNP_LAUNCH_START, 6.11
@@ -225,7 +233,8 @@ struct kvm_sev_init {                             // 6.10
 static_assert(sizeof(kvm_sev_init) == 48);
 }  // namespace sev
 
-// TDX (facts §5.1): commands through KVM_MEMORY_ENCRYPT_OP with struct kvm_tdx_cmd, 6.16.
+// TDX (Documentation/virt/kvm/x86/intel-tdx.rst, Linux 7.2): commands through
+// KVM_MEMORY_ENCRYPT_OP with struct kvm_tdx_cmd, 6.16.
 namespace tdx {
 struct kvm_tdx_cmd {
   __u32 id;
@@ -243,7 +252,7 @@ inline constexpr __u32 kCmdFinalizeVm = 4;
 
 // ---------------------------------------------------------------------------------------------
 // arm64 pKVM guest hypercalls: SMCCC HVC64 function ids of the vendor hypervisor service
-// (Linux 7.2 Documentation/virt/kvm/arm/hypercalls.rst; facts §6). Answered in the hypervisor
+// (Linux 7.2 Documentation/virt/kvm/arm/hypercalls.rst). Answered in the hypervisor
 // for protected guests only; each takes one granule (HYP_MEMINFO) at the IPA in X1, X2/X3 must
 // be 0, and returns 0 or INVALID_PARAMETER (-3). 7.2's hypervisor implements MEMINFO, MEM_SHARE
 // and MEM_UNSHARE (its features bitmap has bits 0, 2, 3, 4); MMIO_GUARD is documented but not
@@ -262,7 +271,7 @@ inline constexpr int64_t kSmcccInvalidParameter = -3;
 }  // namespace pkvm
 
 // ---------------------------------------------------------------------------------------------
-// gup_test debugfs interface (mm/gup_test.h, CONFIG_GUP_TEST; facts §7.1)
+// gup_test debugfs interface (mm/gup_test.h, CONFIG_GUP_TEST, Linux 7.2)
 struct pin_longterm_test {
   __u64 addr;
   __u64 size;

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from cvmconf import gtest
 from cvmconf.kmsg import KernelLine
 
 
@@ -159,12 +160,9 @@ class Target(abc.ABC):
         """The environment the suites run in: see cvmconf.fingerprint.build()."""
 
     @abc.abstractmethod
-    def list_tests(self, binary: SuiteBinary) -> list[str]:
-        """Full names of the binary's tests, in execution order (--gtest_list_tests)."""
-
-    @abc.abstractmethod
-    def list_requirements(self, binary: SuiteBinary) -> dict[str, list[str]]:
-        """Test name -> requirement IDs (--cvm_list_requirements)."""
+    def list_suite(self, binary: SuiteBinary) -> gtest.SuiteListing:
+        """The binary's tests in execution order and their requirement IDs, from one run of
+        the binary with --cvm_list_requirements (gtest.parse_listing)."""
 
     @abc.abstractmethod
     def run_batch(self, plan: BatchPlan, on_event: EventCallback | None = None) -> BatchOutput:

@@ -105,11 +105,8 @@ class LocalTarget(Target):
         ok, why = kmsg.probe_readable(self.kmsg_path)
         return fingerprint.local(self.probe(), ok, why)
 
-    def list_tests(self, binary: SuiteBinary) -> list[str]:
-        return gtest.list_tests(binary.host_path)
-
-    def list_requirements(self, binary: SuiteBinary) -> dict[str, list[str]]:
-        return gtest.list_requirements(binary.host_path)
+    def list_suite(self, binary: SuiteBinary) -> gtest.SuiteListing:
+        return gtest.list_suite(binary.host_path)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "build_dir": str(self.build_dir)}

@@ -300,11 +300,11 @@ class QemuTarget(Target):
             self._lists[key] = o.output_tail
         return self._lists[key]
 
-    def list_tests(self, binary: SuiteBinary) -> list[str]:
-        return gtest.parse_test_list(self._list(binary, "--gtest_list_tests"))
-
-    def list_requirements(self, binary: SuiteBinary) -> dict[str, list[str]]:
-        return gtest.parse_requirement_list(self._list(binary, "--cvm_list_requirements"))
+    def list_suite(self, binary: SuiteBinary) -> gtest.SuiteListing:
+        try:
+            return gtest.parse_listing(self._list(binary, gtest.LIST_FLAG))
+        except gtest.ReportError as e:
+            raise HarnessError(f"{binary.name} {gtest.LIST_FLAG} in the guest: {e}") from None
 
     def run_batch(self, plan: BatchPlan, on_event: EventCallback | None = None) -> BatchOutput:
         out = BatchOutput(plan=plan, started=now_iso("milliseconds"))
