@@ -8,7 +8,7 @@
 // What they race and which invariants they check: conversion_race.h.
 #include "conversion_race.h"
 
-#include "punch_race.h"
+#include "race_fixture.h"
 
 namespace cvm::suites {
 namespace {
