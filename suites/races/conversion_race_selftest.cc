@@ -357,24 +357,29 @@ class ConversionRaceHarness : public ::testing::TestWithParam<std::tuple<Convers
  protected:
   ConversionAbi abi() const { return std::get<0>(GetParam()); }
   bool punch() const { return std::get<1>(GetParam()); }
+
+  // An environment for abi() on this kernel (with the guest where payloads run), or SKIPs --
+  // also when the kernel converts with abi(): the conformance races race it for real then.
+  void SetUp() override {
+    if (testing::stress_budget().given())
+      GTEST_SKIP() << "not applicable: a stress budget was given on the command line";
+    make_harness_env(abi(), true, h_);
+    if (IsSkipped()) return;
+    ASSERT_TRUE(h_.env);
+    for (ConversionAbi a : h_.caps->conversion.available)
+      if (a == abi())
+        GTEST_SKIP() << testing::kNotApplicable << default_platform().id() << " converts with "
+                     << conversion_abi_name(a)
+                     << " on this kernel, so the conformance races (ConversionRace.*) race it "
+                        "for real";
+  }
+  HarnessEnv h_;
 };
 
 // The kernel refuses the back-end: everything but the conversions runs for real, and the refused
 // conversions must be the only violations.
 TEST_P(ConversionRaceHarness, RefusedConversionsAreTheOnlyViolations) {
-  if (testing::stress_budget().given())
-    GTEST_SKIP() << "not applicable: a stress budget was given on the command line";
-  HarnessEnv h;
-  make_harness_env(abi(), true, h);
-  if (IsSkipped()) return;
-  ASSERT_TRUE(h.env);
-  for (ConversionAbi a : h.caps->conversion.available)
-    if (a == abi())
-      GTEST_SKIP() << testing::kNotApplicable << default_platform().id() << " converts with "
-                   << conversion_abi_name(a)
-                   << " on this kernel, so the conformance races (ConversionRace.*) race it "
-                      "for real";
-  HarnessRun run = run_harness_race(*h.env, punch(), false, 6006, "ConversionRaceInner.Refused");
+  HarnessRun run = run_harness_race(*h_.env, punch(), false, 6006, "ConversionRaceInner.Refused");
   EXPECT_EQ(run.s.iterations, 40u);
   EXPECT_GT(run.conversions, 0u);
   EXPECT_EQ(run.conversion_failures, run.conversions) << "this kernel refuses every conversion";
