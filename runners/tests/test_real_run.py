@@ -69,17 +69,24 @@ def test_real_run_fingerprint(real_run):
     assert all(b["command"].startswith("CVMCONF_DURATION=1 ") for b in data["batches"])
 
 
+# The race fixtures of cvm_suite_races (suites/races), named for what they race.
+RACE_FIXTURES = ("/PunchRace.", "/MemslotRace.", "/ConversionRace.")
+
+
+def is_race(test):
+    return any(f in test["name"] for f in RACE_FIXTURES)
+
+
 def test_duration_makes_the_races_run_that_long_and_reports_their_throughput(real_run):
     r, run_dir, data = real_run
     if not host_has_guest_memfd(data):
         # Nothing to race on this host: every race says why. The throughput path is checked on
         # the reference kernel (test_reference_kernels.py, --duration there).
-        races = [t for t in data["tests"] if "/PunchRace." in t["name"]]
+        races = [t for t in data["tests"] if is_race(t)]
         assert races and all(t["outcome"] == "SKIP" for t in races), races
         assert all("KVM_CAP_GUEST_MEMFD absent" in t["skip_reason"] for t in races)
         return
-    races = [t for t in data["tests"]
-             if "/PunchRace." in t["name"] and t["outcome"] == "PASS"]
+    races = [t for t in data["tests"] if is_race(t) and t["outcome"] == "PASS"]
     assert races, "no race ran on this host"
     for t in races:
         props = t["properties"]

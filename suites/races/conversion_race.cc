@@ -21,7 +21,7 @@ constexpr uint8_t kGuestPrivateFill = 0xa5;
 
 }  // namespace
 
-ConversionEnvOptions ConversionRace::env_options(bool guest) {
+ConversionEnvOptions ConversionRaceDriver::env_options(bool guest) {
   ConversionEnvOptions o;
   o.init_shared = true;
   o.guest = guest;
@@ -30,7 +30,7 @@ ConversionEnvOptions ConversionRace::env_options(bool guest) {
   return o;
 }
 
-ConversionRace::ConversionRace(Race& race, ConversionEnv& env, ConversionRaceOptions o)
+ConversionRaceDriver::ConversionRaceDriver(Race& race, ConversionEnv& env, ConversionRaceOptions o)
     : race_(race),
       env_(env),
       o_(o),
@@ -39,16 +39,16 @@ ConversionRace::ConversionRace(Race& race, ConversionEnv& env, ConversionRaceOpt
       model_(env.pages(), PageState::Shared),
       host_(race, kHostPages, o.writers, "a host thread") {}
 
-ConversionRace::~ConversionRace() { race_.join(); }
+ConversionRaceDriver::~ConversionRaceDriver() { race_.join(); }
 
-std::string ConversionRace::pages_text(uint64_t first, uint64_t n) const {
+std::string ConversionRaceDriver::pages_text(uint64_t first, uint64_t n) const {
   return n == 1 ? "page " + std::to_string(first)
                 : "pages [" + std::to_string(first) + ", " + std::to_string(first + n) + ")";
 }
 
 // --- accesses ------------------------------------------------------------------------------------
 
-ConversionRace::Observed ConversionRace::access(uint64_t p, const std::function<void()>& body) {
+ConversionRaceDriver::Observed ConversionRaceDriver::access(uint64_t p, const std::function<void()>& body) {
   Observed x;
   x.before = model_.snapshot(p);
   std::atomic_thread_fence(std::memory_order_seq_cst);
@@ -59,7 +59,7 @@ ConversionRace::Observed ConversionRace::access(uint64_t p, const std::function<
   return x;
 }
 
-ConversionRace::Observed ConversionRace::access_read(uint64_t p, const uint8_t* addr,
+ConversionRaceDriver::Observed ConversionRaceDriver::access_read(uint64_t p, const uint8_t* addr,
                                                      std::vector<uint64_t>& out) {
   out.assign(words_, 0);
   const uint64_t n = words_;
@@ -67,7 +67,7 @@ ConversionRace::Observed ConversionRace::access_read(uint64_t p, const uint8_t* 
   return access(p, [addr, n, o] { read_words(addr, n, o); });
 }
 
-bool ConversionRace::judge(const Observed& x, uint64_t p, const char* op, const std::string& actor,
+bool ConversionRaceDriver::judge(const Observed& x, uint64_t p, const char* op, const std::string& actor,
                            uint64_t it) {
   const std::string page = "page " + std::to_string(p);
   if (!in_place()) {
@@ -115,7 +115,7 @@ bool ConversionRace::judge(const Observed& x, uint64_t p, const char* op, const 
   return true;
 }
 
-bool ConversionRace::write_page(uint64_t p, const std::string& actor, uint64_t it,
+bool ConversionRaceDriver::write_page(uint64_t p, const std::string& actor, uint64_t it,
                                 bool owner_while_frozen) {
   if (!owner_while_frozen && !host_.enter(p)) return false;
   const uint64_t pe0 = host_.punch_end(p);
@@ -152,7 +152,7 @@ bool ConversionRace::write_page(uint64_t p, const std::string& actor, uint64_t i
   return true;
 }
 
-void ConversionRace::read_page(uint64_t p, const std::string& actor, uint64_t it) {
+void ConversionRaceDriver::read_page(uint64_t p, const std::string& actor, uint64_t it) {
   const bool host = is_host_page(p);
   // Per-VM: the driver's state observer writes a marker into frozen pages' shared memory, so
   // readers keep out of frozen pages (and register, so freezing waits for them).
@@ -194,12 +194,12 @@ void ConversionRace::read_page(uint64_t p, const std::string& actor, uint64_t it
   }
 }
 
-bool ConversionRace::read_whole(uint64_t p, std::vector<uint64_t>& out, const std::string& actor,
+bool ConversionRaceDriver::read_whole(uint64_t p, std::vector<uint64_t>& out, const std::string& actor,
                                 uint64_t it) {
   return judge(access_read(p, env_.shared_hva(p), out), p, "reading", actor, it);
 }
 
-bool ConversionRace::punch(uint64_t first, uint64_t n, const std::string& actor, uint64_t it) {
+bool ConversionRaceDriver::punch(uint64_t first, uint64_t n, const std::string& actor, uint64_t it) {
   const uint64_t ps = page_size();
   host_.punch_started(first, n);  // guest pages have no host bookkeeping
   auto r = guest_visible_punch(ctl_, [&] { return env_.gmem().punch_hole(first * ps, n * ps); });
@@ -214,7 +214,7 @@ bool ConversionRace::punch(uint64_t first, uint64_t n, const std::string& actor,
 
 // --- the driver ----------------------------------------------------------------------------------
 
-ConversionResult ConversionRace::convert(uint64_t first, uint64_t n, PageState to, uint64_t it,
+ConversionResult ConversionRaceDriver::convert(uint64_t first, uint64_t n, PageState to, uint64_t it,
                                          const std::string& why) {
   // The guest tolerates 0 or its own older patterns around conversions that may change what
   // it reads (race.h); where contents must be kept its check stays exact.
@@ -257,13 +257,13 @@ ConversionResult ConversionRace::convert(uint64_t first, uint64_t n, PageState t
   return r;
 }
 
-bool ConversionRace::bring(uint64_t first, uint64_t n, PageState to, uint64_t it,
+bool ConversionRaceDriver::bring(uint64_t first, uint64_t n, PageState to, uint64_t it,
                            const std::string& why) {
   if (model_.all(first, n, to)) return true;
   return convert(first, n, to, it, why).ok();
 }
 
-bool ConversionRace::check_states(uint64_t first, uint64_t n, uint64_t it,
+bool ConversionRaceDriver::check_states(uint64_t first, uint64_t n, uint64_t it,
                                   const std::string& when) {
   bool ok = true;
   for (uint64_t p = first; p < first + n; p++) {
@@ -289,7 +289,7 @@ bool ConversionRace::check_states(uint64_t first, uint64_t n, uint64_t it,
   return ok;
 }
 
-bool ConversionRace::punch_on_puncher(uint64_t first, uint64_t n, std::mt19937_64& rng, uint64_t it,
+bool ConversionRaceDriver::punch_on_puncher(uint64_t first, uint64_t n, std::mt19937_64& rng, uint64_t it,
                                       PageState to) {
   req_first_.store(first);
   req_n_.store(n);
@@ -315,7 +315,7 @@ bool ConversionRace::punch_on_puncher(uint64_t first, uint64_t n, std::mt19937_6
   return true;
 }
 
-void ConversionRace::hot_conversion(std::mt19937_64& rng, uint64_t it) {
+void ConversionRaceDriver::hot_conversion(std::mt19937_64& rng, uint64_t it) {
   const Race::Range r = pick_range(rng, 0, pages_);
   const PageState to = Race::chance(rng, 1, 2) ? PageState::Private : PageState::Shared;
   Race::jitter(rng, 50);
@@ -325,7 +325,7 @@ void ConversionRace::hot_conversion(std::mt19937_64& rng, uint64_t it) {
   if (in_place()) check_states(r.first, r.n, it, "after the conversion returned");
 }
 
-void ConversionRace::round_trip(std::mt19937_64& rng, uint64_t it) {
+void ConversionRaceDriver::round_trip(std::mt19937_64& rng, uint64_t it) {
   const Race::Range r = pick_range(rng, 0, kHostPages);
   if (!host_.freeze(r.first, r.n, "converter", it)) return;
   bool ok = bring(r.first, r.n, PageState::Shared, it, "round trip: making the range shared") &&
@@ -379,7 +379,21 @@ void ConversionRace::round_trip(std::mt19937_64& rng, uint64_t it) {
   host_.unfreeze(r.first, r.n);
 }
 
-void ConversionRace::punch_while_converting_in_place(std::mt19937_64& rng, uint64_t it) {
+bool ConversionRaceDriver::convert_while_punched(const Race::Range& r, PageState to,
+                                                 PageState home, std::mt19937_64& rng,
+                                                 uint64_t it) {
+  const PageState away = home == PageState::Shared ? PageState::Private : PageState::Shared;
+  if (to == home && !bring(r.first, r.n, away, it,
+                           std::string("checked punch: making the range ") + state_name(away)))
+    return false;
+  const bool punched = punch_on_puncher(r.first, r.n, rng, it, to);
+  check_states(r.first, r.n, it, "after converting while the range was punched");
+  return punched && bring(r.first, r.n, home, it,
+                          std::string("checked punch: making the range ") + state_name(home) +
+                              " again");
+}
+
+void ConversionRaceDriver::punch_while_converting_in_place(std::mt19937_64& rng, uint64_t it) {
   const Race::Range r = pick_range(rng, 0, kHostPages);
   if (!host_.freeze(r.first, r.n, "converter", it)) return;
   // A pattern in every page first, so that reading zeroes afterwards means something.
@@ -387,14 +401,7 @@ void ConversionRace::punch_while_converting_in_place(std::mt19937_64& rng, uint6
   for (uint64_t p = r.first; ok && p < r.first + r.n; p++)
     ok = write_page(p, "converter", it, true);
   const PageState to = Race::chance(rng, 1, 2) ? PageState::Private : PageState::Shared;
-  if (ok && to == PageState::Shared)
-    ok = bring(r.first, r.n, PageState::Private, it, "checked punch: making the range private");
-  if (ok) {
-    ok = punch_on_puncher(r.first, r.n, rng, it, to);
-    check_states(r.first, r.n, it, "after converting while the range was punched");
-    ok = ok &&
-         bring(r.first, r.n, PageState::Shared, it, "checked punch: making the range shared again");
-  }
+  ok = ok && convert_while_punched(r, to, PageState::Shared, rng, it);
   for (uint64_t p = r.first; ok && p < r.first + r.n; p++) {
     const std::pair<const uint8_t*, const char*> views[] = {
         {env_.shared_hva(p), "the racing mapping"},
@@ -430,7 +437,7 @@ void ConversionRace::punch_while_converting_in_place(std::mt19937_64& rng, uint6
   host_.unfreeze(r.first, r.n);
 }
 
-void ConversionRace::punch_while_converting_per_vm(std::mt19937_64& rng, uint64_t it) {
+void ConversionRaceDriver::punch_while_converting_per_vm(std::mt19937_64& rng, uint64_t it) {
   const Race::Range r = pick_range(rng, 0, kHostPages);
   if (!host_.freeze(r.first, r.n, "converter", it)) return;
   // The host's separate shared memory, which neither punches nor conversions may change.
@@ -459,14 +466,7 @@ void ConversionRace::punch_while_converting_per_vm(std::mt19937_64& rng, uint64_
                     "the guest cannot use its private page " + std::to_string(p) + ": " + e);
   }
   const PageState to = Race::chance(rng, 1, 2) ? PageState::Private : PageState::Shared;
-  if (ok && to == PageState::Private)
-    ok = bring(r.first, r.n, PageState::Shared, it, "checked punch: making the range shared");
-  if (ok) {
-    ok = punch_on_puncher(r.first, r.n, rng, it, to);
-    check_states(r.first, r.n, it, "after converting while the range was punched");
-    ok = ok && bring(r.first, r.n, PageState::Private, it,
-                     "checked punch: making the range private again");
-  }
+  ok = ok && convert_while_punched(r, to, PageState::Private, rng, it);
   for (uint64_t p = r.first; ok && p < r.first + r.n; p++) {
     const std::string e = env_.guest_check(p, 0);
     if (!e.empty())
@@ -493,7 +493,7 @@ void ConversionRace::punch_while_converting_per_vm(std::mt19937_64& rng, uint64_
 
 // --- guest ---------------------------------------------------------------------------------------
 
-void ConversionRace::start_guest() {
+void ConversionRaceDriver::start_guest() {
   GuestVm* vm = env_.guest();
   if (!vm || env_.options().vcpus < 1 + kGuestVcpus || pages_ < kHostPages * (1 + kGuestVcpus)) {
     no_guest_ = vm ? "the environment has no vCPUs for punch_race" : "the environment has no guest";
@@ -524,7 +524,7 @@ void ConversionRace::start_guest() {
                        stats_.guest_passes[v]);
 }
 
-void ConversionRace::wait_for_guest_passes() {
+void ConversionRaceDriver::wait_for_guest_passes() {
   if (!ctl_) return;
   const auto limit = std::chrono::steady_clock::now() + 10s;
   for (int v = 1; v <= kGuestVcpus; v++)
@@ -533,7 +533,7 @@ void ConversionRace::wait_for_guest_passes() {
       std::this_thread::sleep_for(std::chrono::microseconds(200));
 }
 
-void ConversionRace::collect_guest_results() {
+void ConversionRaceDriver::collect_guest_results() {
   if (!ctl_) return;
   // (This race never asks for a zero pass, so CVM_RACE_NOT_ZERO does not occur.)
   report_guest_violations(race_, *ctl_, 1, kGuestVcpus,
@@ -541,7 +541,7 @@ void ConversionRace::collect_guest_results() {
                           "overlapped the write");
 }
 
-void ConversionRace::final_checks() {
+void ConversionRaceDriver::final_checks() {
   const uint64_t it = race_.iteration();
   // Nothing races any more: every observation is definitive.
   check_states(0, pages_, it, "at the end of the race");
@@ -552,15 +552,28 @@ void ConversionRace::final_checks() {
 
 // --- the race ------------------------------------------------------------------------------------
 
-void ConversionRace::run() {
-  if (in_place()) {
-    auto m = env_.gmem().map(env_.gmem().size());
-    if (m)
-      second_view_ = std::move(m.value());
-    else
-      race_.violation(0, "setup", "a second mapping of the guest_memfd: " + m.error().message());
-  }
+void ConversionRaceDriver::run() {
+  map_second_view();
   start_guest();
+  const int workers = spawn_host_workers();
+  wait_for_host_workers(workers);
+  wait_for_guest_passes();
+  drive();
+  race_.join();
+  collect_guest_results();
+  final_checks();
+}
+
+void ConversionRaceDriver::map_second_view() {
+  if (!in_place()) return;
+  auto m = env_.gmem().map(env_.gmem().size());
+  if (m)
+    second_view_ = std::move(m.value());
+  else
+    race_.violation(0, "setup", "a second mapping of the guest_memfd: " + m.error().message());
+}
+
+int ConversionRaceDriver::spawn_host_workers() {
   const int writers = std::max(1, o_.writers);
   for (int w = 0; w < writers; w++)
     race_.spawn("writer " + std::to_string(w), [this, w](RaceWorker& me) {
@@ -581,33 +594,37 @@ void ConversionRace::run() {
         me.ops();
       }
     });
-  if (o_.punch)
-    race_.spawn("puncher", [this](RaceWorker& me) {
-      workers_started_.fetch_add(1);
-      uint64_t handled = 0;
-      while (!race_.stopping()) {
-        const uint64_t it = race_.iteration();
-        const uint64_t req = punch_req_.load();
-        if (req != handled) {
-          const uint64_t finished_before = conv_finished_.load();
-          punch(req_first_.load(), req_n_.load(), me.name(), it);
-          done_conv_finished_before_.store(finished_before);
-          done_conv_started_after_.store(conv_started_.load());
-          handled = req;
-          punch_done_.store(req);
-          me.ops();
-          continue;
-        }
-        const Race::Range x = pick_range(me.rng(), 0, pages_);
-        punch(x.first, x.n, me.name(), it);
-        me.ops();
-        // Short pauses, watching for the driver's requests.
-        for (int i = 0; i < 8 && punch_req_.load() == handled && !race_.stopping(); i++)
-          Race::jitter(me.rng(), 25);
-      }
-    });
+  if (o_.punch) race_.spawn("puncher", [this](RaceWorker& me) { punch_hot_and_on_request(me); });
+  return writers + o_.readers + (o_.punch ? 1 : 0);
+}
+
+void ConversionRaceDriver::punch_hot_and_on_request(RaceWorker& me) {
+  workers_started_.fetch_add(1);
+  uint64_t handled = 0;
+  while (!race_.stopping()) {
+    const uint64_t it = race_.iteration();
+    const uint64_t req = punch_req_.load();
+    if (req != handled) {
+      const uint64_t finished_before = conv_finished_.load();
+      punch(req_first_.load(), req_n_.load(), me.name(), it);
+      done_conv_finished_before_.store(finished_before);
+      done_conv_started_after_.store(conv_started_.load());
+      handled = req;
+      punch_done_.store(req);
+      me.ops();
+      continue;
+    }
+    const Race::Range x = pick_range(me.rng(), 0, pages_);
+    punch(x.first, x.n, me.name(), it);
+    me.ops();
+    // Short pauses, watching for the driver's requests.
+    for (int i = 0; i < 8 && punch_req_.load() == handled && !race_.stopping(); i++)
+      Race::jitter(me.rng(), 25);
+  }
+}
+
+void ConversionRaceDriver::wait_for_host_workers(int expected) {
   // The driver races only once every host thread runs (and the guest made a pass).
-  const int expected = writers + o_.readers + (o_.punch ? 1 : 0);
   const auto limit = std::chrono::steady_clock::now() + 10s;
   while (workers_started_.load() < expected && !race_.stopping() &&
          std::chrono::steady_clock::now() < limit)
@@ -616,8 +633,9 @@ void ConversionRace::run() {
     race_.violation(0, "setup",
                     "only " + std::to_string(workers_started_.load()) + " of " +
                         std::to_string(expected) + " host threads started within 10 s");
-  wait_for_guest_passes();
+}
 
+void ConversionRaceDriver::drive() {
   auto rng = race_.rng(0);
   while (race_.next_iteration()) {
     const uint64_t it = race_.iteration();
@@ -627,21 +645,14 @@ void ConversionRace::run() {
     // iteration.
     const uint64_t draw = Race::pick(rng, 0, 3);
     std::mt19937_64 g(rng());
-    // 0: hot conversion, 1: round trip, 2: punch while converting. The first iterations make
-    // sure each checked kind runs at least once.
-    int kind;
-    if (o_.punch)
-      kind = it == 0 ? 2 : it == 1 ? 1 : static_cast<int>(std::max<uint64_t>(draw, 1) - 1);
-    else
-      kind = it == 0 ? 1 : draw == 0 ? 1 : 0;
-    switch (kind) {
-      case 0:
+    switch (iteration_kind(draw, it)) {
+      case Kind::HotConversion:
         hot_conversion(g, it);
         break;
-      case 1:
+      case Kind::RoundTrip:
         round_trip(g, it);
         break;
-      default:
+      case Kind::PunchWhileConverting:
         if (in_place())
           punch_while_converting_in_place(g, it);
         else
@@ -649,46 +660,63 @@ void ConversionRace::run() {
     }
     race_.ops();
   }
-  race_.join();
-  collect_guest_results();
-  final_checks();
 }
 
-void ConversionRace::record() const {
-  auto rec = [](const char* k, uint64_t v) {
-    ::testing::Test::RecordProperty(k, std::to_string(v));
-  };
+ConversionRaceDriver::Kind ConversionRaceDriver::iteration_kind(uint64_t draw, uint64_t it) const {
+  // The first iterations make sure each checked kind runs at least once.
+  if (o_.punch) {
+    if (it == 0) return Kind::PunchWhileConverting;
+    if (it == 1) return Kind::RoundTrip;
+    return static_cast<Kind>(std::max<uint64_t>(draw, 1) - 1);
+  }
+  return it == 0 || draw == 0 ? Kind::RoundTrip : Kind::HotConversion;
+}
+
+void ConversionRaceDriver::record() const {
   ::testing::Test::RecordProperty("conversion_backend", env_.backend().name());
   ::testing::Test::RecordProperty("contents_preserved_expected", yes_no(o_.contents_preserved));
   ::testing::Test::RecordProperty(
       "guest", guest_vcpus_ ? "punch_race on vCPUs 1.." + std::to_string(guest_vcpus_)
                             : "none: " + no_guest_);
-  rec("conversions", stats_.conversions);
-  rec("conversions_to_private", stats_.to_private);
-  rec("conversions_to_shared", stats_.to_shared);
-  rec("conversion_failures", stats_.failures);
-  rec("conversion_eintr_retries", stats_.eintr_retries);
-  rec("hot_conversions", stats_.hot_conversions);
-  rec("state_checks", stats_.state_checks);
-  rec("host_reads", stats_.reads);
-  rec("host_writes", stats_.writes);
-  rec("accesses_definitely_shared", stats_.definitive_shared);
-  rec("sigbus_definitely_private", stats_.definitive_private);
-  rec("accesses_during_conversion", stats_.window_completed);
-  rec("sigbus_during_conversion", stats_.window_sigbus);
-  if (!in_place()) rec("accesses_to_separate_shared_memory", stats_.separate_accesses);
-  rec("round_trips", stats_.round_trips);
-  rec("pages_zeroed_by_round_trip", stats_.zeroed_by_round_trip);
-  if (o_.punch) {
-    rec("punches", stats_.punches);
-    rec("punches_while_converting", stats_.checked_punches);
-    rec("checked_punches_abandoned", stats_.fills_punched);
-    rec("punches_overlapping_the_conversion", stats_.overlapped_punches);
-    rec("reader_zero_checks", stats_.reader_zero_checks);
+  // The counters, each recorded when the race has what it counts.
+  enum When { kAlways, kPerVm, kPuncher };
+  static const struct {
+    const char* key;
+    std::atomic<uint64_t> Stats::*counter;
+    When when;
+  } kCounters[] = {
+      {"conversions", &Stats::conversions, kAlways},
+      {"conversions_to_private", &Stats::to_private, kAlways},
+      {"conversions_to_shared", &Stats::to_shared, kAlways},
+      {"conversion_failures", &Stats::failures, kAlways},
+      {"conversion_eintr_retries", &Stats::eintr_retries, kAlways},
+      {"hot_conversions", &Stats::hot_conversions, kAlways},
+      {"state_checks", &Stats::state_checks, kAlways},
+      {"host_reads", &Stats::reads, kAlways},
+      {"host_writes", &Stats::writes, kAlways},
+      {"accesses_definitely_shared", &Stats::definitive_shared, kAlways},
+      {"sigbus_definitely_private", &Stats::definitive_private, kAlways},
+      {"accesses_during_conversion", &Stats::window_completed, kAlways},
+      {"sigbus_during_conversion", &Stats::window_sigbus, kAlways},
+      {"accesses_to_separate_shared_memory", &Stats::separate_accesses, kPerVm},
+      {"round_trips", &Stats::round_trips, kAlways},
+      {"pages_zeroed_by_round_trip", &Stats::zeroed_by_round_trip, kAlways},
+      {"punches", &Stats::punches, kPuncher},
+      {"punches_while_converting", &Stats::checked_punches, kPuncher},
+      {"checked_punches_abandoned", &Stats::fills_punched, kPuncher},
+      {"punches_overlapping_the_conversion", &Stats::overlapped_punches, kPuncher},
+      {"reader_zero_checks", &Stats::reader_zero_checks, kPuncher},
+  };
+  for (const auto& c : kCounters) {
+    if ((c.when == kPerVm && in_place()) || (c.when == kPuncher && !o_.punch)) continue;
+    ::testing::Test::RecordProperty(c.key, std::to_string((stats_.*c.counter).load()));
   }
   for (int v = 1; v <= guest_vcpus_; v++)
-    rec(("guest_passes_vcpu" + std::to_string(v)).c_str(), stats_.guest_passes[v]);
-  if (guest_vcpus_ > 0) rec("memory_fault_exits_reentered", *stats_.memory_fault_exits);
+    ::testing::Test::RecordProperty("guest_passes_vcpu" + std::to_string(v),
+                                    std::to_string(stats_.guest_passes[v]));
+  if (guest_vcpus_ > 0)
+    ::testing::Test::RecordProperty("memory_fault_exits_reentered",
+                                    std::to_string(stats_.memory_fault_exits->load()));
 }
 
 }  // namespace cvm::suites

@@ -1,6 +1,6 @@
 // The conversion races (RACE-006): seeded shared <-> private conversions of page ranges through
 // the VM's conversion back-end (conversion_env.h), racing host faults from several threads, guest
-// vCPUs running the punch_race payload where payloads run, and, for ConversionVsPunch, a hole
+// vCPUs running the punch_race payload where payloads run, and, for ConversionRace.VsPunch, a hole
 // puncher. The driver thread is the only converter; conversion_model.h says which observations
 // of a page's state that makes definitive.
 //
@@ -17,7 +17,7 @@
 //    pattern, read, converted to private and back while everything else races, and read again:
 //    each word must be what it was (or 0 after a racing punch, or when the back-end does not
 //    promise to keep contents).
-//  - punch while converting (ConversionVsPunch): a frozen host range is filled with a pattern,
+//  - punch while converting (ConversionRace.VsPunch): a frozen host range is filled with a pattern,
 //    the puncher punches it while the driver converts it (seeded direction), and afterwards it
 //    must read zeroes once shared again (in place: through two host mappings, and readers check
 //    it for a while; per-VM: the guest reads its private copy, and the host's separate shared
@@ -56,7 +56,7 @@ struct ConversionRaceOptions {
   uint64_t guest_stride = 31;  // punch_race checks every guest_stride-th word
 };
 
-class ConversionRace {
+class ConversionRaceDriver {
  public:
   static constexpr uint64_t kHostPages = 8;
   static constexpr int kGuestVcpus = 2;
@@ -88,10 +88,10 @@ class ConversionRace {
     uint64_t guest_passes[kGuestVcpus + 1] = {};
   };
 
-  ConversionRace(Race& race, ConversionEnv& env, ConversionRaceOptions o);
-  ~ConversionRace();
-  ConversionRace(const ConversionRace&) = delete;
-  ConversionRace& operator=(const ConversionRace&) = delete;
+  ConversionRaceDriver(Race& race, ConversionEnv& env, ConversionRaceOptions o);
+  ~ConversionRaceDriver();
+  ConversionRaceDriver(const ConversionRaceDriver&) = delete;
+  ConversionRaceDriver& operator=(const ConversionRaceDriver&) = delete;
 
   // Starts the workers, drives the race until its budget is used up, stops and joins the
   // workers and makes the final checks. Violations go to the Race; the caller finishes it.
@@ -134,10 +134,25 @@ class ConversionRace {
   bool check_states(uint64_t first, uint64_t n, uint64_t it, const std::string& when);
   bool punch_on_puncher(uint64_t first, uint64_t n, std::mt19937_64& rng, uint64_t it,
                         PageState to);
+  // The middle of a checked punch of range r, which is in state home: converts it to `to`
+  // (from the other state) while the puncher punches it, and brings it back home. False after
+  // a violation.
+  bool convert_while_punched(const Race::Range& r, PageState to, PageState home,
+                             std::mt19937_64& rng, uint64_t it);
   void hot_conversion(std::mt19937_64& rng, uint64_t it);
   void round_trip(std::mt19937_64& rng, uint64_t it);
   void punch_while_converting_in_place(std::mt19937_64& rng, uint64_t it);
   void punch_while_converting_per_vm(std::mt19937_64& rng, uint64_t it);
+  void map_second_view();
+  // Spawns the writers, readers and (o_.punch) the puncher; returns how many.
+  int spawn_host_workers();
+  // The puncher: punches the driver's requested ranges, and seeded ranges in between.
+  void punch_hot_and_on_request(RaceWorker& me);
+  void wait_for_host_workers(int expected);
+  // The driver's loop: one seeded kind of iteration after the other until the budget is used.
+  void drive();
+  enum class Kind { HotConversion = 0, RoundTrip = 1, PunchWhileConverting = 2 };
+  Kind iteration_kind(uint64_t draw, uint64_t it) const;
   void start_guest();
   void wait_for_guest_passes();
   void collect_guest_results();

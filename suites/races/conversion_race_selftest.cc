@@ -50,43 +50,63 @@ StateSnapshot snap(uint64_t seq, PageState state, PageState target) {
 
 std::string window_text(const StateWindow& w) { return w.describe(); }
 
+// An access bracketed by the snapshots before and after, and the states it may have seen.
+struct WindowCase {
+  StateSnapshot before, after;
+  const char* seen;
+};
+
+void expect_windows(std::initializer_list<WindowCase> cases) {
+  int i = 0;
+  for (const WindowCase& c : cases) {
+    EXPECT_EQ(window_text(state_window(c.before, c.after)), c.seen)
+        << "case " << i++ << ": snapshots at seq " << c.before.seq << " and " << c.after.seq;
+  }
+}
+
 TEST(ConversionModelWindow, NoConversionDuringTheAccessIsDefinitive) {
-  EXPECT_EQ(window_text(state_window(snap(4, S, S), snap(4, S, S))), "shared");
-  EXPECT_EQ(window_text(state_window(snap(4, P, P), snap(4, P, P))), "private");
+  expect_windows({{snap(4, S, S), snap(4, S, S), "shared"},  //
+                  {snap(4, P, P), snap(4, P, P), "private"}});
   EXPECT_TRUE(state_window(snap(0, S, S), snap(0, S, S)).definitive());
 }
 
 TEST(ConversionModelWindow, AConversionInFlightAllowsBothItsEnds) {
-  // In flight throughout.
-  EXPECT_EQ(window_text(state_window(snap(5, S, P), snap(5, S, P))), "shared or private");
-  // A conversion to the state the page already has is no window at all.
-  EXPECT_EQ(window_text(state_window(snap(5, P, P), snap(5, P, P))), "private");
-  // Began during the access.
-  EXPECT_EQ(window_text(state_window(snap(4, S, S), snap(5, S, P))), "shared or private");
-  EXPECT_EQ(window_text(state_window(snap(4, P, P), snap(5, P, P))), "private");
-  // Ended during the access (successfully, or not).
-  EXPECT_EQ(window_text(state_window(snap(5, S, P), snap(6, P, P))), "shared or private");
-  EXPECT_EQ(window_text(state_window(snap(5, S, P), snap(6, S, S))), "shared or private");
-  // The end already visible in the first snapshot's state: the access came after it.
-  EXPECT_EQ(window_text(state_window(snap(5, P, P), snap(6, P, P))), "private");
+  expect_windows({
+      // In flight throughout.
+      {snap(5, S, P), snap(5, S, P), "shared or private"},
+      // A conversion to the state the page already has is no window at all.
+      {snap(5, P, P), snap(5, P, P), "private"},
+      // Began during the access.
+      {snap(4, S, S), snap(5, S, P), "shared or private"},
+      {snap(4, P, P), snap(5, P, P), "private"},
+      // Ended during the access (successfully, or not).
+      {snap(5, S, P), snap(6, P, P), "shared or private"},
+      {snap(5, S, P), snap(6, S, S), "shared or private"},
+      // The end already visible in the first snapshot's state: the access came after it.
+      {snap(5, P, P), snap(6, P, P), "private"},
+  });
 }
 
 TEST(ConversionModelWindow, OneConversionEntirelyInsideIsCoveredByTheStateAfter) {
-  EXPECT_EQ(window_text(state_window(snap(4, S, S), snap(6, P, P))), "shared or private");
-  // S -> S (a no-op, or a failure) leaves only shared.
-  EXPECT_EQ(window_text(state_window(snap(4, S, S), snap(6, S, S))), "shared");
-  // In flight at the start, one more began and ended: the first one's outcome is hidden in
-  // {state, target}, the second's is the state after.
-  EXPECT_EQ(window_text(state_window(snap(5, S, S), snap(8, S, S))), "shared");
-  EXPECT_EQ(window_text(state_window(snap(5, S, P), snap(8, S, S))), "shared or private");
-  // Ended, then another one began and is in flight at the end.
-  EXPECT_EQ(window_text(state_window(snap(5, P, P), snap(7, P, P))), "private");
+  expect_windows({
+      {snap(4, S, S), snap(6, P, P), "shared or private"},
+      // S -> S (a no-op, or a failure) leaves only shared.
+      {snap(4, S, S), snap(6, S, S), "shared"},
+      // In flight at the start, one more began and ended: the first one's outcome is hidden in
+      // {state, target}, the second's is the state after.
+      {snap(5, S, S), snap(8, S, S), "shared"},
+      {snap(5, S, P), snap(8, S, S), "shared or private"},
+      // Ended, then another one began and is in flight at the end.
+      {snap(5, P, P), snap(7, P, P), "private"},
+  });
 }
 
 TEST(ConversionModelWindow, TwoConversionsEntirelyInsideHideAState) {
-  // S -> P -> S entirely inside the access: it may have seen private.
-  EXPECT_EQ(window_text(state_window(snap(4, S, S), snap(8, S, S))), "shared or private");
-  EXPECT_EQ(window_text(state_window(snap(5, S, S), snap(10, S, S))), "shared or private");
+  expect_windows({
+      // S -> P -> S entirely inside the access: it may have seen private.
+      {snap(4, S, S), snap(8, S, S), "shared or private"},
+      {snap(5, S, S), snap(10, S, S), "shared or private"},
+  });
   EXPECT_FALSE(state_window(snap(4, S, S), snap(8, S, S)).definitive());
 }
 
@@ -288,7 +308,7 @@ HarnessRun run_harness_race(ConversionEnv& env, bool punch, bool preserved, uint
     ConversionRaceOptions ro;
     ro.punch = punch;
     ro.contents_preserved = preserved;
-    ConversionRace cr(race, env, ro);
+    ConversionRaceDriver cr(race, env, ro);
     cr.run();
     out.s = race.finish();
     cr.record();
@@ -328,32 +348,38 @@ void make_harness_env(ConversionAbi abi, bool want_guest, HarnessEnv& h) {
   if (!h.caps || h.caps->guest_memfd <= 0)
     GTEST_SKIP() << testing::kCapabilityAbsent << "KVM_CAP_GUEST_MEMFD on " << p.id();
   const bool guest = (want_guest && !payloads_unsupported(p)) || conversion_env_needs_guest(abi);
-  make_conversion_env(h.env, *h.kvm, p, *h.caps, abi, ConversionRace::env_options(guest));
+  make_conversion_env(h.env, *h.kvm, p, *h.caps, abi, ConversionRaceDriver::env_options(guest));
 }
 
-// (back-end, with the puncher: ConversionVsPunch's race, or without: ConversionVsFaults's)
+// (back-end, with the puncher: ConversionRace.VsPunch's race, or without: ConversionRace.VsFaults's
+// race)
 class ConversionRaceHarness : public ::testing::TestWithParam<std::tuple<ConversionAbi, bool>> {
  protected:
   ConversionAbi abi() const { return std::get<0>(GetParam()); }
   bool punch() const { return std::get<1>(GetParam()); }
+
+  // An environment for abi() on this kernel (with the guest where payloads run), or SKIPs --
+  // also when the kernel converts with abi(): the conformance races race it for real then.
+  void SetUp() override {
+    if (testing::stress_budget().given())
+      GTEST_SKIP() << "not applicable: a stress budget was given on the command line";
+    make_harness_env(abi(), true, h_);
+    if (IsSkipped()) return;
+    ASSERT_TRUE(h_.env);
+    for (ConversionAbi a : h_.caps->conversion.available)
+      if (a == abi())
+        GTEST_SKIP() << testing::kNotApplicable << default_platform().id() << " converts with "
+                     << conversion_abi_name(a)
+                     << " on this kernel, so the conformance races (ConversionRace.*) race it "
+                        "for real";
+  }
+  HarnessEnv h_;
 };
 
 // The kernel refuses the back-end: everything but the conversions runs for real, and the refused
 // conversions must be the only violations.
 TEST_P(ConversionRaceHarness, RefusedConversionsAreTheOnlyViolations) {
-  if (testing::stress_budget().given())
-    GTEST_SKIP() << "not applicable: a stress budget was given on the command line";
-  HarnessEnv h;
-  make_harness_env(abi(), true, h);
-  if (IsSkipped()) return;
-  ASSERT_TRUE(h.env);
-  for (ConversionAbi a : h.caps->conversion.available)
-    if (a == abi())
-      GTEST_SKIP() << testing::kNotApplicable << default_platform().id() << " converts with "
-                   << conversion_abi_name(a)
-                   << " on this kernel, so the conformance races (PunchRace.Conversion*) race it "
-                      "for real";
-  HarnessRun run = run_harness_race(*h.env, punch(), false, 6006, "ConversionRaceInner.Refused");
+  HarnessRun run = run_harness_race(*h_.env, punch(), false, 6006, "ConversionRaceInner.Refused");
   EXPECT_EQ(run.s.iterations, 40u);
   EXPECT_GT(run.conversions, 0u);
   EXPECT_EQ(run.conversion_failures, run.conversions) << "this kernel refuses every conversion";

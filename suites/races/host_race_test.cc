@@ -4,7 +4,7 @@
 #include <cstring>
 #include <thread>
 
-#include "punch_race.h"
+#include "race_fixture.h"
 
 namespace cvm::suites {
 namespace {
@@ -41,40 +41,53 @@ void record_model(const PageModel& m) {
   ::testing::Test::RecordProperty("reader_zero_checks", std::to_string(m.zero_checks_by_readers()));
 }
 
-// After the race: the whole file punched reads zeroes through every view.
-void final_punch_reads_zero(Race& race, PageModel& model, const GuestMemfd& g,
-                            const std::vector<const uint8_t*>& views) {
-  race.join();  // no worker touches the pages any more
-  model.checked_punch(g, 0, model.pages(), views, 0, "final punch", race.iteration());
-}
-
-CVM_TEST_P(PunchRace, HostFaults, "RACE-001") {
-  CVM_SKIP_IF(shared_gmem_unsupported());
-  GuestMemfd g = new_gmem(kPages, kSharedGmem);
-  ASSERT_TRUE(g.valid());
-  Mapping racing = map_whole(g), second = map_whole(g);
-  ASSERT_TRUE(racing.valid() && second.valid());
-
-  Race race(defaults());
-  PageModel model(race, kPages, 2);
-  spawn_faulters(race, model, racing.data(), 2, 2);
+// The driver of the punch races: each iteration a seeded range, punched after a seeded delay,
+// in half the iterations (and always the first) by checked_punch(range, hold_us, it), which
+// returns false to end the race (hold_us: how long readers check the zeroes,
+// PageModel::checked_punch). Returns how many checked punches the model counted.
+uint64_t drive_punches(Race& race, PageModel& model, const GuestMemfd& g,
+                   const std::function<bool(Race::Range, uint64_t, uint64_t)>& checked_punch) {
   auto rng = race.rng(0);
   while (race.next_iteration()) {
     const uint64_t it = race.iteration();
     Race::Range r = Race::pick_range(rng, 0, kPages, kMaxRange);
     Race::jitter(rng, 50);
-    if (it == 0 || Race::chance(rng, 1, 2))  // the first punch is always a checked one
-      model.checked_punch(g, r.first, r.n, {racing.data(), second.data()}, Race::pick(rng, 0, 200),
-                          "puncher", it);
-    else
+    if (it == 0 || Race::chance(rng, 1, 2)) {
+      if (!checked_punch(r, Race::pick(rng, 0, 200), it)) break;
+    } else {
       model.punch(g, r.first, r.n, "puncher", it);
+    }
     race.ops();
   }
-  const uint64_t checked = model.checked_punches();
-  final_punch_reads_zero(race, model, g, {racing.data(), second.data()});
+  return model.checked_punches();
+}
+
+// Ends the race: once no worker touches the pages any more, the whole file punched reads
+// zeroes through every view. Records the model's counters; returns the race's summary, which
+// must count iterations.
+RaceSummary finish_with_final_punch(Race& race, PageModel& model, const GuestMemfd& g,
+                                    const std::vector<const uint8_t*>& views) {
+  race.join();
+  model.checked_punch(g, 0, model.pages(), views, 0, "final punch", race.iteration());
   RaceSummary s = race.finish();
   record_model(model);
   EXPECT_GT(s.iterations, 0u);
+  return s;
+}
+
+CVM_TEST_P(PunchRace, HostFaults, "RACE-001") {
+  CVM_SKIP_IF(shared_gmem_unsupported());
+  ASSERT_NO_FATAL_FAILURE(map_shared_file(kPages));
+
+  Race race(defaults());
+  PageModel model(race, kPages, 2);
+  spawn_faulters(race, model, racing_.data(), 2, 2);
+  const uint64_t checked = drive_punches(race, model, gmem_, [&](Race::Range r, uint64_t hold_us, uint64_t it) {
+    model.checked_punch(gmem_, r.first, r.n, {racing_.data(), second_.data()}, hold_us,
+                        "puncher", it);
+    return true;
+  });
+  const RaceSummary s = finish_with_final_punch(race, model, gmem_, {racing_.data(), second_.data()});
   EXPECT_GT(checked, 0u) << "no checked punch ran: the invariant was not exercised";
   if (coverage_expected(s)) {
     EXPECT_GT(model.zero_checks_by_readers(), 0u) << "no reader checked a punched page";
@@ -86,10 +99,8 @@ CVM_TEST_P(PunchRace, HostFaults, "RACE-001") {
 // creates and tears down each time.
 CVM_TEST_P(PunchRace, MmapMunmap, "RACE-004") {
   CVM_SKIP_IF(shared_gmem_unsupported());
-  GuestMemfd g = new_gmem(kPages, kSharedGmem);
-  ASSERT_TRUE(g.valid());
-  Mapping steady = map_whole(g);
-  ASSERT_TRUE(steady.valid());
+  ASSERT_NO_FATAL_FAILURE(map_shared_file(kPages, /*second=*/false));
+  const Mapping& steady = racing_;  // stays while the mappers come and go
   const uint64_t ps = page_size();
 
   Race race(defaults());
@@ -101,7 +112,7 @@ CVM_TEST_P(PunchRace, MmapMunmap, "RACE-004") {
       while (!race.stopping()) {
         const uint64_t it = race.iteration();
         Race::Range r = Race::pick_range(me.rng(), 0, kPages, 6);
-        auto m = g.map(r.n * ps, PROT_READ | PROT_WRITE, r.first * ps);
+        auto m = gmem_.map(r.n * ps, PROT_READ | PROT_WRITE, r.first * ps);
         if (!m) {
           race.violation(it, me.name(), "mmap of pages [" + std::to_string(r.first) + ", " +
                                             std::to_string(r.first + r.n) + "): " + m.error().message());
@@ -129,30 +140,18 @@ CVM_TEST_P(PunchRace, MmapMunmap, "RACE-004") {
     }
   });
 
-  auto rng = race.rng(0);
-  while (race.next_iteration()) {
-    const uint64_t it = race.iteration();
-    Race::Range r = Race::pick_range(rng, 0, kPages, kMaxRange);
-    Race::jitter(rng, 50);
-    if (it == 0 || Race::chance(rng, 1, 2)) {  // the first punch is always a checked one
-      auto fresh = g.map(g.size());
-      if (!fresh) {
-        race.violation(it, "puncher", "mmap of the whole file: " + fresh.error().message());
-        break;
-      }
-      model.checked_punch(g, r.first, r.n, {steady.data(), fresh->data()}, Race::pick(rng, 0, 200),
-                          "puncher", it);
-    } else {
-      model.punch(g, r.first, r.n, "puncher", it);
+  const uint64_t checked = drive_punches(race, model, gmem_, [&](Race::Range r, uint64_t hold_us, uint64_t it) {
+    auto fresh = gmem_.map(gmem_.size());
+    if (!fresh) {
+      race.violation(it, "puncher", "mmap of the whole file: " + fresh.error().message());
+      return false;
     }
-    race.ops();
-  }
-  const uint64_t checked = model.checked_punches();
-  final_punch_reads_zero(race, model, g, {steady.data()});
-  RaceSummary s = race.finish();
-  record_model(model);
+    model.checked_punch(gmem_, r.first, r.n, {steady.data(), fresh->data()}, hold_us,
+                        "puncher", it);
+    return true;
+  });
+  const RaceSummary s = finish_with_final_punch(race, model, gmem_, {steady.data()});
   record("mappings", maps.load());
-  EXPECT_GT(s.iterations, 0u);
   EXPECT_GT(checked, 0u) << "no checked punch ran";
   if (coverage_expected(s)) {
     EXPECT_GT(maps.load(), 0u) << "no mapper ran";
@@ -165,22 +164,19 @@ CVM_TEST_P(PunchRace, MmapMunmap, "RACE-004") {
 // data (which must not change them).
 CVM_TEST_P(PunchRace, Reallocate, "RACE-004") {
   CVM_SKIP_IF(shared_gmem_unsupported());
-  GuestMemfd g = new_gmem(kPages, kSharedGmem);
-  ASSERT_TRUE(g.valid());
-  Mapping racing = map_whole(g), second = map_whole(g);
-  ASSERT_TRUE(racing.valid() && second.valid());
+  ASSERT_NO_FATAL_FAILURE(map_shared_file(kPages));
   const uint64_t ps = page_size();
   const uint64_t words = ps / sizeof(uint64_t);
 
   Race race(defaults());
   PageModel model(race, kPages, 2);
-  spawn_faulters(race, model, racing.data(), 2, 1);
+  spawn_faulters(race, model, racing_.data(), 2, 1);
   std::atomic<uint64_t> allocations{0};
   race.spawn("allocator", [&](RaceWorker& me) {
     while (!race.stopping()) {
       const uint64_t it = race.iteration();
       Race::Range r = Race::pick_range(me.rng(), 0, kPages, kMaxRange);
-      if (model.allocate(g, r.first, r.n, me.name(), it)) allocations.fetch_add(1, std::memory_order_relaxed);
+      if (model.allocate(gmem_, r.first, r.n, me.name(), it)) allocations.fetch_add(1, std::memory_order_relaxed);
       me.ops();
       Race::jitter(me.rng(), 100);
     }
@@ -195,16 +191,16 @@ CVM_TEST_P(PunchRace, Reallocate, "RACE-004") {
     // The first iterations make sure that each checked operation runs at least once.
     switch (it < 2 ? it + 1 : Race::pick(rng, 0, 2)) {
       case 0:
-        model.punch(g, r.first, r.n, "puncher", it);
+        model.punch(gmem_, r.first, r.n, "puncher", it);
         break;
       case 1: {
         // Punch, re-allocate at once, then the range must read zeroes.
         if (!model.freeze(r.first, r.n, "puncher", it)) break;
-        bool ok = model.punch(g, r.first, r.n, "puncher", it) &&
-                  model.allocate(g, r.first, r.n, "puncher", it);
+        bool ok = model.punch(gmem_, r.first, r.n, "puncher", it) &&
+                  model.allocate(gmem_, r.first, r.n, "puncher", it);
         for (uint64_t p = r.first; ok && p < r.first + r.n; p++)
-          ok = model.verify_zero(racing.data(), p, "the racing mapping", "puncher", it) &&
-               model.verify_zero(second.data(), p, "a second mapping", "puncher", it);
+          ok = model.verify_zero(racing_.data(), p, "the racing mapping", "puncher", it) &&
+               model.verify_zero(second_.data(), p, "a second mapping", "puncher", it);
         if (ok) model.publish_zero(r.first, r.n, Race::pick(rng, 0, 200));
         model.unfreeze(r.first, r.n);
         reallocated++;
@@ -214,9 +210,9 @@ CVM_TEST_P(PunchRace, Reallocate, "RACE-004") {
         // Allocating over pages that hold data leaves the data alone.
         if (!model.freeze(r.first, r.n, "puncher", it)) break;
         std::vector<uint64_t> before(r.n * words);
-        std::memcpy(before.data(), racing.data() + r.first * ps, r.n * ps);
-        if (model.allocate(g, r.first, r.n, "puncher", it)) {
-          const volatile uint64_t* now = reinterpret_cast<const volatile uint64_t*>(racing.data() + r.first * ps);
+        std::memcpy(before.data(), racing_.data() + r.first * ps, r.n * ps);
+        if (model.allocate(gmem_, r.first, r.n, "puncher", it)) {
+          const volatile uint64_t* now = reinterpret_cast<const volatile uint64_t*>(racing_.data() + r.first * ps);
           for (uint64_t i = 0; i < r.n * words; i++) {
             if (now[i] != before[i]) {
               race.violation(it, "puncher", "page " + std::to_string(r.first + i / words) + " word " +
@@ -234,13 +230,10 @@ CVM_TEST_P(PunchRace, Reallocate, "RACE-004") {
     }
     race.ops();
   }
-  final_punch_reads_zero(race, model, g, {racing.data(), second.data()});
-  RaceSummary s = race.finish();
-  record_model(model);
+  const RaceSummary s = finish_with_final_punch(race, model, gmem_, {racing_.data(), second_.data()});
   record("allocations", allocations.load());
   record("punch_then_allocate", reallocated);
   record("allocate_over_data", preserved);
-  EXPECT_GT(s.iterations, 0u);
   if (s.iterations >= 2) {
     EXPECT_GT(reallocated, 0u) << "no punch was followed by a re-allocation";
     EXPECT_GT(preserved, 0u) << "no allocation over data ran";

@@ -15,7 +15,7 @@
 //  - a page no punch touched still shows the pinned data through the mapping;
 //  - pinning and unpinning shared pages succeed; no kernel splat (the kmsg listener).
 #include "cvmconf/pins.h"
-#include "punch_race.h"
+#include "race_fixture.h"
 
 namespace cvm::suites {
 namespace {
@@ -183,13 +183,10 @@ CVM_TEST_P(PunchRace, PinsLongTerm, "RACE-003") {
   req.reads_through = true;  // the pinned data is compared through the pin
   auto provider = find_pin_provider(req);
   if (!provider) GTEST_SKIP() << provider.error().op;
-  GuestMemfd g = new_gmem(kPages, kSharedGmem);
-  ASSERT_TRUE(g.valid());
-  Mapping racing = map_whole(g), second = map_whole(g);
-  ASSERT_TRUE(racing.valid() && second.valid());
+  ASSERT_NO_FATAL_FAILURE(map_shared_file(kPages));
 
   Race race(defaults());
-  PinRaceCounters c = run_pin_race(race, *provider.value(), true, g, racing.data(), second.data());
+  PinRaceCounters c = run_pin_race(race, *provider.value(), true, gmem_, racing_.data(), second_.data());
   RaceSummary s = race.finish();
   record_counters(c, *provider.value());
   EXPECT_GT(s.iterations, 0u);
@@ -204,15 +201,12 @@ CVM_TEST_P(PunchRace, Vmsplice, "RACE-003") {
   const PinProvider* vmsplice = pin_provider_by_name("vmsplice");
   if (!vmsplice) GTEST_SKIP() << testing::kNotImplemented << "this build has no vmsplice provider";
   CVM_SKIP_IF(vmsplice->unavailable());
-  GuestMemfd g = new_gmem(kPages, kSharedGmem);
-  ASSERT_TRUE(g.valid());
-  Mapping racing = map_whole(g), second = map_whole(g);
-  ASSERT_TRUE(racing.valid() && second.valid());
+  ASSERT_NO_FATAL_FAILURE(map_shared_file(kPages));
 
   Race race(defaults());
   // vmsplice's reference can be read once (draining the pipe), so the data is compared with
   // what was written before the pin.
-  PinRaceCounters c = run_pin_race(race, *vmsplice, false, g, racing.data(), second.data());
+  PinRaceCounters c = run_pin_race(race, *vmsplice, false, gmem_, racing_.data(), second_.data());
   RaceSummary s = race.finish();
   record_counters(c, *vmsplice);
   EXPECT_GT(s.iterations, 0u);

@@ -1,5 +1,6 @@
-// Instantiates the punch-hole race suite for every platform (tests: *_test.cc in this directory).
-#include "punch_race.h"
+// Instantiates the punch-hole race fixture for every platform (tests: host_race_test.cc,
+// pin_race_test.cc, guest_race_test.cc).
+#include "race_fixture.h"
 
 namespace cvm::suites {
 CVM_INSTANTIATE_FOR_PLATFORMS(PunchRace);

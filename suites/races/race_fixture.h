@@ -1,4 +1,7 @@
-// The fixture of the punch-hole race suite (RACE-001 .. RACE-006), one instance per platform.
+// The fixtures of the race suite, one instance per platform: RaceTest, what every race test
+// shares, and PunchRace, hole punching racing faults, mappings, re-allocation, pins and guest
+// accesses (RACE-001 .. RACE-004). MemslotRace (RACE-005) and ConversionRace (RACE-006) live
+// with their tests.
 #pragma once
 
 #include <optional>
@@ -13,7 +16,7 @@ namespace cvm::suites {
 
 inline constexpr uint64_t kSharedGmem = uapi::kGmemFlagMmap | uapi::kGmemFlagInitShared;
 
-class PunchRace : public PlatformTest {
+class RaceTest : public PlatformTest {
  protected:
   // Every race runs this long by default (the stress budget overrides it).
   static RaceDefaults defaults() {
@@ -43,6 +46,22 @@ class PunchRace : public PlatformTest {
   static void record(const char* key, uint64_t v) {
     ::testing::Test::RecordProperty(key, std::to_string(v));
   }
+};
+
+class PunchRace : public RaceTest {
+ protected:
+  // The file the host races run on: a host-mapped, initially shared guest_memfd of `pages`
+  // pages, mapped whole once (racing_), and a second time (second_) when `second` is set.
+  void map_shared_file(uint64_t pages, bool second = true) {
+    gmem_ = new_gmem(pages, kSharedGmem);
+    ASSERT_TRUE(gmem_.valid());
+    racing_ = map_whole(gmem_);
+    if (second) second_ = map_whole(gmem_);
+    ASSERT_TRUE(racing_.valid() && (!second || second_.valid()));
+  }
+
+  GuestMemfd gmem_;
+  Mapping racing_, second_;
 };
 
 }  // namespace cvm::suites
