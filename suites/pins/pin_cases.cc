@@ -50,22 +50,6 @@ void verify_identity(CowRegion& r, bool expect_zero, bool expect_huge_zero, bool
   }
 }
 
-// Creates the file of a file backing, sizes it, fills it through a shared mapping.
-void make_file(const FileBacking& file, CowRegion& r) {
-  // hugetlb: two pages, the page-cache page and the anonymous copy a write (or unsharing) creates.
-  TestFile f = open_test_file(file, 2, r.pool);
-  if (f.absent) GTEST_SKIP() << *f.absent;
-  ASSERT_TRUE(f.fd.valid()) << "creating the " << file.name() << " file: " << strerror(f.err);
-  r.fd = std::move(f.fd);
-  auto fs = fs_type_of_fd(r.fd.get());
-  r.fs = fs ? *fs : "unknown";
-  size_file(r.fd.get(), r.size, r.fs);
-  if (::testing::Test::HasFatalFailure()) return;
-  CVM_ASSIGN_OR_FAIL(Mapping shared,
-                     Mapping::map(r.size, PROT_READ | PROT_WRITE, MAP_SHARED, r.fd.get(), 0));
-  std::memset(shared.data(), r.initial, r.size);
-}
-
 void prepare_shared_zeropage(CowRegion& r) {
   r.size = page_size();
   r.initial = 0;
@@ -100,17 +84,30 @@ void prepare_huge_zeropage(CowRegion& r) {
   verify_identity(r, false, true, false);
 }
 
+// A file (memfd, tmpfile or hugetlb memfd) filled through a shared mapping, mapped privately.
 void prepare_file(const FileBacking& file, CowRegion& r) {
   r.size = file.kind == FileKind::MemfdHugetlb ? file.huge : page_size();
   r.initial = 0xa5;
-  make_file(file, r);
-  if (::testing::Test::IsSkipped() || ::testing::Test::HasFatalFailure()) return;
+  // hugetlb: two pages, the page-cache page and the anonymous copy a write (or unsharing) creates.
+  TestFile f = open_test_file(file, 2, r.pool);
+  if (f.absent) GTEST_SKIP() << *f.absent;
+  ASSERT_TRUE(f.fd.valid()) << "creating the " << file.name() << " file: " << strerror(f.err);
+  r.fd = std::move(f.fd);
+  auto fs = fs_type_of_fd(r.fd.get());
+  r.fs = fs ? *fs : "unknown";
+  auto sized = size_file(r.fd.get(), r.size);
+  ASSERT_TRUE(sized.ok()) << testing::harness_error("sizing the " + r.fs + " file", sized);
+  CVM_ASSIGN_OR_FAIL(Mapping shared,
+                     Mapping::map(r.size, PROT_READ | PROT_WRITE, MAP_SHARED, r.fd.get(), 0));
+  std::memset(shared.data(), r.initial, r.size);
+  shared.reset();
+
   CVM_ASSIGN_OR_FAIL(r.raw,
                      Mapping::map(r.size, PROT_READ | PROT_WRITE, MAP_PRIVATE, r.fd.get(), 0));
   r.data = r.raw.data();
   // Read-fault every page: the page table maps the page-cache pages R/O.
-  auto f = probe_pages(r.data, r.size, Access::Read);
-  ASSERT_FALSE(f.faulted()) << f.describe();
+  auto faulted = probe_pages(r.data, r.size, Access::Read);
+  ASSERT_FALSE(faulted.faulted()) << faulted.describe();
   ASSERT_EQ(check_bytes(r.data, r.size, r.initial, "the private mapping"), "");
   verify_identity(r, false, false, false);
 }
@@ -209,8 +206,8 @@ TestFile open_test_file(const FileBacking& b, size_t huge_pages, std::optional<H
   return f;
 }
 
-void size_file(int fd, size_t size, const std::string& fs) {
-  ASSERT_EQ(ftruncate(fd, static_cast<off_t>(size)), 0) << strerror(errno);
+Result<void> size_file(int fd, size_t size) {
+  if (ftruncate(fd, static_cast<off_t>(size)) != 0) return last_error("ftruncate");
   // hugetlbfs's fallocate stops with EINTR whenever signal_pending(), which io_uring's task
   // work (TIF_NOTIFY_SIGNAL) makes true for a moment: the allocation is simply retried.
   int r = -1;
@@ -218,8 +215,8 @@ void size_file(int fd, size_t size, const std::string& fs) {
     r = fallocate(fd, 0, 0, static_cast<off_t>(size));
     if (r == 0 || errno != EINTR) break;
   }
-  if (r != 0 && errno != EOPNOTSUPP)
-    FAIL() << testing::harness_error("fallocate on " + fs, std::string(strerror(errno)));
+  if (r != 0 && errno != EOPNOTSUPP) return last_error("fallocate");
+  return {};
 }
 
 std::string NonAnonBacking::name() const {
@@ -428,7 +425,7 @@ std::string param_safe(std::string s) {
 void restore_pool_or_fail(std::optional<HugetlbPool>& pool) {
   if (!pool) return;
   auto r = pool->restore();
-  EXPECT_TRUE(r.ok()) << "the hugetlb pool was not put back: " << r.error();
+  EXPECT_TRUE(ok(r)) << "the hugetlb pool was not put back";
   pool.reset();
 }
 

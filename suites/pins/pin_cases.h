@@ -7,7 +7,7 @@
 //
 // Fixtures prepare in SetUp(): a missing capability SKIPs there with its exact reason, a set-up
 // failure fails there, so test bodies only pin and check. Preparation helpers that report through
-// GoogleTest (prepare_non_anon, prepare_anon, size_file) are called last in a SetUp(), or followed
+// GoogleTest (prepare_non_anon, prepare_anon) are called last in a SetUp(), or followed
 // by the check GoogleTest documents: if (IsSkipped() || HasFatalFailure()) return;
 #pragma once
 
@@ -59,9 +59,9 @@ struct TestFile {
 // in `pool` (absent when the kernel does not offer the size or the pool cannot grow).
 TestFile open_test_file(const FileBacking& b, size_t huge_pages, std::optional<HugetlbPool>& pool);
 
-// Sizes the file to `size` bytes and allocates its blocks (where fs supports fallocate); fails
-// the test otherwise.
-void size_file(int fd, size_t size, const std::string& fs);
+// Sizes the file to `size` bytes and allocates its blocks (where its file system supports
+// fallocate); the failed call otherwise (a set-up failure: report it with harness_error).
+Result<void> size_file(int fd, size_t size);
 
 // --- backings of a private writable mapping ----------------------------------------------------
 // Non-anonymous backings of a MAP_PRIVATE writable mapping (cow.c's non-anon cases).

@@ -71,7 +71,8 @@ class Pinnability : public ::testing::TestWithParam<MatrixCase> {
     size_ = c.file.kind == FileKind::MemfdHugetlb ? c.file.huge : 4 * page_size();
     CVM_ASSIGN_OR_FAIL(fs_, fs_type_of_fd(fd_.get()));
     RecordProperty("fs", fs_);
-    size_file(fd_.get(), size_, fs_);
+    auto sized = size_file(fd_.get(), size_);
+    ASSERT_TRUE(sized.ok()) << testing::harness_error("sizing the " + fs_ + " file", sized);
   }
 
   // Unmaps, closes, and puts the hugetlb pool back (failing the test if it does not go back).
