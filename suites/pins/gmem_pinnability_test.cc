@@ -26,88 +26,87 @@ constexpr uint64_t kPages = 4;
 class GmemPinnability : public PlatformTest {
  protected:
   // Records provider and backing before the platform check, so results of platforms this kernel
-  // does not offer carry them too (the test name is "<Private|Shared>..._<provider>").
+  // does not offer carry them too (the test name is "<Private|Shared>..._<provider>"). Then maps
+  // a guest_memfd of the test's kind through its host mapping: private pages (MMAP) or shared
+  // ones (MMAP | INIT_SHARED).
   void SetUp() override {
     std::string name = ::testing::UnitTest::GetInstance()->current_test_info()->name();
     auto us = name.find('_'), slash = name.find('/');
-    const PinProvider* p =
+    provider_ =
         us == std::string::npos ? nullptr : pin_provider_by_name(name.substr(us + 1, slash - us - 1));
-    ASSERT_NE(p, nullptr) << "test " << name << " names no known pin provider";
-    record_case(p, name.rfind("Private", 0) == 0 ? "guest_memfd_private" : "guest_memfd_shared");
+    ASSERT_NE(provider_, nullptr) << "test " << name << " names no known pin provider";
+    const bool shared = name.rfind("Private", 0) != 0;
+    record_case(provider_, shared ? "guest_memfd_shared" : "guest_memfd_private");
     PlatformTest::SetUp();
+    if (IsSkipped() || HasFatalFailure()) return;
+    if (auto why = provider_->unavailable()) GTEST_SKIP() << *why;
+    const uint64_t flags = shared ? kShared : kMmap;
+    if (auto why = gmem_flags_unsupported(flags)) GTEST_SKIP() << *why;
+    gmem_ = new_gmem(kPages, flags);
+    ASSERT_TRUE(gmem_.valid());
+    CVM_ASSIGN_OR_FAIL(map_, gmem_.map(kPages * page_size()));
   }
+  void TearDown() override { map_.reset(); }
 
-  const PinProvider& provider(const char* name) {
-    const PinProvider* p = pin_provider_by_name(name);
-    EXPECT_NE(p, nullptr) << "no pin provider named " << name;
-    return *p;
-  }
-
-  void private_refused(const char* name) {
-    const PinProvider& p = provider(name);
-    CVM_SKIP_IF(p.unavailable());
-    CVM_SKIP_IF(gmem_flags_unsupported(kMmap));
-    GuestMemfd g = new_gmem(kPages, kMmap);
-    ASSERT_TRUE(g.valid());
-    auto m = g.map(kPages * page_size());
-    ASSERT_TRUE(m.ok()) << m.error();
-    auto pin = p.pin(m->data(), m->size());
+  // Private pages: every pin is refused with EFAULT.
+  void private_refused() {
+    const PinProvider& p = *provider_;
+    auto pin = p.pin(map_.data(), map_.size());
+    if (auto why = pins::pin_unsupported(p, pin)) GTEST_SKIP() << *why;
     if (pin.ok()) {
       RecordProperty("outcome", "pinned");
       ADD_FAILURE() << p.name() << " pinned private guest_memfd pages";
       (void)pin.value()->release();
-      return;
+    } else {
+      RecordProperty("outcome", std::string("refused (") + errno_name(pin.err()) + ")");
+      EXPECT_EQ(pin.err(), EFAULT) << p.name() << " on private guest_memfd pages: " << pin.error();
     }
-    CVM_SKIP_IF_PIN_UNSUPPORTED(p, pin);
-    RecordProperty("outcome", std::string("refused (") + errno_name(pin.err()) + ")");
-    EXPECT_EQ(pin.err(), EFAULT) << p.name() << " on private guest_memfd pages: " << pin.error();
   }
 
-  void shared_pinnable(const char* name) {
-    const PinProvider& p = provider(name);
-    CVM_SKIP_IF(p.unavailable());
-    CVM_SKIP_IF(gmem_flags_unsupported(kShared));
-    GuestMemfd g = new_gmem(kPages, kShared);
-    ASSERT_TRUE(g.valid());
-    auto m = g.map(kPages * page_size());
-    ASSERT_TRUE(m.ok()) << m.error();
-    std::memset(m->data(), 0xa5, m->size());
-    auto pin = p.pin(m->data(), m->size());
-    CVM_SKIP_IF_PIN_UNSUPPORTED(p, pin);
+  // Shared pages: pinned, and the pin reaches the guest_memfd page both ways where it can.
+  void shared_pinnable() {
+    const PinProvider& p = *provider_;
+    std::memset(map_.data(), 0xa5, map_.size());
+    auto pin = p.pin(map_.data(), map_.size());
+    if (auto why = pins::pin_unsupported(p, pin)) GTEST_SKIP() << *why;
     RecordProperty("outcome", pin.ok() ? std::string("pinned")
                                        : std::string("refused (") + errno_name(pin.err()) + ")");
     ASSERT_TRUE(pin.ok()) << p.name() << " could not pin shared guest_memfd pages: " << pin.error();
     if (p.kind().reads_through) {
-      EXPECT_EQ(check_through_pin(*pin.value(), m->size(), 0xa5), "");
+      EXPECT_EQ(check_through_pin(*pin.value(), map_.size(), 0xa5), "");
     }
     auto w = pin.value()->write_through(page_size(), std::vector<uint8_t>(page_size(), 0x3b));
     if (w.ok()) {
-      EXPECT_EQ(check_bytes(m->data() + page_size(), page_size(), 0x3b, "the guest_memfd mapping"), "")
+      EXPECT_EQ(check_bytes(map_.data() + page_size(), page_size(), 0x3b, "the guest_memfd mapping"),
+                "")
           << "a write through the pin must land in the guest_memfd page";
     } else {
       EXPECT_EQ(w.err(), ENOTSUP) << w.error();
     }
-    auto rel = pin.value()->release();
-    EXPECT_TRUE(rel.ok()) << rel.error();
+    EXPECT_TRUE(ok(pin.value()->release()));
   }
+
+  const PinProvider* provider_ = nullptr;
+  GuestMemfd gmem_;
+  Mapping map_;
 };
 
 // One pair of tests per provider (keep in step with pin_providers()).
 #define CVM_GMEM_PIN_TESTS(provider)                                                   \
   CVM_TEST_P(GmemPinnability, PrivateRefused_##provider, "PIN-008") {                  \
-    private_refused(#provider);                                                        \
+    private_refused();                                                                 \
   }                                                                                    \
   CVM_TEST_P(GmemPinnability, SharedPinnable_##provider, "PIN-009") {                  \
-    shared_pinnable(#provider);                                                        \
+    shared_pinnable();                                                                 \
   }
 
 // io_uring's pair is also the io_uring buffer registration of MMAP-008 (a private page: EFAULT)
 // and MMAP-009 (a shared page registers, and a fixed-buffer read lands in the guest_memfd page).
 CVM_TEST_P(GmemPinnability, PrivateRefused_io_uring, "PIN-008", "MMAP-008") {
-  private_refused("io_uring");
+  private_refused();
 }
 CVM_TEST_P(GmemPinnability, SharedPinnable_io_uring, "PIN-009", "MMAP-009") {
-  shared_pinnable("io_uring");
+  shared_pinnable();
 }
 
 CVM_GMEM_PIN_TESTS(vmsplice)

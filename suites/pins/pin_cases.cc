@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <sstream>
 
 namespace cvm::suites::pins {
 namespace {
@@ -20,61 +21,95 @@ uint8_t* align_up(uint8_t* p, size_t align) {
   return reinterpret_cast<uint8_t*>(a);
 }
 
+// Records how the backing was confirmed.
+void set_verified(CowRegion& r, const std::string& how) {
+  r.verified = how;
+  ::testing::Test::RecordProperty("backing_verified", how);
+}
+
 void verify_identity(CowRegion& r, bool expect_zero, bool expect_huge_zero, bool expect_anon) {
   if (auto why = page_identity_unavailable()) {
-    r.verified = "not verified: " + *why;
+    set_verified(r, "not verified: " + *why);
     return;
   }
-  auto id = page_identity(r.data);
-  ASSERT_TRUE(id.ok()) << id.error();
-  ASSERT_TRUE(id->present) << "the prepared page is not mapped";
+  CVM_ASSIGN_OR_FAIL(PageIdentity id, page_identity(r.data));
+  ASSERT_TRUE(id.present) << "the prepared page is not mapped";
   if (expect_zero) {
-    ASSERT_TRUE(id->zero_page) << "a read fault on private anonymous memory did not map the shared "
-                                  "zeropage (pfn " << id->pfn << ")";
-    r.verified = "pagemap/kpageflags: shared zeropage";
+    ASSERT_TRUE(id.zero_page) << "a read fault on private anonymous memory did not map the shared "
+                                 "zeropage (pfn " << id.pfn << ")";
+    set_verified(r, "pagemap/kpageflags: shared zeropage");
   } else if (expect_huge_zero) {
-    r.verified = "pagemap/kpageflags: huge zeropage";
+    set_verified(r, "pagemap/kpageflags: huge zeropage");
   } else if (expect_anon) {
-    ASSERT_TRUE(id->anon && id->exclusive) << "the written page is not an exclusive anonymous page";
-    r.verified = "pagemap/kpageflags: exclusive anonymous page";
+    ASSERT_TRUE(id.anon && id.exclusive) << "the written page is not an exclusive anonymous page";
+    set_verified(r, "pagemap/kpageflags: exclusive anonymous page");
   } else {
-    ASSERT_FALSE(id->anon) << "a read fault on a private file mapping mapped an anonymous page";
-    ASSERT_FALSE(id->zero_page);
-    r.verified = "pagemap/kpageflags: page-cache page mapped R/O";
+    ASSERT_FALSE(id.anon) << "a read fault on a private file mapping mapped an anonymous page";
+    ASSERT_FALSE(id.zero_page);
+    set_verified(r, "pagemap/kpageflags: page-cache page mapped R/O");
   }
 }
 
-// Creates the file of a file backing, sizes it, fills it through a shared mapping.
-void make_file(NonAnon kind, size_t huge, CowRegion& r) {
-  int fd = -1;
-  switch (kind) {
-    case NonAnon::Memfd:
-      fd = memfd_create("cvmconf-pin-memfd", MFD_CLOEXEC);
-      ASSERT_GE(fd, 0) << "memfd_create: " << strerror(errno);
-      break;
-    case NonAnon::Tmpfile:
-      // tmpfile() semantics: an unnamed file in /tmp, on whatever file system /tmp is.
-      fd = unnamed_file_in("/tmp");
-      ASSERT_GE(fd, 0) << "no temporary file in /tmp: " << strerror(errno);
-      break;
-    case NonAnon::MemfdHugetlb:
-      // Two pages: the page-cache page and the anonymous copy a write (or unsharing) creates.
-      hugetlb_memfd(huge, 2, r.pool, fd);
-      if (::testing::Test::IsSkipped()) return;
-      ASSERT_GE(fd, 0) << "memfd_create(MFD_HUGETLB " << hugetlb_size_name(huge)
-                       << "): " << strerror(errno);
-      break;
-    default:
-      FAIL() << "not a file backing";
+void prepare_shared_zeropage(CowRegion& r) {
+  r.size = page_size();
+  r.initial = 0;
+  CVM_ASSIGN_OR_FAIL(r.raw, Mapping::anonymous(r.size));
+  r.data = r.raw.data();
+  madvise(r.data, r.size, MADV_NOHUGEPAGE);
+  auto f = probe_read(r.data, 1);
+  ASSERT_FALSE(f.faulted()) << f.describe();
+  verify_identity(r, true, false, false);
+}
+
+void prepare_huge_zeropage(CowRegion& r) {
+  ThpSettings s = thp_settings();
+  if (auto why = anon_thp_unavailable(s)) GTEST_SKIP() << kCapabilityAbsent << *why;
+  if (!s.use_zero_page)
+    GTEST_SKIP() << kCapabilityAbsent << "the huge zeropage is disabled (" << kThpSysfs
+                 << "/use_zero_page = 0)";
+  r.size = s.pmd_size;
+  r.initial = 0;
+  CVM_ASSIGN_OR_FAIL(r.raw, Mapping::anonymous(2 * s.pmd_size));
+  r.data = align_up(r.raw.data(), s.pmd_size);
+  ASSERT_EQ(madvise(r.data, r.size, MADV_HUGEPAGE), 0) << strerror(errno);
+  auto f = probe_read(r.data, 1);
+  ASSERT_FALSE(f.faulted()) << f.describe();
+  if (!page_identity_unavailable()) {
+    CVM_ASSIGN_OR_FAIL(PageIdentity id, page_identity(r.data));
+    if (!id.huge_zero_page)
+      GTEST_SKIP() << kCapabilityAbsent << "a read fault in a MADV_HUGEPAGE region did not map "
+                   << "the huge zeropage (pfn " << id.pfn
+                   << (id.zero_page ? ", the small zeropage" : "") << ")";
   }
-  r.fd.reset(fd);
-  auto fs = fs_type_of_fd(fd);
+  verify_identity(r, false, true, false);
+}
+
+// A file (memfd, tmpfile or hugetlb memfd) filled through a shared mapping, mapped privately.
+void prepare_file(const FileBacking& file, CowRegion& r) {
+  r.size = file.kind == FileKind::MemfdHugetlb ? file.huge : page_size();
+  r.initial = 0xa5;
+  // hugetlb: two pages, the page-cache page and the anonymous copy a write (or unsharing) creates.
+  TestFile f = open_test_file(file, 2, r.pool);
+  if (f.absent) GTEST_SKIP() << *f.absent;
+  ASSERT_TRUE(f.fd.valid()) << "creating the " << file.name() << " file: " << strerror(f.err);
+  r.fd = std::move(f.fd);
+  auto fs = fs_type_of_fd(r.fd.get());
   r.fs = fs ? *fs : "unknown";
-  size_file(fd, r.size, r.fs);
-  if (::testing::Test::HasFatalFailure()) return;
-  auto shared = Mapping::map(r.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  ASSERT_TRUE(shared.ok()) << shared.error();
-  std::memset(shared->data(), r.initial, r.size);
+  auto sized = size_file(r.fd.get(), r.size);
+  ASSERT_TRUE(sized.ok()) << testing::harness_error("sizing the " + r.fs + " file", sized);
+  CVM_ASSIGN_OR_FAIL(Mapping shared,
+                     Mapping::map(r.size, PROT_READ | PROT_WRITE, MAP_SHARED, r.fd.get(), 0));
+  std::memset(shared.data(), r.initial, r.size);
+  shared.reset();
+
+  CVM_ASSIGN_OR_FAIL(r.raw,
+                     Mapping::map(r.size, PROT_READ | PROT_WRITE, MAP_PRIVATE, r.fd.get(), 0));
+  r.data = r.raw.data();
+  // Read-fault every page: the page table maps the page-cache pages R/O.
+  auto faulted = probe_pages(r.data, r.size, Access::Read);
+  ASSERT_FALSE(faulted.faulted()) << faulted.describe();
+  ASSERT_EQ(check_bytes(r.data, r.size, r.initial, "the private mapping"), "");
+  verify_identity(r, false, false, false);
 }
 
 }  // namespace
@@ -102,20 +137,77 @@ int unnamed_file_in(const std::string& dir) {
   return fd;
 }
 
-void hugetlb_memfd(size_t huge, size_t pages, std::optional<HugetlbPool>& pool, int& fd) {
-  fd = -1;
-  auto sizes = hugetlb_sizes();
-  if (std::find(sizes.begin(), sizes.end(), huge) == sizes.end())
-    GTEST_SKIP() << kCapabilityAbsent << "hugetlb " << hugetlb_size_name(huge)
-                 << " pages: not offered by this kernel (" << kHugepagesSysfs << ")";
-  auto reserved = HugetlbPool::reserve(huge, pages);
-  if (!reserved) GTEST_SKIP() << kCapabilityAbsent << reserved.error().message();
-  pool.emplace(std::move(reserved.value()));
-  fd = memfd_create("cvmconf-pin-hugetlb", MFD_CLOEXEC | memfd_hugetlb_flags(huge));
+std::string FileBacking::name() const {
+  switch (kind) {
+    case FileKind::Memfd: return "memfd";
+    case FileKind::Tmpfile: return "tmpfile";
+    case FileKind::Ext4: return "ext4_file";
+    case FileKind::Xfs: return "xfs_file";
+    case FileKind::Btrfs: return "btrfs_file";
+    case FileKind::MemfdHugetlb: return "memfd_hugetlb_" + hugetlb_size_name(huge);
+  }
+  return "?";
 }
 
-void size_file(int fd, size_t size, const std::string& fs) {
-  ASSERT_EQ(ftruncate(fd, static_cast<off_t>(size)), 0) << strerror(errno);
+namespace {
+
+// Why no hugetlb memfd of huge page size `huge` can be backed by `pages` free pages here (the
+// kernel does not offer the size, or the pool cannot grow), after reserving them in `pool`.
+std::optional<std::string> reserve_huge_pages(size_t huge, size_t pages,
+                                              std::optional<HugetlbPool>& pool) {
+  auto sizes = hugetlb_sizes();
+  if (std::find(sizes.begin(), sizes.end(), huge) == sizes.end())
+    return std::string(kCapabilityAbsent) + "hugetlb " + hugetlb_size_name(huge) +
+           " pages: not offered by this kernel (" + kHugepagesSysfs + ")";
+  auto reserved = HugetlbPool::reserve(huge, static_cast<long>(pages));
+  if (!reserved) return kCapabilityAbsent + reserved.error().message();
+  pool.emplace(std::move(reserved.value()));
+  return std::nullopt;
+}
+
+// A writable directory on a disk file system, or why there is none.
+std::optional<std::string> dir_on(const std::string& fs, std::string& dir) {
+  auto found = writable_dir_on_fs(fs);
+  if (!found)
+    return kCapabilityAbsent + ("no writable " + fs + " file system mounted (looked at $TMPDIR, "
+                                "/var/tmp, /tmp, the current directory and every " + fs +
+                                " mount)");
+  dir = *found;
+  return std::nullopt;
+}
+
+}  // namespace
+
+TestFile open_test_file(const FileBacking& b, size_t huge_pages, std::optional<HugetlbPool>& pool) {
+  TestFile f;
+  int fd = -1;
+  switch (b.kind) {
+    case FileKind::Memfd:
+      fd = memfd_create("cvmconf-pin-memfd", MFD_CLOEXEC);
+      break;
+    case FileKind::Tmpfile:
+      fd = unnamed_file_in("/tmp");
+      break;
+    case FileKind::Ext4:
+    case FileKind::Xfs:
+    case FileKind::Btrfs:
+      f.absent = dir_on(b.kind == FileKind::Ext4 ? "ext4" : b.kind == FileKind::Xfs ? "xfs" : "btrfs",
+                        f.dir);
+      if (!f.absent) fd = unnamed_file_in(f.dir);
+      break;
+    case FileKind::MemfdHugetlb:
+      f.absent = reserve_huge_pages(b.huge, huge_pages, pool);
+      if (!f.absent)
+        fd = memfd_create("cvmconf-pin-hugetlb", MFD_CLOEXEC | memfd_hugetlb_flags(b.huge));
+      break;
+  }
+  f.err = errno;
+  f.fd.reset(fd);
+  return f;
+}
+
+Result<void> size_file(int fd, size_t size) {
+  if (ftruncate(fd, static_cast<off_t>(size)) != 0) return last_error("ftruncate");
   // hugetlbfs's fallocate stops with EINTR whenever signal_pending(), which io_uring's task
   // work (TIF_NOTIFY_SIGNAL) makes true for a moment: the allocation is simply retried.
   int r = -1;
@@ -123,26 +215,32 @@ void size_file(int fd, size_t size, const std::string& fs) {
     r = fallocate(fd, 0, 0, static_cast<off_t>(size));
     if (r == 0 || errno != EINTR) break;
   }
-  if (r != 0 && errno != EOPNOTSUPP)
-    FAIL() << testing::harness_error("fallocate on " + fs, std::string(strerror(errno)));
+  if (r != 0 && errno != EOPNOTSUPP) return last_error("fallocate");
+  return {};
 }
 
 std::string NonAnonBacking::name() const {
   switch (kind) {
     case NonAnon::SharedZeropage: return "shared_zeropage";
-    case NonAnon::Memfd: return "memfd";
-    case NonAnon::Tmpfile: return "tmpfile";
     case NonAnon::HugeZeropage: return "huge_zeropage";
-    case NonAnon::MemfdHugetlb: return "memfd_hugetlb_" + hugetlb_size_name(huge);
+    case NonAnon::File: return file.name();
   }
   return "?";
 }
 
+std::ostream& operator<<(std::ostream& os, const NonAnonBacking& b) { return os << b.name(); }
+
 std::vector<NonAnonBacking> non_anon_backings() {
-  std::vector<NonAnonBacking> v = {{NonAnon::SharedZeropage}, {NonAnon::Memfd}, {NonAnon::Tmpfile},
+  std::vector<NonAnonBacking> v = {{NonAnon::SharedZeropage},
+                                   {NonAnon::File, {FileKind::Memfd}},
+                                   {NonAnon::File, {FileKind::Tmpfile}},
                                    {NonAnon::HugeZeropage}};
-  for (size_t s : hugetlb_sizes_to_test()) v.push_back({NonAnon::MemfdHugetlb, s});
+  for (size_t s : hugetlb_sizes_to_test()) v.push_back({NonAnon::File, {FileKind::MemfdHugetlb, s}});
   return v;
+}
+
+std::vector<NonAnonBacking> zeropage_backings() {
+  return {{NonAnon::SharedZeropage}, {NonAnon::HugeZeropage}};
 }
 
 const char* anon_state_name(AnonState s) {
@@ -161,66 +259,18 @@ std::string AnonBacking::name() const {
   return std::string(anon_state_name(state)) + "_" + anon_size_name(size);
 }
 
+std::vector<AnonBacking> anon_backings(const std::vector<AnonState>& states) {
+  std::vector<AnonBacking> v;
+  for (AnonSize size : {AnonSize::Base, AnonSize::Thp})
+    for (AnonState state : states) v.push_back({state, size});
+  return v;
+}
+
 void prepare_non_anon(const NonAnonBacking& b, CowRegion& r) {
-  const size_t ps = page_size();
   switch (b.kind) {
-    case NonAnon::SharedZeropage: {
-      r.size = ps;
-      r.initial = 0;
-      auto m = Mapping::anonymous(ps);
-      ASSERT_TRUE(m.ok()) << m.error();
-      r.raw = std::move(m.value());
-      r.data = r.raw.data();
-      madvise(r.data, ps, MADV_NOHUGEPAGE);
-      auto f = probe_read(r.data, 1);
-      ASSERT_FALSE(f.faulted()) << f.describe();
-      verify_identity(r, true, false, false);
-      return;
-    }
-    case NonAnon::HugeZeropage: {
-      ThpSettings s = thp_settings();
-      if (auto why = anon_thp_unavailable(s)) GTEST_SKIP() << kCapabilityAbsent << *why;
-      if (!s.use_zero_page)
-        GTEST_SKIP() << kCapabilityAbsent << "the huge zeropage is disabled (" << kThpSysfs
-                     << "/use_zero_page = 0)";
-      r.size = s.pmd_size;
-      r.initial = 0;
-      auto m = Mapping::anonymous(2 * s.pmd_size);
-      ASSERT_TRUE(m.ok()) << m.error();
-      r.raw = std::move(m.value());
-      r.data = align_up(r.raw.data(), s.pmd_size);
-      ASSERT_EQ(madvise(r.data, r.size, MADV_HUGEPAGE), 0) << strerror(errno);
-      auto f = probe_read(r.data, 1);
-      ASSERT_FALSE(f.faulted()) << f.describe();
-      if (!page_identity_unavailable()) {
-        auto id = page_identity(r.data);
-        ASSERT_TRUE(id.ok()) << id.error();
-        if (!id->huge_zero_page)
-          GTEST_SKIP() << kCapabilityAbsent << "a read fault in a MADV_HUGEPAGE region did not map "
-                       << "the huge zeropage (pfn " << id->pfn
-                       << (id->zero_page ? ", the small zeropage" : "") << ")";
-      }
-      verify_identity(r, false, true, false);
-      return;
-    }
-    case NonAnon::Memfd:
-    case NonAnon::Tmpfile:
-    case NonAnon::MemfdHugetlb: {
-      r.size = b.kind == NonAnon::MemfdHugetlb ? b.huge : ps;
-      r.initial = 0xa5;
-      make_file(b.kind, b.huge, r);
-      if (::testing::Test::IsSkipped() || ::testing::Test::HasFatalFailure()) return;
-      auto m = Mapping::map(r.size, PROT_READ | PROT_WRITE, MAP_PRIVATE, r.fd.get(), 0);
-      ASSERT_TRUE(m.ok()) << m.error();
-      r.raw = std::move(m.value());
-      r.data = r.raw.data();
-      // Read-fault every page: the page table maps the page-cache pages R/O.
-      auto f = probe_pages(r.data, r.size, Access::Read);
-      ASSERT_FALSE(f.faulted()) << f.describe();
-      ASSERT_EQ(check_bytes(r.data, r.size, r.initial, "the private mapping"), "");
-      verify_identity(r, false, false, false);
-      return;
-    }
+    case NonAnon::SharedZeropage: prepare_shared_zeropage(r); return;
+    case NonAnon::HugeZeropage: prepare_huge_zeropage(r); return;
+    case NonAnon::File: prepare_file(b.file, r); return;
   }
 }
 
@@ -228,9 +278,7 @@ void prepare_anon(AnonSize s, CowRegion& r) {
   r.initial = 0xa5;
   if (s == AnonSize::Base) {
     r.size = page_size();
-    auto m = Mapping::anonymous(r.size);
-    ASSERT_TRUE(m.ok()) << m.error();
-    r.raw = std::move(m.value());
+    CVM_ASSIGN_OR_FAIL(r.raw, Mapping::anonymous(r.size));
     r.data = r.raw.data();
     madvise(r.data, r.size, MADV_NOHUGEPAGE);
     std::memset(r.data, r.initial, r.size);
@@ -240,20 +288,17 @@ void prepare_anon(AnonSize s, CowRegion& r) {
   ThpSettings t = thp_settings();
   if (auto why = anon_thp_unavailable(t)) GTEST_SKIP() << kCapabilityAbsent << *why;
   r.size = t.pmd_size;
-  auto m = Mapping::anonymous(2 * t.pmd_size);
-  ASSERT_TRUE(m.ok()) << m.error();
-  r.raw = std::move(m.value());
+  CVM_ASSIGN_OR_FAIL(r.raw, Mapping::anonymous(2 * t.pmd_size));
   r.data = align_up(r.raw.data(), t.pmd_size);
   ASSERT_EQ(madvise(r.data, r.size, MADV_HUGEPAGE), 0) << strerror(errno);
   std::memset(r.data, r.initial, r.size);
-  auto f = smaps_fields(r.data);
-  ASSERT_TRUE(f.ok()) << f.error();
-  long thp_kb = (*f)["AnonHugePages"];
+  CVM_ASSIGN_OR_FAIL(auto fields, smaps_fields(r.data));
+  long thp_kb = fields["AnonHugePages"];
   if (thp_kb < static_cast<long>(r.size / 1024))
     GTEST_SKIP() << kCapabilityAbsent << "no THP obtained: AnonHugePages = " << thp_kb
                  << " kB after MADV_HUGEPAGE and writing " << r.size / 1024
                  << " kB (THP enabled: " << t.enabled << "; memory fragmented?)";
-  r.verified = "smaps: AnonHugePages = " + std::to_string(thp_kb) + " kB";
+  set_verified(r, "smaps: AnonHugePages = " + std::to_string(thp_kb) + " kB");
 }
 
 Sharer Sharer::fork_child(const CowRegion& r, uint8_t expect, bool previously_shared) {
@@ -380,14 +425,83 @@ std::string param_safe(std::string s) {
 void restore_pool_or_fail(std::optional<HugetlbPool>& pool) {
   if (!pool) return;
   auto r = pool->restore();
-  EXPECT_TRUE(r.ok()) << "the hugetlb pool was not put back: " << r.error();
+  EXPECT_TRUE(ok(r)) << "the hugetlb pool was not put back";
   pool.reset();
 }
 
-CowRegion::~CowRegion() {
+void CowRegion::reset() {
   raw.reset();
   fd.reset();
   restore_pool_or_fail(pool);
+}
+
+std::optional<std::string> pin_unsupported(const PinProvider& p,
+                                           const Result<std::unique_ptr<Pin>>& pin) {
+  if (pin.ok() || !p.is_unsupported(pin.err())) return std::nullopt;
+  std::ostringstream os;
+  os << kCapabilityAbsent << p.name() << " cannot take this pin: " << pin.error();
+  return os.str();
+}
+
+std::string PinChoice::tag() const {
+  if (provider) return provider->name();
+  return flavour == GupFlavour::Fast ? "gup_fast" : "gup";
+}
+
+std::string PinChoice::describe() const {
+  return provider ? provider->name() : gup_flavour_name(flavour);
+}
+
+std::vector<PinChoice> ro_longterm_choices() {
+  return {{nullptr, GupFlavour::Slow}, {nullptr, GupFlavour::Fast}};
+}
+
+std::vector<PinChoice> rw_longterm_choices() {
+  std::vector<PinChoice> v;
+  for (const PinProvider* p : rw_longterm_providers()) v.push_back({p});
+  return v;
+}
+
+ChosenProvider choose_provider(const PinChoice& pin, const std::string& backing) {
+  if (pin.provider) {
+    record_case(pin.provider, backing);
+    if (auto why = pin.provider->unavailable()) return {nullptr, *why};
+    return {pin.provider, ""};
+  }
+  PinRequest req = ro_longterm_request(pin.flavour);
+  auto found = find_pin_provider(req);
+  if (!found.ok()) {
+    record_wanted(req, backing);
+    return {nullptr, found.error().message()};
+  }
+  record_case(found.value(), backing);
+  return {found.value(), ""};
+}
+
+void AnonPinTest::SetUp() {
+  PinCaseTest::SetUp();
+  if (IsSkipped() || HasFatalFailure()) return;
+  const AnonBacking& b = GetParam().backing;
+  if (b.shared_before_pin())
+    sharer_.emplace(Sharer::fork_child(region_, region_.initial,
+                                       b.state == AnonState::PreviouslyShared));
+}
+
+void AnonPinTest::TearDown() {
+  sharer_.reset();
+  PinCaseTest::TearDown();
+}
+
+std::string AnonPinTest::finish_sharer() { return sharer_ ? sharer_->finish() : ""; }
+
+void ZeropagePinTest::SetUp() {
+  const PinCase<NonAnonBacking>& c = GetParam();
+  ChosenProvider chosen = choose_provider(c.pin, c.backing.recorded());
+  if (!chosen.provider) GTEST_SKIP() << chosen.absent;
+  provider_ = chosen.provider;
+  if (auto why = page_identity_unavailable())
+    GTEST_SKIP() << kCapabilityAbsent << "cannot tell which page is mapped: " << *why;
+  prepare_non_anon(c.backing, region_);
 }
 
 }  // namespace cvm::suites::pins

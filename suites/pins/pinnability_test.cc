@@ -23,72 +23,56 @@ constexpr uint8_t kPattern = 0xa5;
 // undrained pipe for vmsplice).
 constexpr size_t kMaxPinLen = 64 << 10;
 
-enum class Backing { Memfd, Tmpfile, FileExt4, FileXfs, FileBtrfs, Hugetlb };
-
 struct MatrixCase {
-  Backing backing;
-  size_t huge = 0;
+  FileBacking file;
   bool shared = false;
   const PinProvider* provider = nullptr;
 
-  std::string backing_name() const {
-    switch (backing) {
-      case Backing::Memfd: return "memfd";
-      case Backing::Tmpfile: return "tmpfile";
-      case Backing::FileExt4: return "ext4_file";
-      case Backing::FileXfs: return "xfs_file";
-      case Backing::FileBtrfs: return "btrfs_file";
-      case Backing::Hugetlb: return "memfd_hugetlb_" + hugetlb_size_name(huge);
-    }
-    return "?";
-  }
   std::string name() const {
-    return backing_name() + (shared ? "_shared_" : "_private_") + provider->name();
+    return file.name() + (shared ? "_shared_" : "_private_") + provider->name();
   }
 };
 std::ostream& operator<<(std::ostream& os, const MatrixCase& c) { return os << c.name(); }
 
+// What upstream's rules (gup_longterm) say of a pin of kind k of the case's mapping on fs.
+struct Expectation {
+  bool applies = true;  // false: no rule for this combination
+  bool pinned = false;
+  std::string rule;
+};
+Expectation expected_outcome(const MatrixCase& c, const PinKind& k, const std::string& fs) {
+  if (!(c.shared && k.write && k.longterm))
+    return {true, true,
+            c.shared ? "a R/O pin (or a short-term one) of a shared mapping works"
+                     : "pins of a MAP_PRIVATE mapping work"};
+  if (fs_longterm_shared_rw_ok(fs))
+    return {true, true, "R/W long-term pins of shared " + fs + " mappings work (no writeback)"};
+  if (fs_needs_writeback(fs))
+    return {true, false,
+            "R/W long-term pins of shared mappings on a writeback file system (" + fs +
+                ") must be refused"};
+  return {false, false, ""};
+}
+
+// The case's file, created and sized in SetUp() (SKIP when the backing does not exist here).
 class Pinnability : public ::testing::TestWithParam<MatrixCase> {
  protected:
-  // Creates and sizes the file; SKIPs when the backing does not exist here.
-  void make_file(const MatrixCase& c) {
-    size_ = 4 * page_size();
-    int fd = -1;
-    switch (c.backing) {
-      case Backing::Memfd:
-        fd = memfd_create("cvmconf-pinnability", MFD_CLOEXEC);
-        break;
-      case Backing::Tmpfile:
-        fd = unnamed_file_in("/tmp");
-        break;
-      case Backing::FileExt4:
-      case Backing::FileXfs:
-      case Backing::FileBtrfs: {
-        std::string fs = c.backing == Backing::FileExt4 ? "ext4"
-                         : c.backing == Backing::FileXfs ? "xfs" : "btrfs";
-        auto dir = writable_dir_on_fs(fs);
-        if (!dir)
-          GTEST_SKIP() << kCapabilityAbsent << "no writable " << fs << " file system mounted "
-                       << "(looked at $TMPDIR, /var/tmp, /tmp, the current directory and every "
-                       << fs << " mount)";
-        RecordProperty("directory", *dir);
-        fd = unnamed_file_in(*dir);
-        break;
-      }
-      case Backing::Hugetlb:
-        // MAP_PRIVATE: writing the mapping copies the page-cache page, a second huge page.
-        hugetlb_memfd(c.huge, c.shared ? 1 : 2, pool_, fd);
-        if (IsSkipped()) return;
-        size_ = c.huge;
-        break;
-    }
-    ASSERT_GE(fd, 0) << "creating the " << c.backing_name() << " file: " << strerror(errno);
-    fd_.reset(fd);
-    auto fs = fs_type_of_fd(fd);
-    ASSERT_TRUE(fs.ok()) << fs.error();
-    fs_ = *fs;
+  void SetUp() override {
+    const MatrixCase& c = GetParam();
+    record_case(c.provider, c.file.name());
+    RecordProperty("mapping", c.shared ? "MAP_SHARED" : "MAP_PRIVATE");
+    if (auto why = c.provider->unavailable()) GTEST_SKIP() << *why;
+    // MAP_PRIVATE hugetlb: writing the mapping copies the page-cache page, a second huge page.
+    TestFile f = open_test_file(c.file, c.shared ? 1 : 2, pool_);
+    if (f.absent) GTEST_SKIP() << *f.absent;
+    if (!f.dir.empty()) RecordProperty("directory", f.dir);
+    ASSERT_TRUE(f.fd.valid()) << "creating the " << c.file.name() << " file: " << strerror(f.err);
+    fd_ = std::move(f.fd);
+    size_ = c.file.kind == FileKind::MemfdHugetlb ? c.file.huge : 4 * page_size();
+    CVM_ASSIGN_OR_FAIL(fs_, fs_type_of_fd(fd_.get()));
     RecordProperty("fs", fs_);
-    size_file(fd, size_, fs_);
+    auto sized = size_file(fd_.get(), size_);
+    ASSERT_TRUE(sized.ok()) << testing::harness_error("sizing the " + fs_ + " file", sized);
   }
 
   // Unmaps, closes, and puts the hugetlb pool back (failing the test if it does not go back).
@@ -109,69 +93,43 @@ class Pinnability : public ::testing::TestWithParam<MatrixCase> {
 CVM_TEST_P(Pinnability, FollowsLongtermRules, "PIN-006") {
   const MatrixCase& c = GetParam();
   const PinProvider& p = *c.provider;
-  record_case(&p, c.backing_name());
-  RecordProperty("mapping", c.shared ? "MAP_SHARED" : "MAP_PRIVATE");
-  CVM_SKIP_IF(p.unavailable());
-  make_file(c);
-  if (IsSkipped() || HasFatalFailure()) return;
-
-  const PinKind k = p.kind();
-  bool should_work;
-  std::string rule;
-  if (!(c.shared && k.write && k.longterm)) {
-    should_work = true;
-    rule = c.shared ? "a R/O pin (or a short-term one) of a shared mapping works"
-                    : "pins of a MAP_PRIVATE mapping work";
-  } else if (fs_longterm_shared_rw_ok(fs_)) {
-    should_work = true;
-    rule = "R/W long-term pins of shared " + fs_ + " mappings work (no writeback)";
-  } else if (fs_needs_writeback(fs_)) {
-    should_work = false;
-    rule = "R/W long-term pins of shared mappings on a writeback file system (" + fs_ +
-           ") must be refused";
-  } else {
+  const Expectation want = expected_outcome(c, p.kind(), fs_);
+  if (!want.applies)
     GTEST_SKIP() << kNotApplicable << "no rule for R/W long-term pins of shared mappings on "
                  << fs_;
-  }
-  RecordProperty("expected", should_work ? "pinned" : "refused");
+  RecordProperty("expected", want.pinned ? "pinned" : "refused");
 
-  auto m = Mapping::map(size_, PROT_READ | PROT_WRITE, c.shared ? MAP_SHARED : MAP_PRIVATE,
-                        fd_.get(), 0);
-  ASSERT_TRUE(m.ok()) << m.error();
-  map_ = std::move(m.value());
+  CVM_ASSIGN_OR_FAIL(map_, Mapping::map(size_, PROT_READ | PROT_WRITE,
+                                        c.shared ? MAP_SHARED : MAP_PRIVATE, fd_.get(), 0));
   std::memset(map_.data(), kPattern, size_);  // fully written, so GUP-fast can pin it
 
   const size_t len = std::min(size_, kMaxPinLen);
   auto pin = p.pin(map_.data(), len);
+  if (auto why = pin_unsupported(p, pin)) GTEST_SKIP() << *why;
   if (pin.ok()) {
     RecordProperty("outcome", "pinned");
-    EXPECT_TRUE(should_work) << p.name() << " pinned " << c.name() << ", but " << rule;
-    if (k.reads_through) {
+    EXPECT_TRUE(want.pinned) << p.name() << " pinned " << c.name() << ", but " << want.rule;
+    if (p.kind().reads_through) {
       EXPECT_EQ(check_through_pin(*pin.value(), len, kPattern), "") << "the pin holds other data";
     }
-    auto rel = pin.value()->release();
-    EXPECT_TRUE(rel.ok()) << rel.error();
-    return;
+    EXPECT_TRUE(ok(pin.value()->release()));
+  } else {
+    RecordProperty("outcome", std::string("refused (") + errno_name(pin.err()) + ")");
+    ASSERT_TRUE(p.is_refusal(pin.err()))
+        << p.name() << " failed with an error that is not a refusal: " << pin.error();
+    EXPECT_FALSE(want.pinned) << p.name() << " refused " << c.name() << " (" << pin.error()
+                              << "), but " << want.rule;
   }
-  CVM_SKIP_IF_PIN_UNSUPPORTED(p, pin);
-  RecordProperty("outcome", std::string("refused (") + errno_name(pin.err()) + ")");
-  ASSERT_TRUE(p.is_refusal(pin.err()))
-      << p.name() << " failed with an error that is not a refusal: " << pin.error();
-  EXPECT_FALSE(should_work) << p.name() << " refused " << c.name() << " (" << pin.error()
-                            << "), but " << rule;
 }
 
 std::vector<MatrixCase> matrix_cases() {
+  std::vector<FileBacking> files = {{FileKind::Memfd}, {FileKind::Tmpfile}, {FileKind::Ext4},
+                                    {FileKind::Xfs}, {FileKind::Btrfs}};
+  for (size_t s : hugetlb_sizes_to_test()) files.push_back({FileKind::MemfdHugetlb, s});
   std::vector<MatrixCase> v;
-  std::vector<std::pair<Backing, size_t>> backings = {{Backing::Memfd, 0},
-                                                      {Backing::Tmpfile, 0},
-                                                      {Backing::FileExt4, 0},
-                                                      {Backing::FileXfs, 0},
-                                                      {Backing::FileBtrfs, 0}};
-  for (size_t s : hugetlb_sizes_to_test()) backings.push_back({Backing::Hugetlb, s});
-  for (auto [b, huge] : backings)
+  for (const FileBacking& f : files)
     for (bool shared : {true, false})
-      for (const PinProvider* p : pin_providers()) v.push_back({b, huge, shared, p});
+      for (const PinProvider* p : pin_providers()) v.push_back({f, shared, p});
   return v;
 }
 
@@ -179,36 +137,46 @@ INSTANTIATE_TEST_SUITE_P(Matrix, Pinnability, ::testing::ValuesIn(matrix_cases()
                          [](const auto& i) { return param_safe(i.param.name()); });
 
 // --- memfd_secret: never pinnable --------------------------------------------------------------
-class SecretmemPinnability : public ::testing::TestWithParam<const PinProvider*> {};
+// memfd_secret memory mapped in SetUp() (SKIP when the kernel has none or it cannot be mapped).
+class SecretmemPinnability : public ::testing::TestWithParam<const PinProvider*> {
+ protected:
+  void SetUp() override {
+    const PinProvider& p = *GetParam();
+    record_case(&p, "memfd_secret");
+    RecordProperty("mapping", "MAP_SHARED");
+    if (auto why = p.unavailable()) GTEST_SKIP() << *why;
+    auto fd = memfd_secret_create();
+    if (!fd.ok())
+      GTEST_SKIP() << kCapabilityAbsent << fd.error()
+                   << (fd.err() == ENOSYS ? " (CONFIG_SECRETMEM off, or secretmem.enable=0)" : "");
+    const size_t size = 4 * page_size();
+    ASSERT_EQ(ftruncate(fd->get(), static_cast<off_t>(size)), 0) << strerror(errno);
+    auto m = Mapping::map(size, PROT_READ | PROT_WRITE, MAP_SHARED, fd->get(), 0);
+    if (!m.ok() && (m.err() == ENOMEM || m.err() == EAGAIN || m.err() == EPERM))
+      GTEST_SKIP() << kCapabilityAbsent << "mapping memfd_secret memory (it is mlocked; "
+                   << "RLIMIT_MEMLOCK?): " << m.error();
+    ASSERT_TRUE(m.ok()) << m.error();
+    secret_ = std::move(m.value());
+  }
+  void TearDown() override { secret_.reset(); }
+
+  Mapping secret_;
+};
 
 CVM_TEST_P(SecretmemPinnability, Refused, "PIN-007") {
   const PinProvider& p = *GetParam();
-  record_case(&p, "memfd_secret");
-  RecordProperty("mapping", "MAP_SHARED");
-  CVM_SKIP_IF(p.unavailable());
-  auto fd = memfd_secret_create();
-  if (!fd.ok())
-    GTEST_SKIP() << kCapabilityAbsent << fd.error()
-                 << (fd.err() == ENOSYS ? " (CONFIG_SECRETMEM off, or secretmem.enable=0)" : "");
-  const size_t size = 4 * page_size();
-  ASSERT_EQ(ftruncate(fd->get(), static_cast<off_t>(size)), 0) << strerror(errno);
-  auto m = Mapping::map(size, PROT_READ | PROT_WRITE, MAP_SHARED, fd->get(), 0);
-  if (!m.ok() && (m.err() == ENOMEM || m.err() == EAGAIN || m.err() == EPERM))
-    GTEST_SKIP() << kCapabilityAbsent << "mapping memfd_secret memory (it is mlocked; "
-                 << "RLIMIT_MEMLOCK?): " << m.error();
-  ASSERT_TRUE(m.ok()) << m.error();
-  std::memset(m->data(), kPattern, size);  // the owner can use it
-  auto pin = p.pin(m->data(), size);
+  std::memset(secret_.data(), kPattern, secret_.size());  // the owner can use it
+  auto pin = p.pin(secret_.data(), secret_.size());
+  if (auto why = pin_unsupported(p, pin)) GTEST_SKIP() << *why;
   if (pin.ok()) {
     RecordProperty("outcome", "pinned");
     ADD_FAILURE() << p.name() << " pinned memfd_secret memory: secret memory must never be "
                   << "reachable through GUP";
     (void)pin.value()->release();
-    return;
+  } else {
+    RecordProperty("outcome", std::string("refused (") + errno_name(pin.err()) + ")");
+    EXPECT_TRUE(p.is_refusal(pin.err())) << "a refusal is expected, got " << pin.error();
   }
-  CVM_SKIP_IF_PIN_UNSUPPORTED(p, pin);
-  RecordProperty("outcome", std::string("refused (") + errno_name(pin.err()) + ")");
-  EXPECT_TRUE(p.is_refusal(pin.err())) << "a refusal is expected, got " << pin.error();
 }
 
 INSTANTIATE_TEST_SUITE_P(Providers, SecretmemPinnability, ::testing::ValuesIn(pin_providers()),

@@ -26,22 +26,6 @@ using testing::kCapabilityAbsent;
 
 constexpr uint8_t kModified = 0x5c;
 
-std::string flavour_tag(GupFlavour f) { return f == GupFlavour::Fast ? "gup_fast" : "gup"; }
-
-// The provider for the case, or SKIP naming what is missing (records the properties either way).
-#define CVM_RO_PROVIDER_OR_SKIP(var, flavour, backing_name)          \
-  const PinProvider* var = nullptr;                                  \
-  do {                                                               \
-    PinRequest cvm_req_ = ro_longterm_request(flavour);              \
-    auto cvm_p_ = find_pin_provider(cvm_req_);                       \
-    if (!cvm_p_.ok()) {                                              \
-      record_wanted(cvm_req_, backing_name);                         \
-      GTEST_SKIP() << cvm_p_.error().message();                      \
-    }                                                                \
-    var = cvm_p_.value();                                            \
-    record_case(var, backing_name);                                  \
-  } while (0)
-
 // do_test_ro_pin: pin R/O long-term, write through the page table, read through the pin.
 // r_o_mapped: map the page R/O while pinning (cow.c's "R/O-mapped" anonymous cases).
 void pin_write_and_read_back(const PinProvider& p, CowRegion& r, bool r_o_mapped) {
@@ -49,10 +33,8 @@ void pin_write_and_read_back(const PinProvider& p, CowRegion& r, bool r_o_mapped
     ASSERT_EQ(mprotect(r.data, r.size, PROT_READ), 0) << strerror(errno);
   }
   auto pin = p.pin(r.data, r.size);
-  if (!pin.ok()) {
-    CVM_SKIP_IF_PIN_UNSUPPORTED(p, pin);
-    FAIL() << "R/O long-term pin with " << p.name() << " failed: " << pin.error();
-  }
+  if (auto why = pin_unsupported(p, pin)) GTEST_SKIP() << *why;
+  ASSERT_TRUE(pin.ok()) << "R/O long-term pin with " << p.name() << " failed: " << pin.error();
   if (r_o_mapped) {
     ASSERT_EQ(mprotect(r.data, r.size, PROT_READ | PROT_WRITE), 0) << strerror(errno);
   }
@@ -60,86 +42,35 @@ void pin_write_and_read_back(const PinProvider& p, CowRegion& r, bool r_o_mapped
   EXPECT_EQ(check_through_pin(*pin.value(), r.size, kModified), "")
       << "Longterm R/O pin is not reliable: after the page table was written with 0x5c, the pin ("
       << p.name() << ") does not see it: it pinned a page the process no longer maps";
-  auto rel = pin.value()->release();
-  EXPECT_TRUE(rel.ok()) << rel.error();
+  EXPECT_TRUE(ok(pin.value()->release()));
 }
 
 // --- PIN-001: non-anonymous backings -----------------------------------------------------------
-struct NonAnonCase {
-  NonAnonBacking backing;
-  GupFlavour flavour;
-};
-}  // namespace
-std::ostream& operator<<(std::ostream& os, const NonAnonBacking& b) { return os << b.name(); }
-namespace {
-std::ostream& operator<<(std::ostream& os, const NonAnonCase& c) {
-  return os << c.backing.name() << " " << gup_flavour_name(c.flavour);
-}
-
-class RoPinReliabilityNonAnon : public ::testing::TestWithParam<NonAnonCase> {};
+class RoPinReliabilityNonAnon : public PinCaseTest<NonAnonBacking> {};
 
 CVM_TEST_P(RoPinReliabilityNonAnon, PinObservesLaterWrite, "PIN-001") {
-  const NonAnonCase& c = GetParam();
-  CVM_RO_PROVIDER_OR_SKIP(p, c.flavour, c.backing.name());
-  CowRegion r;
-  prepare_non_anon(c.backing, r);
-  if (IsSkipped() || HasFatalFailure()) return;
-  RecordProperty("backing_verified", r.verified);
-  pin_write_and_read_back(*p, r, false);
+  pin_write_and_read_back(*provider_, region_, false);
 }
 
-std::vector<NonAnonCase> non_anon_cases() {
-  std::vector<NonAnonCase> v;
-  for (GupFlavour f : {GupFlavour::Slow, GupFlavour::Fast})
-    for (const auto& b : non_anon_backings()) v.push_back({b, f});
-  return v;
-}
-
-INSTANTIATE_TEST_SUITE_P(Cases, RoPinReliabilityNonAnon, ::testing::ValuesIn(non_anon_cases()),
-                         [](const auto& i) {
-                           return param_safe(i.param.backing.name() + "_" + flavour_tag(i.param.flavour));
-                         });
+INSTANTIATE_TEST_SUITE_P(Cases, RoPinReliabilityNonAnon,
+                         ::testing::ValuesIn(pin_cases(ro_longterm_choices(), non_anon_backings())),
+                         PinCaseName());
 
 // --- PIN-002: anonymous memory -----------------------------------------------------------------
-struct AnonCase {
-  AnonBacking backing;
-  GupFlavour flavour;
-};
-std::ostream& operator<<(std::ostream& os, const AnonCase& c) {
-  return os << c.backing.name() << " " << gup_flavour_name(c.flavour);
-}
+const std::vector<AnonState> kRoAnonStates = {AnonState::Exclusive, AnonState::SharedAfterFork,
+                                              AnonState::PreviouslyShared};
 
-class RoPinReliabilityAnon : public ::testing::TestWithParam<AnonCase> {};
+class RoPinReliabilityAnon : public AnonPinTest {};
 
 CVM_TEST_P(RoPinReliabilityAnon, PinObservesLaterWrite, "PIN-002") {
-  const AnonCase& c = GetParam();
-  CVM_RO_PROVIDER_OR_SKIP(p, c.flavour, "anon_" + c.backing.name());
-  CowRegion r;
-  prepare_anon(c.backing.size, r);
-  if (IsSkipped() || HasFatalFailure()) return;
-  RecordProperty("backing_verified", r.verified);
-  std::optional<Sharer> sharer;
-  if (c.backing.state != AnonState::Exclusive)
-    sharer.emplace(Sharer::fork_child(r, r.initial, c.backing.state == AnonState::PreviouslyShared));
-  pin_write_and_read_back(*p, r, true);
-  if (sharer) {
-    EXPECT_EQ(sharer->finish(), "") << "the other process must keep its own copy (COW)";
-  }
+  pin_write_and_read_back(*provider_, region_, true);
+  EXPECT_EQ(finish_sharer(), "") << "the other process must keep its own copy (COW)";
 }
 
-std::vector<AnonCase> anon_cases() {
-  std::vector<AnonCase> v;
-  for (GupFlavour f : {GupFlavour::Slow, GupFlavour::Fast})
-    for (AnonSize s : {AnonSize::Base, AnonSize::Thp})
-      for (AnonState st : {AnonState::Exclusive, AnonState::SharedAfterFork, AnonState::PreviouslyShared})
-        v.push_back({{st, s}, f});
-  return v;
-}
-
-INSTANTIATE_TEST_SUITE_P(Cases, RoPinReliabilityAnon, ::testing::ValuesIn(anon_cases()),
-                         [](const auto& i) {
-                           return i.param.backing.name() + "_" + flavour_tag(i.param.flavour);
-                         });
+INSTANTIATE_TEST_SUITE_P(Cases, RoPinReliabilityAnon,
+                         ::testing::ValuesIn(pin_cases(ro_longterm_choices(),
+                                                       anon_backings(kRoAnonStates))),
+                         PinCaseName());
 
 // --- PIN-002 as the kernel's cow selftest sets the page up -----------------------------------------
 // The cases above pin while the VMA is R/O (mprotect around the pin). cow.c pins with the VMA
@@ -198,127 +129,108 @@ bool clear_soft_dirty(const void* page, std::string* why) {
   return true;
 }
 
-class RoPinReliabilityAnonCowStyle : public ::testing::TestWithParam<AnonCase> {};
-
-CVM_TEST_P(RoPinReliabilityAnonCowStyle, PinObservesLaterWrite, "PIN-002") {
-  const AnonCase& c = GetParam();
-  CVM_RO_PROVIDER_OR_SKIP(p, c.flavour, "anon_" + c.backing.name());
-  CowRegion r;
-  prepare_anon(c.backing.size, r);
-  if (IsSkipped() || HasFatalFailure()) return;
-  RecordProperty("backing_verified", r.verified);
-  RecordProperty("setup", c.backing.state == AnonState::Exclusive
-                              ? "mprotect R/O, clear soft-dirty, mprotect R/W (PTE write-protected)"
-                              : "VMA writable, PTE R/O by COW");
-  std::optional<Sharer> sharer;
-  if (c.backing.state != AnonState::Exclusive) {
-    sharer.emplace(Sharer::fork_child(r, r.initial, c.backing.state == AnonState::PreviouslyShared));
-  } else {
-    ASSERT_EQ(mprotect(r.data, r.size, PROT_READ), 0) << strerror(errno);
+// Exclusive pages are write-protected in the page table as cow.c does; shared ones are by COW.
+class RoPinReliabilityAnonCowStyle : public AnonPinTest {
+ protected:
+  void SetUp() override {
+    AnonPinTest::SetUp();
+    if (IsSkipped() || HasFatalFailure()) return;
+    const bool exclusive = GetParam().backing.state == AnonState::Exclusive;
+    RecordProperty("setup", exclusive
+                                ? "mprotect R/O, clear soft-dirty, mprotect R/W (PTE write-protected)"
+                                : "VMA writable, PTE R/O by COW");
+    if (!exclusive) return;
+    ASSERT_EQ(mprotect(region_.data, region_.size, PROT_READ), 0) << strerror(errno);
     std::string why;
-    bool cleared = clear_soft_dirty(r.data, &why);
-    ASSERT_EQ(mprotect(r.data, r.size, PROT_READ | PROT_WRITE), 0) << strerror(errno);
+    bool cleared = clear_soft_dirty(region_.data, &why);
+    ASSERT_EQ(mprotect(region_.data, region_.size, PROT_READ | PROT_WRITE), 0) << strerror(errno);
     if (!cleared) GTEST_SKIP() << kCapabilityAbsent << why;
   }
-  pin_write_and_read_back(*p, r, false);
-  if (sharer) {
-    EXPECT_EQ(sharer->finish(), "") << "the other process must keep its own copy (COW)";
-  }
+};
+
+CVM_TEST_P(RoPinReliabilityAnonCowStyle, PinObservesLaterWrite, "PIN-002") {
+  pin_write_and_read_back(*provider_, region_, false);
+  EXPECT_EQ(finish_sharer(), "") << "the other process must keep its own copy (COW)";
 }
 
-INSTANTIATE_TEST_SUITE_P(Cases, RoPinReliabilityAnonCowStyle, ::testing::ValuesIn(anon_cases()),
-                         [](const auto& i) {
-                           return i.param.backing.name() + "_" + flavour_tag(i.param.flavour);
-                         });
+INSTANTIATE_TEST_SUITE_P(Cases, RoPinReliabilityAnonCowStyle,
+                         ::testing::ValuesIn(pin_cases(ro_longterm_choices(),
+                                                       anon_backings(kRoAnonStates))),
+                         PinCaseName());
 
 // --- PIN-003: the zeropage is not pinned; an exclusive anonymous page is populated ---------------
-struct ZeroCase {
-  bool huge;
-  GupFlavour flavour;
-};
-std::ostream& operator<<(std::ostream& os, const ZeroCase& c) {
-  return os << (c.huge ? "huge_zeropage " : "shared_zeropage ") << gup_flavour_name(c.flavour);
-}
-
-class RoPinZeropage : public ::testing::TestWithParam<ZeroCase> {};
+class RoPinZeropage : public ZeropagePinTest {};
 
 CVM_TEST_P(RoPinZeropage, PopulatesInsteadOfPinningZeropage, "PIN-003") {
-  const ZeroCase& c = GetParam();
-  NonAnonBacking b{c.huge ? NonAnon::HugeZeropage : NonAnon::SharedZeropage};
-  CVM_RO_PROVIDER_OR_SKIP(p, c.flavour, b.name());
-  if (auto why = page_identity_unavailable())
-    GTEST_SKIP() << kCapabilityAbsent << "cannot tell which page is mapped: " << *why;
-  CowRegion r;
-  prepare_non_anon(b, r);
-  if (IsSkipped() || HasFatalFailure()) return;
-  RecordProperty("backing_verified", r.verified);
-  auto before = page_identity(r.data);
-  ASSERT_TRUE(before.ok()) << before.error();
-  auto rss_before = smaps_fields(r.data);
-  ASSERT_TRUE(rss_before.ok()) << rss_before.error();
+  const bool huge = GetParam().backing.kind == NonAnon::HugeZeropage;
+  const PinProvider& p = *provider_;
+  CowRegion& r = region_;
+  CVM_ASSIGN_OR_FAIL(PageIdentity before, page_identity(r.data));
+  CVM_ASSIGN_OR_FAIL(auto rss_before, smaps_fields(r.data));
 
-  auto pin = p->pin(r.data, r.size);
-  if (!pin.ok()) {
-    CVM_SKIP_IF_PIN_UNSUPPORTED(*p, pin);
-    FAIL() << "R/O long-term pin of a zeropage-mapped range with " << p->name()
-           << " failed: " << pin.error();
-  }
-  auto after = page_identity(r.data);
-  ASSERT_TRUE(after.ok()) << after.error();
-  EXPECT_FALSE(after->zero_page || after->huge_zero_page)
-      << "the R/O long-term pin left the " << (c.huge ? "huge " : "") << "zeropage mapped (pfn "
-      << after->pfn << "): the kernel pinned the shared zeropage";
-  EXPECT_TRUE(after->anon && after->exclusive)
-      << "an exclusive anonymous page must have been populated (pfn " << after->pfn << ")";
-  EXPECT_NE(after->pfn, before->pfn);
-  auto rss_after = smaps_fields(r.data);
-  ASSERT_TRUE(rss_after.ok()) << rss_after.error();
-  EXPECT_GT((*rss_after)["Rss"], (*rss_before)["Rss"]) << "populating must raise the RSS";
-  RecordProperty("observation", "pfn " + std::to_string(before->pfn) + " (zeropage) -> " +
-                                    std::to_string(after->pfn) + "; Rss " +
-                                    std::to_string((*rss_before)["Rss"]) + " -> " +
-                                    std::to_string((*rss_after)["Rss"]) + " kB");
+  auto pin = p.pin(r.data, r.size);
+  if (auto why = pin_unsupported(p, pin)) GTEST_SKIP() << *why;
+  ASSERT_TRUE(pin.ok()) << "R/O long-term pin of a zeropage-mapped range with " << p.name()
+                        << " failed: " << pin.error();
+  CVM_ASSIGN_OR_FAIL(PageIdentity after, page_identity(r.data));
+  EXPECT_FALSE(after.zero_page || after.huge_zero_page)
+      << "the R/O long-term pin left the " << (huge ? "huge " : "") << "zeropage mapped (pfn "
+      << after.pfn << "): the kernel pinned the shared zeropage";
+  EXPECT_TRUE(after.anon && after.exclusive)
+      << "an exclusive anonymous page must have been populated (pfn " << after.pfn << ")";
+  EXPECT_NE(after.pfn, before.pfn);
+  CVM_ASSIGN_OR_FAIL(auto rss_after, smaps_fields(r.data));
+  EXPECT_GT(rss_after["Rss"], rss_before["Rss"]) << "populating must raise the RSS";
+  RecordProperty("observation", "pfn " + std::to_string(before.pfn) + " (zeropage) -> " +
+                                    std::to_string(after.pfn) + "; Rss " +
+                                    std::to_string(rss_before["Rss"]) + " -> " +
+                                    std::to_string(rss_after["Rss"]) + " kB");
   // The populated page still reads as zeroes and is the page the process maps.
   EXPECT_EQ(check_through_pin(*pin.value(), r.size, 0), "");
   std::memset(r.data, kModified, r.size);
   EXPECT_EQ(check_through_pin(*pin.value(), r.size, kModified), "");
-  EXPECT_TRUE(pin.value()->release().ok());
+  EXPECT_TRUE(ok(pin.value()->release()));
 }
 
-INSTANTIATE_TEST_SUITE_P(Cases, RoPinZeropage,
-                         ::testing::Values(ZeroCase{false, GupFlavour::Slow},
-                                           ZeroCase{false, GupFlavour::Fast},
-                                           ZeroCase{true, GupFlavour::Slow},
-                                           ZeroCase{true, GupFlavour::Fast}),
-                         [](const auto& i) {
-                           return std::string(i.param.huge ? "huge_zeropage_" : "shared_zeropage_") +
-                                  flavour_tag(i.param.flavour);
-                         });
+// Backing-major, as the names were first listed.
+std::vector<PinCase<NonAnonBacking>> ro_zeropage_cases() {
+  std::vector<PinCase<NonAnonBacking>> v;
+  for (const NonAnonBacking& b : zeropage_backings())
+    for (const PinChoice& pin : ro_longterm_choices()) v.push_back({b, pin});
+  return v;
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, RoPinZeropage, ::testing::ValuesIn(ro_zeropage_cases()),
+                         PinCaseName());
 
 // --- PIN-005 (INFO): a short-term R/O reference may keep a snapshot ---------------------------
 // vmsplice takes plain R/O page references (no FOLL_LONGTERM): the same procedure records whether
 // the reference still shows the replaced page (snapshot semantics) or the later write. Either is
 // allowed; a mix of both within one page is not.
-class ShortTermReference : public ::testing::TestWithParam<NonAnonBacking> {};
+class ShortTermReference : public ::testing::TestWithParam<NonAnonBacking> {
+ protected:
+  void SetUp() override {
+    vmsplice_ = pin_provider_by_name("vmsplice");
+    ASSERT_NE(vmsplice_, nullptr);
+    ChosenProvider chosen = choose_provider({vmsplice_}, GetParam().recorded());
+    if (!chosen.provider) GTEST_SKIP() << chosen.absent;
+    prepare_non_anon(GetParam(), region_);
+  }
+  void TearDown() override { region_.reset(); }
+
+  const PinProvider* vmsplice_ = nullptr;
+  CowRegion region_;
+};
 
 CVM_TEST_P(ShortTermReference, SnapshotOrLaterWriteRecorded, "PIN-005") {
-  const NonAnonBacking& b = GetParam();
-  const PinProvider* p = pin_provider_by_name("vmsplice");
-  ASSERT_NE(p, nullptr);
-  record_case(p, b.name());
-  CVM_SKIP_IF(p->unavailable());
-  CowRegion r;
-  prepare_non_anon(b, r);
-  if (IsSkipped() || HasFatalFailure()) return;
-  RecordProperty("backing_verified", r.verified);
+  CowRegion& r = region_;
   const size_t len = std::min<size_t>(r.size, 64 << 10);  // what an undrained pipe holds
-  auto pin = p->pin(r.data, len);
+  auto pin = vmsplice_->pin(r.data, len);
   ASSERT_TRUE(pin.ok()) << "vmsplice of a private mapping: " << pin.error();
   std::memset(r.data, kModified, r.size);
-  auto d = pin.value()->read_through(0, len);
-  ASSERT_TRUE(d.ok()) << d.error();
-  const bool old_page = check_bytes(d->data(), len, r.initial, "the reference").empty();
-  const bool new_page = check_bytes(d->data(), len, kModified, "the reference").empty();
+  CVM_ASSIGN_OR_FAIL(std::vector<uint8_t> d, pin.value()->read_through(0, len));
+  const bool old_page = check_bytes(d.data(), len, r.initial, "the reference").empty();
+  const bool new_page = check_bytes(d.data(), len, kModified, "the reference").empty();
   EXPECT_TRUE(old_page || new_page)
       << "the reference shows neither the page before the write nor after it, nor all of one";
   RecordProperty("observation", old_page ? "snapshot: the reference kept the replaced page"
