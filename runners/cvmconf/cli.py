@@ -666,7 +666,13 @@ def _write_outputs_or_fallback(run: dict, run_dir: Path, base: dict) -> Path:
     is incomplete and where its results went) and no half-written file, the results go to a
     fresh directory under $TMPDIR instead (returned), and the message names both."""
     from cvmconf import results
-    before = {p.name for p in run_dir.iterdir()}
+
+    def files() -> list[Path]:   # the run directory may be gone (removed under a running run)
+        try:
+            return list(run_dir.iterdir())
+        except OSError:
+            return []
+    before = {p.name for p in files()}
     try:
         _write_outputs(run, run_dir)
         return run_dir
@@ -677,7 +683,7 @@ def _write_outputs_or_fallback(run: dict, run_dir: Path, base: dict) -> Path:
             run["finished"]
     except (OSError, ValueError):
         run_json_ok = False
-    for p in run_dir.iterdir():    # renderings cut short
+    for p in files():    # renderings cut short
         if p.name not in before and p.is_file():
             p.unlink(missing_ok=True)
     try:

@@ -266,3 +266,14 @@ def test_a_binary_that_cannot_list_its_tests_leaves_the_run_incomplete(build_dir
     assert "could not be listed" in data["incomplete_reason"]
     assert "cvm_suite_garbage" in data["incomplete_reason"]
     assert [(t["name"], t["outcome"]) for t in data["tests"]] == [("Broken.Passes1", "PASS")]
+
+
+def test_results_are_written_when_the_run_directory_is_gone(broken_run, tmp_path):
+    # Removed under a running run (a cleanup job): the results are written all the same, no
+    # traceback (the directory listing of what was there before must not fail).
+    from cvmconf import cli
+    _, _, data = broken_run
+    gone = tmp_path / "gone"
+    written = cli._write_outputs_or_fallback(data, gone, {"format": data["format"]})
+    assert (written / "run.json").is_file() and (written / "report.md").is_file()
+    assert json.loads((written / "run.json").read_text())["run_id"] == data["run_id"]
