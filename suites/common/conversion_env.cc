@@ -211,7 +211,7 @@ std::optional<std::string> conversion_env_unsupported(ConversionAbi abi, const P
   }
   if (o.guest || o.guest_requests)
     if (auto why = payloads_unsupported(p)) return why;
-  if (abi == ConversionAbi::InPlaceV8)
+  if (abi == ConversionAbi::GmemAttributesIoctl)
     if (auto why = gmem_flags_unsupported(p, caps, conversion_gmem_flags(abi, o.init_shared)))
       return why;
   return std::nullopt;
@@ -242,7 +242,7 @@ void reenter_conversion_memory_faults(GuestVm& vm, uint64_t lo, uint64_t hi,
 }
 
 bool content_preserved_expected(ConversionAbi abi, const Platform& p) {
-  return abi == ConversionAbi::InPlaceV8 && p.id() == "x86-sw-protected";
+  return abi == ConversionAbi::GmemAttributesIoctl && p.id() == "x86-sw-protected";
 }
 
 Result<bool> pte_present(const void* addr) {

@@ -3,8 +3,9 @@
 // CVM_TEST_MEM_GPA in one or more memslots, the host's view of shared memory, optionally a
 // payload guest driven through the command loop, and a page state observer that works for every
 // back-end:
-//   in place (v8, RFC v2)  a host access through the guest_memfd mapping: SIGBUS = private;
-//   per-VM attributes      the guest reads a marker the host just wrote into the separate shared
+//   in place (gmem-set-attributes2, gmem-convert-ioctls): a host access through the
+//                          guest_memfd mapping: SIGBUS = private;
+//   per-vm-attributes      the guest reads a marker the host just wrote into the separate shared
 //                          memory: seen = shared (a private page is served from guest_memfd).
 #pragma once
 
@@ -53,7 +54,7 @@ class ConversionEnv {
   GuestVm* guest() { return guest_.get(); }
   GuestCmd* cmd() { return cmd_ ? &*cmd_ : nullptr; }
   GuestConversionHandler* requests() { return handler_.get(); }
-  // "in-place-v8, 4 pages, init shared, 1 memslot, guest"
+  // "gmem-set-attributes2, 4 pages, init shared, 1 memslot, guest"
   std::string describe() const;
   // For tests of the harness only (never in a conformance test): replaces the back-end by a
   // test double, e.g. one that emulates conversion on a kernel without it, so the machinery
@@ -123,7 +124,8 @@ void make_conversion_env(std::unique_ptr<ConversionEnv>& env, const Kvm& kvm, co
                          const VmTypeCaps& caps, ConversionAbi abi, ConversionEnvOptions o);
 
 // Whether the back-end on this platform is expected to keep page contents across conversion:
-// in-place v8 on SW_PROTECTED VMs (the v8 selftests rely on it). Elsewhere contents are
+// gmem-set-attributes2 on SW_PROTECTED VMs (the in-place conversion v8 selftests rely on
+// it). Elsewhere contents are
 // unspecified (facts §3.2, §3.3, §3.5) and only recorded.
 bool content_preserved_expected(ConversionAbi abi, const Platform& p);
 

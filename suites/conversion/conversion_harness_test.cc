@@ -52,7 +52,7 @@ TEST_F(ConversionHarness, InPlaceLayoutIsTheGuestMemfdMapping) {
   ConversionEnvOptions o;
   o.pages = 4;
   o.guest = true;
-  auto env = make(ConversionAbi::InPlaceV8, o);
+  auto env = make(ConversionAbi::GmemAttributesIoctl, o);
   ASSERT_TRUE(env);
   EXPECT_EQ(env->gmem().flags(), uapi::kGmemFlagMmap | uapi::kGmemFlagInitShared);
   EXPECT_EQ(env->states(), "SSSS") << "the host observer reads through the guest_memfd mapping";
@@ -76,7 +76,7 @@ TEST_F(ConversionHarness, InPlaceObserverSeesPrivateAsSigbus) {
   ConversionEnvOptions o;
   o.pages = 2;
   o.init_shared = false;  // MMAP without INIT_SHARED: every page private (mainline)
-  auto env = make(ConversionAbi::InPlaceV8, o);
+  auto env = make(ConversionAbi::GmemAttributesIoctl, o);
   ASSERT_TRUE(env);
   EXPECT_EQ(env->states(), "PP");
   EXPECT_NE(env->host_check(0, 0), "") << "reading a private page is reported, not fatal";
@@ -120,7 +120,7 @@ TEST_F(ConversionHarness, TwoMemslotsCoverConsecutiveGpasAndOffsets) {
   o.pages = 4;
   o.slots = 2;
   o.guest = true;
-  auto env = make(ConversionAbi::InPlaceV8, o);
+  auto env = make(ConversionAbi::GmemAttributesIoctl, o);
   ASSERT_TRUE(env);
   for (uint64_t p = 0; p < 4; p++) ASSERT_EQ(env->host_fill(p, static_cast<uint8_t>(0x70 + p)), "");
   for (uint64_t p = 0; p < 4; p++)

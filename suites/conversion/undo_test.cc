@@ -194,7 +194,7 @@ CVM_TEST_P(Undo, InvalidRequestRejectedStateUnchanged, "UNDO-006", "UNDO-001") {
   }
   r = whole, r.offset = ~0ULL & ~(ps - 1), r.gpa = ~0ULL & ~(ps - 1), r.size = 2 * ps;
   add("start + size overflows", r);
-  if (abi() != ConversionAbi::RfcV2) {
+  if (abi() != ConversionAbi::GmemConvertIoctls) {
     add("unknown flag", whole, 1ULL << 0);
     add("unknown attribute", whole, 0, 1ULL << 5);
   }
