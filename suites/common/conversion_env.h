@@ -15,6 +15,8 @@
 #include <optional>
 #include <string>
 
+#include <gtest/gtest.h>
+
 #include "cvmconf/conversion.h"
 #include "cvmconf/guest_vm.h"
 #include "cvmconf/kvm.h"
@@ -116,10 +118,16 @@ std::optional<std::string> conversion_env_unsupported(ConversionAbi abi, const P
                                                       const VmTypeCaps& caps,
                                                       ConversionEnvOptions& o);
 
-// The environment for abi on p (VM type capabilities caps) with options o, in env; leaves env
-// empty after a SKIP (conversion_env_unsupported's reason) or a test failure (creating it
-// failed). Options that depend on having a guest should be chosen with
-// conversion_env_needs_guest(abi) in mind: o.guest is only switched on here.
+// The environment for abi on p with options o (o.guest switched on when the back-end needs the
+// guest). A failure is the harness's, not the kernel's: it is recorded as testing::harness_error
+// and the returned error says so. Check conversion_env_unsupported first.
+Result<std::unique_ptr<ConversionEnv>> new_conversion_env(const Kvm& kvm, const Platform& p,
+                                                          ConversionAbi abi,
+                                                          ConversionEnvOptions o);
+
+// Both in one (for callers that check the result themselves): the environment for abi on p
+// (VM type capabilities caps) with options o, in env; leaves env empty after a SKIP
+// (conversion_env_unsupported's reason) or a harness error (new_conversion_env failed).
 void make_conversion_env(std::unique_ptr<ConversionEnv>& env, const Kvm& kvm, const Platform& p,
                          const VmTypeCaps& caps, ConversionAbi abi, ConversionEnvOptions o);
 
@@ -128,6 +136,14 @@ void make_conversion_env(std::unique_ptr<ConversionEnv>& env, const Kvm& kvm, co
 // it). Elsewhere contents are
 // unspecified (facts §3.2, §3.3, §3.5) and only recorded.
 bool content_preserved_expected(ConversionAbi abi, const Platform& p);
+
+// Asserting form of a conversion that must succeed:
+//   ASSERT_TRUE(ok(env->to_private(0)));
+// fails with the result's description ("EAGAIN from KVM_SET_MEMORY_ATTRIBUTES2(...), ...").
+inline ::testing::AssertionResult ok(const ConversionResult& r) {
+  if (r.ok()) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << r.describe();
+}
 
 // KVM reads a page's attribute when a fault starts and again once it holds the MMU notifier
 // sequence; a conversion in between makes KVM_RUN exit with KVM_EXIT_MEMORY_FAULT (EFAULT),
