@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "cvmconf/conversion.h"
+#include "cvmconf/gtest_support.h"
 #include "cvmconf/probe.h"
 #include "cvmconf/uapi.h"
 
@@ -390,30 +391,28 @@ TEST(GuestConversionHandling, HandlerCompletesTheHypercallInKvmRun) {
   // Uses a real vCPU's kvm_run page (nothing is run).
   auto kvm = Kvm::open();
   if (!kvm) GTEST_SKIP() << "capability absent: " << kvm.error();
-  auto vm = kvm->create_vm(0);
-  ASSERT_TRUE(vm.ok()) << vm.error();
-  auto vcpu = vm->create_vcpu(0);
-  ASSERT_TRUE(vcpu.ok()) << vcpu.error();
+  CVM_ASSIGN_OR_FAIL(auto vm, kvm->create_vm(0));
+  CVM_ASSIGN_OR_FAIL(auto vcpu, vm.create_vcpu(0));
   GpaMap m;
   m.add(0x100000000, 4 * kPs, 5, 0);
   RecordingBackend be(ConversionAbi::GmemAttributesIoctl, EAGAIN);
   GuestConversionHandler h(&be, m, "");
-  vcpu->run_struct()->hypercall.ret = 12345;
-  EXPECT_TRUE(h(0, vcpu.value(), hypercall_exit(12, 0x100000000, 1, uapi::kMapGpaRangeEncrypted)));
-  EXPECT_EQ(vcpu->run_struct()->hypercall.ret, static_cast<uint64_t>(EAGAIN));
+  vcpu.run_struct()->hypercall.ret = 12345;
+  EXPECT_TRUE(h(0, vcpu, hypercall_exit(12, 0x100000000, 1, uapi::kMapGpaRangeEncrypted)));
+  EXPECT_EQ(vcpu.run_struct()->hypercall.ret, static_cast<uint64_t>(EAGAIN));
   ExitInfo other;
   other.kind = ExitKind::Hlt;
-  EXPECT_FALSE(h(0, vcpu.value(), other)) << "not a conversion request";
+  EXPECT_FALSE(h(0, vcpu, other)) << "not a conversion request";
   ExitInfo mf;
   mf.kind = ExitKind::MemoryFault;
   mf.memory_fault = {0, 0x100000000, kPs};
-  EXPECT_FALSE(h(0, vcpu.value(), mf)) << "memory faults are handled only when enabled";
+  EXPECT_FALSE(h(0, vcpu, mf)) << "memory faults are handled only when enabled";
   h.handle_memory_faults(true);
-  EXPECT_FALSE(h(0, vcpu.value(), mf)) << "a failed implicit conversion must not resume the vCPU";
+  EXPECT_FALSE(h(0, vcpu, mf)) << "a failed implicit conversion must not resume the vCPU";
   RecordingBackend ok(ConversionAbi::GmemAttributesIoctl, 0);
   GuestConversionHandler h2(&ok, m, "");
   h2.handle_memory_faults(true);
-  EXPECT_TRUE(h2(0, vcpu.value(), mf));
+  EXPECT_TRUE(h2(0, vcpu, mf));
   ASSERT_EQ(ok.calls.size(), 1u);
   EXPECT_FALSE(ok.calls[0].to_private);
   auto log = h.log();
@@ -423,17 +422,67 @@ TEST(GuestConversionHandling, HandlerCompletesTheHypercallInKvmRun) {
 }
 
 // --- the probe on this kernel ---------------------------------------------------------------
+// The selected back-end converts a page of a guest_memfd bound in a memslot of a fresh VM.
+void expect_selected_backend_converts(const Vm& vm, ConversionAbi abi) {
+  const uint64_t ps = page_size();
+  const uint64_t gpa = 1ULL << 32;
+  auto backend = make_conversion_backend(abi, vm);
+  CVM_ASSIGN_OR_FAIL(auto gmem, vm.create_guest_memfd(ps, conversion_gmem_flags(abi, true)));
+  // Shared memory: the guest_memfd itself (in place) or separate host memory (per-VM).
+  CVM_ASSIGN_OR_FAIL(auto shared, backend->in_place() ? gmem.map(ps) : Mapping::anonymous(ps));
+  ASSERT_TRUE(testing::ok(vm.bind_gmem(1, gpa, gmem, 0, ps, shared.data())));
+  ConversionResult r = backend->set_private(GmemRange{gmem.fd(), 0, ps, gpa});
+  EXPECT_TRUE(r.ok()) << conversion_abi_name(abi)
+                      << " was selected, but converting a page to private failed: " << r.describe();
+}
+
+// Without a back-end: asked again on a fresh VM, the kernel answers each back-end's probe
+// requests as recorded in f.
+void expect_probe_answers_again(const Vm& vm, const ConversionProbeFacts& f) {
+  const uint64_t ps = page_size();
+  uint64_t raw = 0;
+  if (f.per_vm_noop_errno != -1) {
+    auto per_vm = make_conversion_backend(ConversionAbi::PerVmAttributes, vm);
+    const ConversionRequest noop{{-1, 0, ps, 0}, false};
+    EXPECT_EQ(probe_errno_text(per_vm->issue(noop, &raw)), probe_errno_text(f.per_vm_noop_errno))
+        << per_vm->describe_request(noop);
+  }
+  if (f.guest_memfd_cap <= 0 || !f.gmem_error.empty()) return;
+  CVM_ASSIGN_OR_FAIL(auto plain, vm.create_guest_memfd(2 * ps, 0));
+  struct InPlace {
+    ConversionAbi abi;
+    int invalid_errno, noop_errno;
+    ConversionRequest invalid;
+    uint64_t noop_size;
+  };
+  ConversionRequest unknown_flag{{plain.fd(), 0, ps, 0}, false};
+  unknown_flag.extra_flags = 1ULL << 63;
+  const ConversionRequest unaligned{{plain.fd(), 1, ps, 0}, true};
+  const InPlace in_place[] = {
+      {ConversionAbi::GmemAttributesIoctl, f.v8_invalid_errno, f.v8_noop_errno, unknown_flag, 2 * ps},
+      {ConversionAbi::GmemConvertIoctls, f.rfc_v2_invalid_errno, f.rfc_v2_noop_errno, unaligned, ps}};
+  for (const InPlace& b : in_place) {
+    auto backend = make_conversion_backend(b.abi, vm);
+    EXPECT_EQ(probe_errno_text(backend->issue(b.invalid, &raw)), probe_errno_text(b.invalid_errno))
+        << backend->describe_request(b.invalid);
+    if (b.noop_errno == -1) continue;
+    // A file that starts private: setting PRIVATE on it changes nothing.
+    CVM_ASSIGN_OR_FAIL(auto g, vm.create_guest_memfd(2 * ps, conversion_gmem_flags(b.abi, false)));
+    const ConversionRequest noop{{g.fd(), 0, b.noop_size, 0}, true};
+    EXPECT_EQ(probe_errno_text(backend->issue(noop, &raw)), probe_errno_text(b.noop_errno))
+        << backend->describe_request(noop);
+  }
+}
+
 // The probe's record (and its JSON) for every VM type, checked against the kernel through the
 // back-ends on a fresh VM of the type: the selected back-end converts a page of a guest_memfd
 // bound in a memslot; without one, each back-end's requests get exactly the errnos recorded.
 TEST(ConversionProbe, BackendsBehaveAsTheFactsSayForEveryVmType) {
   const Capabilities& c = cached_capabilities();
   if (!c.kvm_available) GTEST_SKIP() << "capability absent: " << c.kvm_error;
-  auto kvm = Kvm::open();
-  ASSERT_TRUE(kvm.ok()) << kvm.error();
+  CVM_ASSIGN_OR_FAIL(auto kvm, Kvm::open());
   auto j = c.to_json();
   ASSERT_EQ(j["vm_types"].size(), c.per_type.size());
-  const uint64_t ps = page_size();
   for (size_t i = 0; i < c.per_type.size(); i++) {
     const VmTypeCaps& t = c.per_type[i];
     const ConversionProbeFacts& f = t.conversion_facts;
@@ -457,67 +506,12 @@ TEST(ConversionProbe, BackendsBehaveAsTheFactsSayForEveryVmType) {
       EXPECT_NE(f.v8_invalid_errno, -1);
       EXPECT_NE(f.rfc_v2_invalid_errno, -1);
     }
-    auto vm = kvm->create_vm(t.type);
+    auto vm = kvm.create_vm(t.type);
     ASSERT_TRUE(vm.ok()) << "the probe created this VM type: " << vm.error();
-
     if (t.conversion.backend) {
-      const ConversionAbi abi = *t.conversion.backend;
-      auto backend = make_conversion_backend(abi, vm.value());
-      auto gmem = vm->create_guest_memfd(ps, conversion_gmem_flags(abi, true));
-      ASSERT_TRUE(gmem.ok()) << gmem.error();
-      // Shared memory: the guest_memfd itself (in place) or separate host memory (per-VM).
-      auto shared = backend->in_place() ? gmem->map(ps) : Mapping::anonymous(ps);
-      ASSERT_TRUE(shared.ok()) << shared.error();
-      MemslotSpec s;
-      s.slot = 1;
-      s.flags = uapi::kMemGuestMemfd;
-      s.gpa = 1ULL << 32;
-      s.size = ps;
-      s.hva = reinterpret_cast<uint64_t>(shared->data());
-      s.gmem_fd = gmem->fd();
-      auto slot = vm->set_memslot(s);
-      ASSERT_TRUE(slot.ok()) << slot.error();
-      ConversionResult r = backend->set_private(GmemRange{gmem->fd(), 0, ps, s.gpa});
-      EXPECT_TRUE(r.ok()) << conversion_abi_name(abi)
-                          << " was selected, but converting a page to private failed: "
-                          << r.describe();
-      continue;
-    }
-
-    // No back-end: asked again, the kernel answers each back-end's probe requests as recorded.
-    uint64_t raw = 0;
-    if (f.per_vm_noop_errno != -1) {
-      auto per_vm = make_conversion_backend(ConversionAbi::PerVmAttributes, vm.value());
-      const ConversionRequest noop{{-1, 0, ps, 0}, false};
-      EXPECT_EQ(probe_errno_text(per_vm->issue(noop, &raw)), probe_errno_text(f.per_vm_noop_errno))
-          << per_vm->describe_request(noop);
-    }
-    if (f.guest_memfd_cap <= 0 || !f.gmem_error.empty()) continue;
-    auto plain = vm->create_guest_memfd(2 * ps, 0);
-    ASSERT_TRUE(plain.ok()) << plain.error();
-    struct InPlace {
-      ConversionAbi abi;
-      int invalid_errno, noop_errno;
-      ConversionRequest invalid;
-      uint64_t noop_size;
-    };
-    ConversionRequest unknown_flag{{plain->fd(), 0, ps, 0}, false};
-    unknown_flag.extra_flags = 1ULL << 63;
-    const ConversionRequest unaligned{{plain->fd(), 1, ps, 0}, true};
-    const InPlace in_place[] = {
-        {ConversionAbi::GmemAttributesIoctl, f.v8_invalid_errno, f.v8_noop_errno, unknown_flag, 2 * ps},
-        {ConversionAbi::GmemConvertIoctls, f.rfc_v2_invalid_errno, f.rfc_v2_noop_errno, unaligned, ps}};
-    for (const InPlace& b : in_place) {
-      auto backend = make_conversion_backend(b.abi, vm.value());
-      EXPECT_EQ(probe_errno_text(backend->issue(b.invalid, &raw)), probe_errno_text(b.invalid_errno))
-          << backend->describe_request(b.invalid);
-      if (b.noop_errno == -1) continue;
-      // A file that starts private: setting PRIVATE on it changes nothing.
-      auto g = vm->create_guest_memfd(2 * ps, conversion_gmem_flags(b.abi, false));
-      ASSERT_TRUE(g.ok()) << g.error();
-      const ConversionRequest noop{{g->fd(), 0, b.noop_size, 0}, true};
-      EXPECT_EQ(probe_errno_text(backend->issue(noop, &raw)), probe_errno_text(b.noop_errno))
-          << backend->describe_request(noop);
+      ASSERT_NO_FATAL_FAILURE(expect_selected_backend_converts(vm.value(), *t.conversion.backend));
+    } else {
+      ASSERT_NO_FATAL_FAILURE(expect_probe_answers_again(vm.value(), f));
     }
   }
 }
