@@ -414,7 +414,8 @@ CVM_TEST_P(ConversionGuest, ImplicitConversionViaMemoryFault, "CONV-011") {
   CVM_ASSIGN_OR_FAIL(auto env, new_env(o));
   // A memslot of ordinary memory: it can back shared accesses only.
   const uint64_t gpa = CVM_TEST_MEM_GPA + 0x40000000;
-  CVM_ASSIGN_OR_FAIL(auto mem, Mapping::map(ps, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
+  CVM_ASSIGN_OR_FAIL(auto mem, Mapping::map(ps, PROT_READ | PROT_WRITE,
+                                            MAP_SHARED | MAP_ANONYMOUS, -1, 0));
   std::memset(mem.data(), 0x42, ps);
   MemslotSpec s;
   s.slot = 9;

@@ -72,7 +72,8 @@ class Undo : public ConversionTest {
         .pages = 8, .guest = case_->guest && payloads_ok(), .slots = case_->slots};
     CVM_SKIP_IF(env_unsupported(o));
     CVM_ASSIGN_OR_FAIL(env_, new_env(o));
-    for (uint64_t i = 0; i < 8; i++) ASSERT_EQ(env_->host_fill(i, static_cast<uint8_t>(0x20 + i)), "");
+    for (uint64_t i = 0; i < 8; i++)
+      ASSERT_EQ(env_->host_fill(i, static_cast<uint8_t>(0x20 + i)), "") << "page " << i;
     ASSERT_TRUE(ok(env_->to_private(case_->private_page)));
     if (!in_place()) {
       ConversionRequest bad{env_->range(0, 8), true};
