@@ -102,21 +102,30 @@ const char* conversion_abi_name(ConversionAbi abi) {
 }
 
 // --- encoding ------------------------------------------------------------------------------------
-uapi::kvm_memory_attributes encode_per_vm_request(const ConversionRequest& r) {
-  uapi::kvm_memory_attributes a{};
-  a.address = r.range.gpa;
+namespace {
+
+// The words both attribute ioctls share: size, attributes (PRIVATE or not, plus any crafted
+// bits) and flags.
+template <typename Attributes>
+void encode_attribute_words(const ConversionRequest& r, Attributes& a) {
   a.size = r.range.size;
   a.attributes = (r.to_private ? uapi::kMemoryAttributePrivate : 0) | r.extra_attributes;
   a.flags = r.extra_flags;
+}
+
+}  // namespace
+
+uapi::kvm_memory_attributes encode_per_vm_request(const ConversionRequest& r) {
+  uapi::kvm_memory_attributes a{};
+  a.address = r.range.gpa;  // by guest physical address
+  encode_attribute_words(r, a);
   return a;
 }
 
 uapi::kvm_memory_attributes2 encode_gmem_attributes2_request(const ConversionRequest& r) {
   uapi::kvm_memory_attributes2 a{};
-  a.offset = r.range.offset;
-  a.size = r.range.size;
-  a.attributes = (r.to_private ? uapi::kMemoryAttributePrivate : 0) | r.extra_attributes;
-  a.flags = r.extra_flags;
+  a.offset = r.range.offset;  // by guest_memfd offset
+  encode_attribute_words(r, a);
   a.error_offset = kErrorOffsetUnset;
   if (r.nonzero_reserved) a.reserved[0] = 1;
   return a;
