@@ -36,36 +36,36 @@ class PerVmBackend final : public ConversionBackend {
   int vm_fd_;
 };
 
-class InPlaceV8Backend final : public ConversionBackend {
+class GmemAttributesIoctlBackend final : public ConversionBackend {
  public:
-  ConversionAbi abi() const override { return ConversionAbi::InPlaceV8; }
+  ConversionAbi abi() const override { return ConversionAbi::GmemAttributesIoctl; }
   int issue(const ConversionRequest& r, uint64_t* raw_error_offset) const override {
-    uapi::kvm_memory_attributes2 a = encode_v8_request(r);
+    uapi::kvm_memory_attributes2 a = encode_gmem_attributes2_request(r);
     const long rc = ioctl_retrying(r.range.gmem_fd, uapi::kSetMemoryAttributes2, &a);
     const int err = rc < 0 ? static_cast<int>(-rc) : 0;
     *raw_error_offset = a.error_offset;
     return err;
   }
   std::string describe_request(const ConversionRequest& r) const override {
-    uapi::kvm_memory_attributes2 a = encode_v8_request(r);
+    uapi::kvm_memory_attributes2 a = encode_gmem_attributes2_request(r);
     return "KVM_SET_MEMORY_ATTRIBUTES2(gmem offset=" + hex(a.offset) + ", size=" + hex(a.size) +
            ", attributes=" + hex(a.attributes) + (a.flags ? ", flags=" + hex(a.flags) : "") +
            (r.nonzero_reserved ? ", reserved[0]=1" : "") + ")";
   }
 };
 
-class RfcV2Backend final : public ConversionBackend {
+class GmemConvertIoctlsBackend final : public ConversionBackend {
  public:
-  ConversionAbi abi() const override { return ConversionAbi::RfcV2; }
+  ConversionAbi abi() const override { return ConversionAbi::GmemConvertIoctls; }
   int issue(const ConversionRequest& r, uint64_t* raw_error_offset) const override {
-    RfcV2Encoded e = encode_rfc_v2_request(r);
+    GmemConvertEncoded e = encode_gmem_convert_request(r);
     const long rc = ioctl_retrying(r.range.gmem_fd, e.ioctl, &e.arg);
     const int err = rc < 0 ? static_cast<int>(-rc) : 0;
     *raw_error_offset = e.arg.error_offset;
     return err;
   }
   std::string describe_request(const ConversionRequest& r) const override {
-    RfcV2Encoded e = encode_rfc_v2_request(r);
+    GmemConvertEncoded e = encode_gmem_convert_request(r);
     return std::string(r.to_private ? "KVM_GMEM_CONVERT_PRIVATE" : "KVM_GMEM_CONVERT_SHARED") +
            "(offset=" + hex(e.arg.offset) + ", size=" + hex(e.arg.size) +
            (r.nonzero_reserved ? ", reserved[0]=1" : "") + ")";
@@ -95,35 +95,44 @@ std::optional<std::string> ioctl_probe_problem(const char* what, int invalid_err
 const char* conversion_abi_name(ConversionAbi abi) {
   switch (abi) {
     case ConversionAbi::PerVmAttributes: return "per-vm-attributes";
-    case ConversionAbi::InPlaceV8: return "in-place-v8";
-    case ConversionAbi::RfcV2: return "rfc-v2";
+    case ConversionAbi::GmemAttributesIoctl: return "gmem-set-attributes2";
+    case ConversionAbi::GmemConvertIoctls: return "gmem-convert-ioctls";
   }
   return "?";
 }
 
 // --- encoding ------------------------------------------------------------------------------------
-uapi::kvm_memory_attributes encode_per_vm_request(const ConversionRequest& r) {
-  uapi::kvm_memory_attributes a{};
-  a.address = r.range.gpa;
+namespace {
+
+// The words both attribute ioctls share: size, attributes (PRIVATE or not, plus any crafted
+// bits) and flags.
+template <typename Attributes>
+void encode_attribute_words(const ConversionRequest& r, Attributes& a) {
   a.size = r.range.size;
   a.attributes = (r.to_private ? uapi::kMemoryAttributePrivate : 0) | r.extra_attributes;
   a.flags = r.extra_flags;
+}
+
+}  // namespace
+
+uapi::kvm_memory_attributes encode_per_vm_request(const ConversionRequest& r) {
+  uapi::kvm_memory_attributes a{};
+  a.address = r.range.gpa;  // by guest physical address
+  encode_attribute_words(r, a);
   return a;
 }
 
-uapi::kvm_memory_attributes2 encode_v8_request(const ConversionRequest& r) {
+uapi::kvm_memory_attributes2 encode_gmem_attributes2_request(const ConversionRequest& r) {
   uapi::kvm_memory_attributes2 a{};
-  a.offset = r.range.offset;
-  a.size = r.range.size;
-  a.attributes = (r.to_private ? uapi::kMemoryAttributePrivate : 0) | r.extra_attributes;
-  a.flags = r.extra_flags;
+  a.offset = r.range.offset;  // by guest_memfd offset
+  encode_attribute_words(r, a);
   a.error_offset = kErrorOffsetUnset;
   if (r.nonzero_reserved) a.reserved[0] = 1;
   return a;
 }
 
-RfcV2Encoded encode_rfc_v2_request(const ConversionRequest& r) {
-  RfcV2Encoded e;
+GmemConvertEncoded encode_gmem_convert_request(const ConversionRequest& r) {
+  GmemConvertEncoded e;
   e.ioctl = r.to_private ? uapi::kGmemConvertPrivate : uapi::kGmemConvertShared;
   e.arg.offset = r.range.offset;
   e.arg.size = r.range.size;
@@ -135,9 +144,9 @@ RfcV2Encoded encode_rfc_v2_request(const ConversionRequest& r) {
 uint64_t conversion_gmem_flags(ConversionAbi abi, bool init_shared) {
   switch (abi) {
     case ConversionAbi::PerVmAttributes: return 0;
-    case ConversionAbi::InPlaceV8:
+    case ConversionAbi::GmemAttributesIoctl:
       return uapi::kGmemFlagMmap | (init_shared ? uapi::kGmemFlagInitShared : 0);
-    case ConversionAbi::RfcV2:
+    case ConversionAbi::GmemConvertIoctls:
       return uapi::kRfcV2GmemFlagSupportShared | (init_shared ? 0 : uapi::kRfcV2GmemFlagInitPrivate);
   }
   return 0;
@@ -189,8 +198,8 @@ std::string ConversionResult::describe() const {
 std::unique_ptr<ConversionBackend> make_conversion_backend(ConversionAbi abi, const Vm& vm) {
   switch (abi) {
     case ConversionAbi::PerVmAttributes: return std::make_unique<PerVmBackend>(vm.fd());
-    case ConversionAbi::InPlaceV8: return std::make_unique<InPlaceV8Backend>();
-    case ConversionAbi::RfcV2: return std::make_unique<RfcV2Backend>();
+    case ConversionAbi::GmemAttributesIoctl: return std::make_unique<GmemAttributesIoctlBackend>();
+    case ConversionAbi::GmemConvertIoctls: return std::make_unique<GmemConvertIoctlsBackend>();
   }
   return nullptr;
 }
@@ -224,32 +233,31 @@ ConversionSelection select_conversion_backend(const ConversionProbeFacts& f) {
   else if (f.guest_memfd_cap <= 0)
     per_vm = "private memory needs guest_memfd: KVM_CAP_GUEST_MEMFD=" + hexval(f.guest_memfd_cap);
 
-  std::optional<std::string> v8, rfc;
+  std::optional<std::string> attrs2, convert;
   if (f.guest_memfd_cap <= 0 || !f.gmem_error.empty()) {
     std::string g = f.guest_memfd_cap <= 0 ? "KVM_CAP_GUEST_MEMFD=" + hexval(f.guest_memfd_cap)
                                            : "no guest_memfd for the probe: " + f.gmem_error;
-    v8 = rfc = "needs guest_memfd (" + g + ")";
+    attrs2 = convert = "needs guest_memfd (" + g + ")";
   } else {
-    v8 = ioctl_probe_problem("KVM_SET_MEMORY_ATTRIBUTES2", f.v8_invalid_errno, f.v8_noop_errno,
-                             f.v8_gmem_error,
-                             "an unknown flag bit");
-    rfc = ioctl_probe_problem("KVM_GMEM_CONVERT_PRIVATE", f.rfc_v2_invalid_errno,
-                              f.rfc_v2_noop_errno, f.rfc_v2_gmem_error, "an unaligned offset");
+    attrs2 = ioctl_probe_problem("KVM_SET_MEMORY_ATTRIBUTES2", f.v8_invalid_errno,
+                                 f.v8_noop_errno, f.v8_gmem_error, "an unknown flag bit");
+    convert = ioctl_probe_problem("KVM_GMEM_CONVERT_PRIVATE", f.rfc_v2_invalid_errno,
+                                  f.rfc_v2_noop_errno, f.rfc_v2_gmem_error, "an unaligned offset");
   }
 
-  if (!v8) s.available.push_back(ConversionAbi::InPlaceV8);
-  if (!rfc) s.available.push_back(ConversionAbi::RfcV2);
+  if (!attrs2) s.available.push_back(ConversionAbi::GmemAttributesIoctl);
+  if (!convert) s.available.push_back(ConversionAbi::GmemConvertIoctls);
   if (!per_vm) s.available.push_back(ConversionAbi::PerVmAttributes);
   if (!s.available.empty()) {
     s.backend = s.available.front();
     switch (*s.backend) {
-      case ConversionAbi::InPlaceV8:
-        s.reason = "in-place-v8: KVM_SET_MEMORY_ATTRIBUTES2 on guest_memfd refuses an unknown "
+      case ConversionAbi::GmemAttributesIoctl:
+        s.reason = "gmem-set-attributes2: KVM_SET_MEMORY_ATTRIBUTES2 on guest_memfd refuses an unknown "
                    "flag with " + std::string(errno_name(f.v8_invalid_errno)) +
                    " and accepts a request that changes nothing";
         break;
-      case ConversionAbi::RfcV2:
-        s.reason = "rfc-v2: KVM_GMEM_CONVERT_PRIVATE on guest_memfd refuses an unaligned offset "
+      case ConversionAbi::GmemConvertIoctls:
+        s.reason = "gmem-convert-ioctls: KVM_GMEM_CONVERT_PRIVATE on guest_memfd refuses an unaligned offset "
                    "with " + std::string(errno_name(f.rfc_v2_invalid_errno)) +
                    " and accepts a request that changes nothing";
         break;
@@ -265,7 +273,8 @@ ConversionSelection select_conversion_backend(const ConversionProbeFacts& f) {
                   conversion_abi_name(s.available[i]);
     return s;
   }
-  s.reason = "per-VM attributes: " + *per_vm + "; in-place v8: " + *v8 + "; RFC v2: " + *rfc;
+  s.reason = "per-vm-attributes: " + *per_vm + "; gmem-set-attributes2: " + *attrs2 +
+             "; gmem-convert-ioctls: " + *convert;
   return s;
 }
 
@@ -294,33 +303,33 @@ ConversionProbeFacts probe_conversion(const Vm& vm, long guest_memfd_cap,
     return f;
   }
   // The requests go through the back-ends the tests then use.
-  const InPlaceV8Backend v8;
-  const RfcV2Backend rfc_v2;
+  const GmemAttributesIoctlBackend attrs2;
+  const GmemConvertIoctlsBackend convert;
   uint64_t raw_offset = 0;
-  // in-place v8: an unknown flag bit must be refused (EINVAL); ENOTTY means no such ioctl.
+  // KVM_SET_MEMORY_ATTRIBUTES2: an unknown flag bit must be refused (EINVAL); ENOTTY means no such ioctl.
   {
     ConversionRequest bad{{plain->fd(), 0, ps, 0}, false};
     bad.extra_flags = 1ULL << 63;
-    f.v8_invalid_errno = v8.issue(bad, &raw_offset);
+    f.v8_invalid_errno = attrs2.issue(bad, &raw_offset);
   }
   if (f.v8_invalid_errno != ENOTTY && f.v8_invalid_errno != 0) {
     // A file that starts private (MMAP, no INIT_SHARED): setting PRIVATE on it changes nothing.
-    auto g = vm.create_guest_memfd(2 * ps, conversion_gmem_flags(ConversionAbi::InPlaceV8, false));
+    auto g = vm.create_guest_memfd(2 * ps, conversion_gmem_flags(ConversionAbi::GmemAttributesIoctl, false));
     if (!g) {
       f.v8_gmem_error = g.error().message();
     } else {
-      f.v8_noop_errno = v8.issue({{g->fd(), 0, 2 * ps, 0}, true}, &raw_offset);
+      f.v8_noop_errno = attrs2.issue({{g->fd(), 0, 2 * ps, 0}, true}, &raw_offset);
     }
   }
-  // RFC v2: an unaligned offset must be refused; ENOTTY means no such ioctl.
-  f.rfc_v2_invalid_errno = rfc_v2.issue({{plain->fd(), 1, ps, 0}, true}, &raw_offset);
+  // KVM_GMEM_CONVERT_PRIVATE: an unaligned offset must be refused; ENOTTY means no such ioctl.
+  f.rfc_v2_invalid_errno = convert.issue({{plain->fd(), 1, ps, 0}, true}, &raw_offset);
   if (f.rfc_v2_invalid_errno != ENOTTY && f.rfc_v2_invalid_errno != 0) {
-    // SUPPORT_SHARED | INIT_PRIVATE (RFC v2 meaning of bits 0 and 1): starts private.
-    auto g = vm.create_guest_memfd(2 * ps, conversion_gmem_flags(ConversionAbi::RfcV2, false));
+    // SUPPORT_SHARED | INIT_PRIVATE (the RFC v2 meaning of bits 0 and 1): starts private.
+    auto g = vm.create_guest_memfd(2 * ps, conversion_gmem_flags(ConversionAbi::GmemConvertIoctls, false));
     if (!g) {
       f.rfc_v2_gmem_error = g.error().message();
     } else {
-      f.rfc_v2_noop_errno = rfc_v2.issue({{g->fd(), 0, ps, 0}, true}, &raw_offset);
+      f.rfc_v2_noop_errno = convert.issue({{g->fd(), 0, ps, 0}, true}, &raw_offset);
     }
   }
   return f;

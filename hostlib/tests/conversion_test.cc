@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "cvmconf/conversion.h"
+#include "cvmconf/gtest_support.h"
 #include "cvmconf/probe.h"
 #include "cvmconf/uapi.h"
 
@@ -39,19 +40,19 @@ TEST(ConversionEncoding, PerVmAttributesUseGpaAndPrivateBit) {
   EXPECT_EQ(b.attributes, 1ULL << 5);
 }
 
-TEST(ConversionEncoding, V8UsesFileOffsetAndPresetsErrorOffset) {
-  auto a = encode_v8_request(req(0x3000, 2 * kPs, true, 0x100003000));
-  EXPECT_EQ(a.offset, 0x3000u) << "the v8 ioctl works on guest_memfd offsets, not GPAs";
+TEST(ConversionEncoding, GmemAttributes2UsesFileOffsetAndPresetsErrorOffset) {
+  auto a = encode_gmem_attributes2_request(req(0x3000, 2 * kPs, true, 0x100003000));
+  EXPECT_EQ(a.offset, 0x3000u) << "KVM_SET_MEMORY_ATTRIBUTES2 works on guest_memfd offsets, not GPAs";
   EXPECT_EQ(a.address, a.offset) << "address and offset share the first word";
   EXPECT_EQ(a.size, 2 * kPs);
   EXPECT_EQ(a.attributes, uapi::kMemoryAttributePrivate);
-  EXPECT_EQ(a.flags, 0u) << "v8 has no content modes; any flag is refused";
+  EXPECT_EQ(a.flags, 0u) << "no content modes (v8): any flag is refused";
   EXPECT_EQ(a.error_offset, kErrorOffsetUnset);
   for (uint64_t r : a.reserved) EXPECT_EQ(r, 0u);
   ConversionRequest bad = req(0, kPs, false);
   bad.nonzero_reserved = true;
   bad.extra_flags = uapi::kRfcV4Attr2ModePreserve;
-  auto b = encode_v8_request(bad);
+  auto b = encode_gmem_attributes2_request(bad);
   EXPECT_EQ(b.reserved[0], 1u);
   EXPECT_EQ(b.flags, uapi::kRfcV4Attr2ModePreserve);
   EXPECT_EQ(b.attributes, 0u);
@@ -60,34 +61,35 @@ TEST(ConversionEncoding, V8UsesFileOffsetAndPresetsErrorOffset) {
   EXPECT_EQ(uapi::kSetMemoryAttributes2, 0xC080AED2UL);
 }
 
-TEST(ConversionEncoding, RfcV2ChoosesTheIoctlByDirection) {
-  auto p = encode_rfc_v2_request(req(0x4000, kPs, true));
+TEST(ConversionEncoding, GmemConvertChoosesTheIoctlByDirection) {
+  auto p = encode_gmem_convert_request(req(0x4000, kPs, true));
   EXPECT_EQ(p.ioctl, uapi::kGmemConvertPrivate);
   EXPECT_EQ(p.ioctl, 0xC040AF42UL);
   EXPECT_EQ(p.arg.offset, 0x4000u);
   EXPECT_EQ(p.arg.size, kPs);
   EXPECT_EQ(p.arg.error_offset, kErrorOffsetUnset);
   for (uint64_t r : p.arg.reserved) EXPECT_EQ(r, 0u);
-  auto s = encode_rfc_v2_request(req(0, 8 * kPs, false));
+  auto s = encode_gmem_convert_request(req(0, 8 * kPs, false));
   EXPECT_EQ(s.ioctl, uapi::kGmemConvertShared);
   EXPECT_EQ(s.ioctl, 0xC040AF41UL);
   EXPECT_EQ(s.arg.size, 8 * kPs);
 }
 
-TEST(ConversionEncoding, CreationFlagsPerAbiWithRfcV2Bit1Inverted) {
-  // Mainline / v8: bit 0 MMAP, bit 1 INIT_SHARED.
-  EXPECT_EQ(conversion_gmem_flags(ConversionAbi::InPlaceV8, true), 0x3u);
-  EXPECT_EQ(conversion_gmem_flags(ConversionAbi::InPlaceV8, false), 0x1u);
-  // RFC v2: bit 0 SUPPORT_SHARED, bit 1 INIT_PRIVATE: the same bit, the opposite meaning.
-  EXPECT_EQ(conversion_gmem_flags(ConversionAbi::RfcV2, true), 0x1u);
-  EXPECT_EQ(conversion_gmem_flags(ConversionAbi::RfcV2, false), 0x3u);
+TEST(ConversionEncoding, CreationFlagsPerAbiWithGmemConvertBit1Inverted) {
+  // Mainline / gmem-set-attributes2 (v8): bit 0 MMAP, bit 1 INIT_SHARED.
+  EXPECT_EQ(conversion_gmem_flags(ConversionAbi::GmemAttributesIoctl, true), 0x3u);
+  EXPECT_EQ(conversion_gmem_flags(ConversionAbi::GmemAttributesIoctl, false), 0x1u);
+  // gmem-convert-ioctls (RFC v2): bit 0 SUPPORT_SHARED, bit 1 INIT_PRIVATE: the same bit, the
+  // opposite meaning.
+  EXPECT_EQ(conversion_gmem_flags(ConversionAbi::GmemConvertIoctls, true), 0x1u);
+  EXPECT_EQ(conversion_gmem_flags(ConversionAbi::GmemConvertIoctls, false), 0x3u);
   EXPECT_EQ(uapi::kRfcV2GmemFlagInitPrivate, uapi::kGmemFlagInitShared);
   // Per-VM: the file holds only private memory and is never mapped.
   EXPECT_EQ(conversion_gmem_flags(ConversionAbi::PerVmAttributes, true), 0u);
   EXPECT_EQ(conversion_gmem_flags(ConversionAbi::PerVmAttributes, false), 0u);
-  EXPECT_TRUE(conversion_initially_shared(ConversionAbi::InPlaceV8, true));
-  EXPECT_FALSE(conversion_initially_shared(ConversionAbi::InPlaceV8, false));
-  EXPECT_FALSE(conversion_initially_shared(ConversionAbi::RfcV2, false));
+  EXPECT_TRUE(conversion_initially_shared(ConversionAbi::GmemAttributesIoctl, true));
+  EXPECT_FALSE(conversion_initially_shared(ConversionAbi::GmemAttributesIoctl, false));
+  EXPECT_FALSE(conversion_initially_shared(ConversionAbi::GmemConvertIoctls, false));
   EXPECT_TRUE(conversion_initially_shared(ConversionAbi::PerVmAttributes, false))
       << "per-VM attributes start shared whatever the file's flags";
 }
@@ -115,17 +117,17 @@ TEST(ConversionSelection, PerVmAttributesOnMainline68) {
   EXPECT_FALSE(conversion_unavailable("x86-sw-protected", s));
 }
 
-TEST(ConversionSelection, InPlaceV8) {
+TEST(ConversionSelection, GmemAttributesIoctl) {
   ConversionProbeFacts f = base_facts();
   f.v8_invalid_errno = EINVAL;
   f.v8_noop_errno = 0;
   ConversionSelection s = select_conversion_backend(f);
   ASSERT_TRUE(s.backend);
-  EXPECT_EQ(*s.backend, ConversionAbi::InPlaceV8);
+  EXPECT_EQ(*s.backend, ConversionAbi::GmemAttributesIoctl);
   EXPECT_NE(s.reason.find("KVM_SET_MEMORY_ATTRIBUTES2"), std::string::npos) << s.reason;
 }
 
-TEST(ConversionSelection, RfcV2PreferredOverPerVmAttributes) {
+TEST(ConversionSelection, GmemConvertIoctlsPreferredOverPerVmAttributes) {
   ConversionProbeFacts f = base_facts();
   f.memory_attributes_cap = 0x8;
   f.per_vm_noop_errno = 0;
@@ -133,7 +135,7 @@ TEST(ConversionSelection, RfcV2PreferredOverPerVmAttributes) {
   f.rfc_v2_noop_errno = 0;
   ConversionSelection s = select_conversion_backend(f);
   ASSERT_TRUE(s.backend);
-  EXPECT_EQ(*s.backend, ConversionAbi::RfcV2);
+  EXPECT_EQ(*s.backend, ConversionAbi::GmemConvertIoctls);
   ASSERT_EQ(s.available.size(), 2u);
   EXPECT_EQ(s.available[1], ConversionAbi::PerVmAttributes);
   EXPECT_NE(s.reason.find("also available: per-vm-attributes"), std::string::npos) << s.reason;
@@ -145,9 +147,10 @@ TEST(ConversionSelection, NoneOnAKernelWithoutPrivateMemory) {
   EXPECT_FALSE(s.backend);
   EXPECT_TRUE(s.available.empty());
   EXPECT_EQ(s.reason,
-            "per-VM attributes: KVM_CAP_MEMORY_ATTRIBUTES=0 lacks KVM_MEMORY_ATTRIBUTE_PRIVATE "
-            "(0x8); in-place v8: KVM_SET_MEMORY_ATTRIBUTES2 on a guest_memfd fails with ENOTTY; "
-            "RFC v2: KVM_GMEM_CONVERT_PRIVATE on a guest_memfd fails with ENOTTY");
+            "per-vm-attributes: KVM_CAP_MEMORY_ATTRIBUTES=0 lacks KVM_MEMORY_ATTRIBUTE_PRIVATE "
+            "(0x8); gmem-set-attributes2: KVM_SET_MEMORY_ATTRIBUTES2 on a guest_memfd fails with "
+            "ENOTTY; gmem-convert-ioctls: KVM_GMEM_CONVERT_PRIVATE on a guest_memfd fails with "
+            "ENOTTY");
   auto why = conversion_unavailable("x86-default", s);
   ASSERT_TRUE(why);
   EXPECT_EQ(why->rfind("capability absent: no conversion back-end for x86-default: ", 0), 0u)
@@ -160,7 +163,7 @@ TEST(ConversionSelection, NoneWithoutGuestMemfd) {
   f.vm_creatable = true;
   ConversionSelection s = select_conversion_backend(f);
   EXPECT_FALSE(s.backend);
-  EXPECT_NE(s.reason.find("in-place v8: needs guest_memfd (KVM_CAP_GUEST_MEMFD=0)"),
+  EXPECT_NE(s.reason.find("gmem-set-attributes2: needs guest_memfd (KVM_CAP_GUEST_MEMFD=0)"),
             std::string::npos)
       << s.reason;
 }
@@ -173,7 +176,8 @@ TEST(ConversionSelection, NoneWhenTheVmTypeIsNotOffered) {
 }
 
 TEST(ConversionSelection, IoctlPresentButUnusableIsNotSelected) {
-  // A v8 kernel's default VM: the ioctl exists, but a no-op is refused (no private memory).
+  // The default VM of a kernel with KVM_SET_MEMORY_ATTRIBUTES2 (v8): the ioctl exists, but a
+  // no-op is refused (no private memory).
   ConversionProbeFacts f = base_facts();
   f.v8_invalid_errno = EINVAL;
   f.v8_noop_errno = EINVAL;
@@ -199,14 +203,14 @@ TEST(ConversionSelection, IoctlPresentButUnusableIsNotSelected) {
 
 // --- results ------------------------------------------------------------------------------------
 TEST(ConversionResultInterpretation, SuccessHasNoOffset) {
-  auto r = interpret_conversion(ConversionAbi::InPlaceV8, req(0, 4 * kPs, true), 0, kErrorOffsetUnset, "op");
+  auto r = interpret_conversion(ConversionAbi::GmemAttributesIoctl, req(0, 4 * kPs, true), 0, kErrorOffsetUnset, "op");
   EXPECT_TRUE(r.ok());
   EXPECT_EQ(r.offset_report, OffsetReport::None);
   EXPECT_EQ(r.describe(), "ok (op)");
 }
 
 TEST(ConversionResultInterpretation, EagainWithOffsetNamesThePage) {
-  auto r = interpret_conversion(ConversionAbi::InPlaceV8, req(0, 4 * kPs, true), EAGAIN, 2 * kPs,
+  auto r = interpret_conversion(ConversionAbi::GmemAttributesIoctl, req(0, 4 * kPs, true), EAGAIN, 2 * kPs,
                                 "KVM_SET_MEMORY_ATTRIBUTES2(...)");
   EXPECT_FALSE(r.ok());
   EXPECT_EQ(r.err, EAGAIN);
@@ -217,20 +221,20 @@ TEST(ConversionResultInterpretation, EagainWithOffsetNamesThePage) {
 
 TEST(ConversionResultInterpretation, OffsetLeftUntouchedIsNotReported) {
   // AMDESE's RFC v2: "error_offset is reserved for unrecoverable errors, and not set for EAGAIN".
-  auto r = interpret_conversion(ConversionAbi::RfcV2, req(0, 4 * kPs, true), EAGAIN,
+  auto r = interpret_conversion(ConversionAbi::GmemConvertIoctls, req(0, 4 * kPs, true), EAGAIN,
                                 kErrorOffsetUnset, "KVM_GMEM_CONVERT_PRIVATE(...)");
   EXPECT_EQ(r.offset_report, OffsetReport::NotReported);
   EXPECT_NE(r.describe().find("error_offset not reported"), std::string::npos) << r.describe();
-  auto v8 = interpret_conversion(ConversionAbi::InPlaceV8, req(0, kPs, true), ENOMEM,
+  auto attrs2 = interpret_conversion(ConversionAbi::GmemAttributesIoctl, req(0, kPs, true), ENOMEM,
                                  kErrorOffsetUnset, "op");
-  EXPECT_EQ(v8.offset_report, OffsetReport::NotReported);
+  EXPECT_EQ(attrs2.offset_report, OffsetReport::NotReported);
 }
 
 TEST(ConversionResultInterpretation, OffsetOutsideTheRangeIsFlagged) {
-  auto r = interpret_conversion(ConversionAbi::InPlaceV8, req(4 * kPs, 2 * kPs, true), EAGAIN, 0, "op");
+  auto r = interpret_conversion(ConversionAbi::GmemAttributesIoctl, req(4 * kPs, 2 * kPs, true), EAGAIN, 0, "op");
   EXPECT_EQ(r.offset_report, OffsetReport::OutOfRange);
   EXPECT_EQ(r.error_offset, 0u);
-  auto end = interpret_conversion(ConversionAbi::RfcV2, req(4 * kPs, 2 * kPs, true), EAGAIN, 6 * kPs, "op");
+  auto end = interpret_conversion(ConversionAbi::GmemConvertIoctls, req(4 * kPs, 2 * kPs, true), EAGAIN, 6 * kPs, "op");
   EXPECT_EQ(end.offset_report, OffsetReport::OutOfRange) << "the end is exclusive";
 }
 
@@ -340,7 +344,7 @@ class RecordingBackend final : public ConversionBackend {
 TEST(GuestConversionHandling, InPlaceRequestIsTranslatedToTheFileRange) {
   GpaMap m;
   m.add(0x100000000, 8 * kPs, 5, 0x40000);
-  RecordingBackend be(ConversionAbi::InPlaceV8, 0);
+  RecordingBackend be(ConversionAbi::GmemAttributesIoctl, 0);
   auto req = decode_map_gpa_range(hypercall_exit(12, 0x100002000, 2, uapi::kMapGpaRangeEncrypted));
   HandledConversion h = handle_guest_conversion(*req, m, &be, "");
   ASSERT_EQ(be.calls.size(), 1u);
@@ -366,11 +370,11 @@ TEST(GuestConversionHandling, PerVmRequestUsesTheGpaEvenAcrossSlots) {
 TEST(GuestConversionHandling, FailuresAreAnsweredToTheGuest) {
   GpaMap m;
   m.add(0x100000000, 4 * kPs, 5, 0);
-  RecordingBackend pinned(ConversionAbi::InPlaceV8, EAGAIN);
+  RecordingBackend pinned(ConversionAbi::GmemAttributesIoctl, EAGAIN);
   auto req = decode_map_gpa_range(hypercall_exit(12, 0x100000000, 4, uapi::kMapGpaRangeEncrypted));
   EXPECT_EQ(handle_guest_conversion(*req, m, &pinned, "").ret, static_cast<uint64_t>(EAGAIN));
   // Outside every binding: refused without calling the back-end.
-  RecordingBackend untouched(ConversionAbi::InPlaceV8, 0);
+  RecordingBackend untouched(ConversionAbi::GmemAttributesIoctl, 0);
   auto far = decode_map_gpa_range(hypercall_exit(12, 0x900000000, 1, uapi::kMapGpaRangeEncrypted));
   HandledConversion h = handle_guest_conversion(*far, m, &untouched, "");
   EXPECT_TRUE(untouched.calls.empty());
@@ -387,30 +391,28 @@ TEST(GuestConversionHandling, HandlerCompletesTheHypercallInKvmRun) {
   // Uses a real vCPU's kvm_run page (nothing is run).
   auto kvm = Kvm::open();
   if (!kvm) GTEST_SKIP() << "capability absent: " << kvm.error();
-  auto vm = kvm->create_vm(0);
-  ASSERT_TRUE(vm.ok()) << vm.error();
-  auto vcpu = vm->create_vcpu(0);
-  ASSERT_TRUE(vcpu.ok()) << vcpu.error();
+  CVM_ASSIGN_OR_FAIL(auto vm, kvm->create_vm(0));
+  CVM_ASSIGN_OR_FAIL(auto vcpu, vm.create_vcpu(0));
   GpaMap m;
   m.add(0x100000000, 4 * kPs, 5, 0);
-  RecordingBackend be(ConversionAbi::InPlaceV8, EAGAIN);
+  RecordingBackend be(ConversionAbi::GmemAttributesIoctl, EAGAIN);
   GuestConversionHandler h(&be, m, "");
-  vcpu->run_struct()->hypercall.ret = 12345;
-  EXPECT_TRUE(h(0, vcpu.value(), hypercall_exit(12, 0x100000000, 1, uapi::kMapGpaRangeEncrypted)));
-  EXPECT_EQ(vcpu->run_struct()->hypercall.ret, static_cast<uint64_t>(EAGAIN));
+  vcpu.run_struct()->hypercall.ret = 12345;
+  EXPECT_TRUE(h(0, vcpu, hypercall_exit(12, 0x100000000, 1, uapi::kMapGpaRangeEncrypted)));
+  EXPECT_EQ(vcpu.run_struct()->hypercall.ret, static_cast<uint64_t>(EAGAIN));
   ExitInfo other;
   other.kind = ExitKind::Hlt;
-  EXPECT_FALSE(h(0, vcpu.value(), other)) << "not a conversion request";
+  EXPECT_FALSE(h(0, vcpu, other)) << "not a conversion request";
   ExitInfo mf;
   mf.kind = ExitKind::MemoryFault;
   mf.memory_fault = {0, 0x100000000, kPs};
-  EXPECT_FALSE(h(0, vcpu.value(), mf)) << "memory faults are handled only when enabled";
+  EXPECT_FALSE(h(0, vcpu, mf)) << "memory faults are handled only when enabled";
   h.handle_memory_faults(true);
-  EXPECT_FALSE(h(0, vcpu.value(), mf)) << "a failed implicit conversion must not resume the vCPU";
-  RecordingBackend ok(ConversionAbi::InPlaceV8, 0);
+  EXPECT_FALSE(h(0, vcpu, mf)) << "a failed implicit conversion must not resume the vCPU";
+  RecordingBackend ok(ConversionAbi::GmemAttributesIoctl, 0);
   GuestConversionHandler h2(&ok, m, "");
   h2.handle_memory_faults(true);
-  EXPECT_TRUE(h2(0, vcpu.value(), mf));
+  EXPECT_TRUE(h2(0, vcpu, mf));
   ASSERT_EQ(ok.calls.size(), 1u);
   EXPECT_FALSE(ok.calls[0].to_private);
   auto log = h.log();
@@ -420,17 +422,67 @@ TEST(GuestConversionHandling, HandlerCompletesTheHypercallInKvmRun) {
 }
 
 // --- the probe on this kernel ---------------------------------------------------------------
+// The selected back-end converts a page of a guest_memfd bound in a memslot of a fresh VM.
+void expect_selected_backend_converts(const Vm& vm, ConversionAbi abi) {
+  const uint64_t ps = page_size();
+  const uint64_t gpa = 1ULL << 32;
+  auto backend = make_conversion_backend(abi, vm);
+  CVM_ASSIGN_OR_FAIL(auto gmem, vm.create_guest_memfd(ps, conversion_gmem_flags(abi, true)));
+  // Shared memory: the guest_memfd itself (in place) or separate host memory (per-VM).
+  CVM_ASSIGN_OR_FAIL(auto shared, backend->in_place() ? gmem.map(ps) : Mapping::anonymous(ps));
+  ASSERT_TRUE(testing::ok(vm.bind_gmem(1, gpa, gmem, 0, ps, shared.data())));
+  ConversionResult r = backend->set_private(GmemRange{gmem.fd(), 0, ps, gpa});
+  EXPECT_TRUE(r.ok()) << conversion_abi_name(abi)
+                      << " was selected, but converting a page to private failed: " << r.describe();
+}
+
+// Without a back-end: asked again on a fresh VM, the kernel answers each back-end's probe
+// requests as recorded in f.
+void expect_probe_answers_again(const Vm& vm, const ConversionProbeFacts& f) {
+  const uint64_t ps = page_size();
+  uint64_t raw = 0;
+  if (f.per_vm_noop_errno != -1) {
+    auto per_vm = make_conversion_backend(ConversionAbi::PerVmAttributes, vm);
+    const ConversionRequest noop{{-1, 0, ps, 0}, false};
+    EXPECT_EQ(probe_errno_text(per_vm->issue(noop, &raw)), probe_errno_text(f.per_vm_noop_errno))
+        << per_vm->describe_request(noop);
+  }
+  if (f.guest_memfd_cap <= 0 || !f.gmem_error.empty()) return;
+  CVM_ASSIGN_OR_FAIL(auto plain, vm.create_guest_memfd(2 * ps, 0));
+  struct InPlace {
+    ConversionAbi abi;
+    int invalid_errno, noop_errno;
+    ConversionRequest invalid;
+    uint64_t noop_size;
+  };
+  ConversionRequest unknown_flag{{plain.fd(), 0, ps, 0}, false};
+  unknown_flag.extra_flags = 1ULL << 63;
+  const ConversionRequest unaligned{{plain.fd(), 1, ps, 0}, true};
+  const InPlace in_place[] = {
+      {ConversionAbi::GmemAttributesIoctl, f.v8_invalid_errno, f.v8_noop_errno, unknown_flag, 2 * ps},
+      {ConversionAbi::GmemConvertIoctls, f.rfc_v2_invalid_errno, f.rfc_v2_noop_errno, unaligned, ps}};
+  for (const InPlace& b : in_place) {
+    auto backend = make_conversion_backend(b.abi, vm);
+    EXPECT_EQ(probe_errno_text(backend->issue(b.invalid, &raw)), probe_errno_text(b.invalid_errno))
+        << backend->describe_request(b.invalid);
+    if (b.noop_errno == -1) continue;
+    // A file that starts private: setting PRIVATE on it changes nothing.
+    CVM_ASSIGN_OR_FAIL(auto g, vm.create_guest_memfd(2 * ps, conversion_gmem_flags(b.abi, false)));
+    const ConversionRequest noop{{g.fd(), 0, b.noop_size, 0}, true};
+    EXPECT_EQ(probe_errno_text(backend->issue(noop, &raw)), probe_errno_text(b.noop_errno))
+        << backend->describe_request(noop);
+  }
+}
+
 // The probe's record (and its JSON) for every VM type, checked against the kernel through the
 // back-ends on a fresh VM of the type: the selected back-end converts a page of a guest_memfd
 // bound in a memslot; without one, each back-end's requests get exactly the errnos recorded.
 TEST(ConversionProbe, BackendsBehaveAsTheFactsSayForEveryVmType) {
   const Capabilities& c = cached_capabilities();
   if (!c.kvm_available) GTEST_SKIP() << "capability absent: " << c.kvm_error;
-  auto kvm = Kvm::open();
-  ASSERT_TRUE(kvm.ok()) << kvm.error();
+  CVM_ASSIGN_OR_FAIL(auto kvm, Kvm::open());
   auto j = c.to_json();
   ASSERT_EQ(j["vm_types"].size(), c.per_type.size());
-  const uint64_t ps = page_size();
   for (size_t i = 0; i < c.per_type.size(); i++) {
     const VmTypeCaps& t = c.per_type[i];
     const ConversionProbeFacts& f = t.conversion_facts;
@@ -454,67 +506,12 @@ TEST(ConversionProbe, BackendsBehaveAsTheFactsSayForEveryVmType) {
       EXPECT_NE(f.v8_invalid_errno, -1);
       EXPECT_NE(f.rfc_v2_invalid_errno, -1);
     }
-    auto vm = kvm->create_vm(t.type);
+    auto vm = kvm.create_vm(t.type);
     ASSERT_TRUE(vm.ok()) << "the probe created this VM type: " << vm.error();
-
     if (t.conversion.backend) {
-      const ConversionAbi abi = *t.conversion.backend;
-      auto backend = make_conversion_backend(abi, vm.value());
-      auto gmem = vm->create_guest_memfd(ps, conversion_gmem_flags(abi, true));
-      ASSERT_TRUE(gmem.ok()) << gmem.error();
-      // Shared memory: the guest_memfd itself (in place) or separate host memory (per-VM).
-      auto shared = backend->in_place() ? gmem->map(ps) : Mapping::anonymous(ps);
-      ASSERT_TRUE(shared.ok()) << shared.error();
-      MemslotSpec s;
-      s.slot = 1;
-      s.flags = uapi::kMemGuestMemfd;
-      s.gpa = 1ULL << 32;
-      s.size = ps;
-      s.hva = reinterpret_cast<uint64_t>(shared->data());
-      s.gmem_fd = gmem->fd();
-      auto slot = vm->set_memslot(s);
-      ASSERT_TRUE(slot.ok()) << slot.error();
-      ConversionResult r = backend->set_private(GmemRange{gmem->fd(), 0, ps, s.gpa});
-      EXPECT_TRUE(r.ok()) << conversion_abi_name(abi)
-                          << " was selected, but converting a page to private failed: "
-                          << r.describe();
-      continue;
-    }
-
-    // No back-end: asked again, the kernel answers each back-end's probe requests as recorded.
-    uint64_t raw = 0;
-    if (f.per_vm_noop_errno != -1) {
-      auto per_vm = make_conversion_backend(ConversionAbi::PerVmAttributes, vm.value());
-      const ConversionRequest noop{{-1, 0, ps, 0}, false};
-      EXPECT_EQ(probe_errno_text(per_vm->issue(noop, &raw)), probe_errno_text(f.per_vm_noop_errno))
-          << per_vm->describe_request(noop);
-    }
-    if (f.guest_memfd_cap <= 0 || !f.gmem_error.empty()) continue;
-    auto plain = vm->create_guest_memfd(2 * ps, 0);
-    ASSERT_TRUE(plain.ok()) << plain.error();
-    struct InPlace {
-      ConversionAbi abi;
-      int invalid_errno, noop_errno;
-      ConversionRequest invalid;
-      uint64_t noop_size;
-    };
-    ConversionRequest unknown_flag{{plain->fd(), 0, ps, 0}, false};
-    unknown_flag.extra_flags = 1ULL << 63;
-    const ConversionRequest unaligned{{plain->fd(), 1, ps, 0}, true};
-    const InPlace in_place[] = {
-        {ConversionAbi::InPlaceV8, f.v8_invalid_errno, f.v8_noop_errno, unknown_flag, 2 * ps},
-        {ConversionAbi::RfcV2, f.rfc_v2_invalid_errno, f.rfc_v2_noop_errno, unaligned, ps}};
-    for (const InPlace& b : in_place) {
-      auto backend = make_conversion_backend(b.abi, vm.value());
-      EXPECT_EQ(probe_errno_text(backend->issue(b.invalid, &raw)), probe_errno_text(b.invalid_errno))
-          << backend->describe_request(b.invalid);
-      if (b.noop_errno == -1) continue;
-      // A file that starts private: setting PRIVATE on it changes nothing.
-      auto g = vm->create_guest_memfd(2 * ps, conversion_gmem_flags(b.abi, false));
-      ASSERT_TRUE(g.ok()) << g.error();
-      const ConversionRequest noop{{g->fd(), 0, b.noop_size, 0}, true};
-      EXPECT_EQ(probe_errno_text(backend->issue(noop, &raw)), probe_errno_text(b.noop_errno))
-          << backend->describe_request(noop);
+      ASSERT_NO_FATAL_FAILURE(expect_selected_backend_converts(vm.value(), *t.conversion.backend));
+    } else {
+      ASSERT_NO_FATAL_FAILURE(expect_probe_answers_again(vm.value(), f));
     }
   }
 }

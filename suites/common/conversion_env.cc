@@ -61,15 +61,10 @@ Result<std::unique_ptr<ConversionEnv>> ConversionEnv::create(const Kvm& kvm,
   }
   const uint64_t per_slot = size / static_cast<uint64_t>(o.slots);
   for (int k = 0; k < o.slots; k++) {
-    MemslotSpec s;
-    s.slot = kFirstSlot + static_cast<uint32_t>(k);
-    s.flags = uapi::kMemGuestMemfd;
-    s.gpa = CVM_TEST_MEM_GPA + static_cast<uint64_t>(k) * per_slot;
-    s.size = per_slot;
-    s.hva = reinterpret_cast<uint64_t>(e->shared_.data() + static_cast<uint64_t>(k) * per_slot);
-    s.gmem_fd = e->gmem_.fd();
-    s.gmem_offset = static_cast<uint64_t>(k) * per_slot;
-    if (auto r = vm.set_memslot(s); !r) return r.error();
+    const uint64_t off = static_cast<uint64_t>(k) * per_slot;
+    auto r = vm.bind_gmem(kFirstSlot + static_cast<uint32_t>(k), CVM_TEST_MEM_GPA + off, e->gmem_,
+                          off, per_slot, e->shared_.data() + off);
+    if (!r) return r.error();
   }
   if (abi == ConversionAbi::PerVmAttributes && !o.init_shared && !o.raw_initial_state) {
     ConversionResult r = e->to_private(0, o.pages);
@@ -211,21 +206,33 @@ std::optional<std::string> conversion_env_unsupported(ConversionAbi abi, const P
   }
   if (o.guest || o.guest_requests)
     if (auto why = payloads_unsupported(p)) return why;
-  if (abi == ConversionAbi::InPlaceV8)
+  if (abi == ConversionAbi::GmemAttributesIoctl)
     if (auto why = gmem_flags_unsupported(p, caps, conversion_gmem_flags(abi, o.init_shared)))
       return why;
   return std::nullopt;
+}
+
+Result<std::unique_ptr<ConversionEnv>> new_conversion_env(const Kvm& kvm, const Platform& p,
+                                                          ConversionAbi abi,
+                                                          ConversionEnvOptions o) {
+  if (conversion_env_needs_guest(abi)) o.guest = true;
+  auto e = ConversionEnv::create(kvm, p, abi, o);
+  if (!e) {
+    // A harness-level error (errno 0): its message is the harness_error text alone.
+    return SysError{0, testing::harness_error("setting up " + std::string(conversion_abi_name(abi)) +
+                                                  " conversion memory on " + p.id(),
+                                              e.error())};
+  }
+  return e;
 }
 
 void make_conversion_env(std::unique_ptr<ConversionEnv>& env, const Kvm& kvm, const Platform& p,
                          const VmTypeCaps& caps, ConversionAbi abi, ConversionEnvOptions o) {
   env.reset();
   CVM_SKIP_IF(conversion_env_unsupported(abi, p, caps, o));
-  auto e = ConversionEnv::create(kvm, p, abi, o);
+  auto e = new_conversion_env(kvm, p, abi, o);
   if (!e) {
-    ADD_FAILURE() << testing::harness_error("setting up " + std::string(conversion_abi_name(abi)) +
-                                                " conversion memory on " + p.id(),
-                                            e.error());
+    ADD_FAILURE() << e.error();
     return;
   }
   env = std::move(e.value());
@@ -242,7 +249,7 @@ void reenter_conversion_memory_faults(GuestVm& vm, uint64_t lo, uint64_t hi,
 }
 
 bool content_preserved_expected(ConversionAbi abi, const Platform& p) {
-  return abi == ConversionAbi::InPlaceV8 && p.id() == "x86-sw-protected";
+  return abi == ConversionAbi::GmemAttributesIoctl && p.id() == "x86-sw-protected";
 }
 
 Result<bool> pte_present(const void* addr) {

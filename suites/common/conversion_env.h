@@ -3,8 +3,9 @@
 // CVM_TEST_MEM_GPA in one or more memslots, the host's view of shared memory, optionally a
 // payload guest driven through the command loop, and a page state observer that works for every
 // back-end:
-//   in place (v8, RFC v2)  a host access through the guest_memfd mapping: SIGBUS = private;
-//   per-VM attributes      the guest reads a marker the host just wrote into the separate shared
+//   in place (gmem-set-attributes2, gmem-convert-ioctls): a host access through the
+//                          guest_memfd mapping: SIGBUS = private;
+//   per-vm-attributes      the guest reads a marker the host just wrote into the separate shared
 //                          memory: seen = shared (a private page is served from guest_memfd).
 #pragma once
 
@@ -13,6 +14,8 @@
 #include <memory>
 #include <optional>
 #include <string>
+
+#include <gtest/gtest.h>
 
 #include "cvmconf/conversion.h"
 #include "cvmconf/guest_vm.h"
@@ -53,7 +56,7 @@ class ConversionEnv {
   GuestVm* guest() { return guest_.get(); }
   GuestCmd* cmd() { return cmd_ ? &*cmd_ : nullptr; }
   GuestConversionHandler* requests() { return handler_.get(); }
-  // "in-place-v8, 4 pages, init shared, 1 memslot, guest"
+  // "gmem-set-attributes2, 4 pages, init shared, 1 memslot, guest"
   std::string describe() const;
   // For tests of the harness only (never in a conformance test): replaces the back-end by a
   // test double, e.g. one that emulates conversion on a kernel without it, so the machinery
@@ -115,18 +118,32 @@ std::optional<std::string> conversion_env_unsupported(ConversionAbi abi, const P
                                                       const VmTypeCaps& caps,
                                                       ConversionEnvOptions& o);
 
-// The environment for abi on p (VM type capabilities caps) with options o, in env; leaves env
-// empty after a SKIP (conversion_env_unsupported's reason) or a test failure (creating it
-// failed). Options that depend on having a guest should be chosen with
-// conversion_env_needs_guest(abi) in mind: o.guest is only switched on here.
+// The environment for abi on p with options o (o.guest switched on when the back-end needs the
+// guest). A failure is the harness's, not the kernel's: it is recorded as testing::harness_error
+// and the returned error says so. Check conversion_env_unsupported first.
+Result<std::unique_ptr<ConversionEnv>> new_conversion_env(const Kvm& kvm, const Platform& p,
+                                                          ConversionAbi abi,
+                                                          ConversionEnvOptions o);
+
+// Both in one (for callers that check the result themselves): the environment for abi on p
+// (VM type capabilities caps) with options o, in env; leaves env empty after a SKIP
+// (conversion_env_unsupported's reason) or a harness error (new_conversion_env failed).
 void make_conversion_env(std::unique_ptr<ConversionEnv>& env, const Kvm& kvm, const Platform& p,
                          const VmTypeCaps& caps, ConversionAbi abi, ConversionEnvOptions o);
 
 // Whether the back-end on this platform is expected to keep page contents across conversion:
-// in-place v8 on SW_PROTECTED VMs (the v8 selftests rely on it). Elsewhere contents are
-// unspecified (v8's api.rst text on KVM_SET_MEMORY_ATTRIBUTES2; RFC v4/v5 made it a content
-// mode; RFC v2 did not promise it) and only recorded.
+// gmem-set-attributes2 on SW_PROTECTED VMs (the in-place conversion v8 selftests rely on it).
+// Elsewhere contents are unspecified (v8's api.rst text on KVM_SET_MEMORY_ATTRIBUTES2; RFC v4/v5
+// made it a content mode; RFC v2 did not promise it) and only recorded.
 bool content_preserved_expected(ConversionAbi abi, const Platform& p);
+
+// Asserting form of a conversion that must succeed:
+//   ASSERT_TRUE(ok(env->to_private(0)));
+// fails with the result's description ("EAGAIN from KVM_SET_MEMORY_ATTRIBUTES2(...), ...").
+inline ::testing::AssertionResult ok(const ConversionResult& r) {
+  if (r.ok()) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << r.describe();
+}
 
 // KVM reads a page's attribute when a fault starts and again once it holds the MMU notifier
 // sequence; a conversion in between makes KVM_RUN exit with KVM_EXIT_MEMORY_FAULT (EFAULT),

@@ -24,8 +24,12 @@ void ConversionTest::SetUp() {
   }
 }
 
-void ConversionTest::make_env(std::unique_ptr<ConversionEnv>& env, ConversionEnvOptions o) {
-  make_conversion_env(env, kvm(), platform(), vm_caps(), abi(), o);
+std::optional<std::string> ConversionTest::env_unsupported(ConversionEnvOptions o) const {
+  return conversion_env_unsupported(abi(), platform(), vm_caps(), o);
+}
+
+Result<std::unique_ptr<ConversionEnv>> ConversionTest::new_env(const ConversionEnvOptions& o) {
+  return new_conversion_env(kvm(), platform(), abi(), o);
 }
 
 std::vector<const PinProvider*> ConversionTest::usable_pin_providers(std::string& why) {

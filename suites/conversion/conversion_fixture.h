@@ -25,10 +25,15 @@ class ConversionTest : public PlatformTest {
   bool payloads_ok() const { return !payloads_unsupported(); }
   bool preserves_content() const { return content_preserved_expected(abi(), platform()); }
 
-  // Creates an environment for the back-end, or SKIPs / fails and leaves env empty
-  // (make_conversion_env). A per-VM environment always gets a guest (its page state is only
-  // visible to one).
-  void make_env(std::unique_ptr<ConversionEnv>& env, ConversionEnvOptions o);
+  // An environment for the back-end with options o, the way tests make one:
+  //   const ConversionEnvOptions o{.pages = 4};
+  //   CVM_SKIP_IF(env_unsupported(o));
+  //   CVM_ASSIGN_OR_FAIL(auto env, new_env(o));
+  // env_unsupported: why this platform cannot have it (a SKIP reason), or nullopt. new_env: the
+  // environment; failing to build it is a harness error (new_conversion_env). A per-VM
+  // environment always gets a guest (its page state is only visible to one).
+  std::optional<std::string> env_unsupported(ConversionEnvOptions o) const;
+  Result<std::unique_ptr<ConversionEnv>> new_env(const ConversionEnvOptions& o);
 
   // The available pin providers; none, and in `why` the SKIP reason that names every provider's
   // missing capability, when no provider is available.
@@ -50,19 +55,5 @@ class ConversionTest : public PlatformTest {
 
   ConversionSelection selection_;
 };
-
-// Declares `var` (a std::unique_ptr<ConversionEnv>) and returns from the test (or lambda) when
-// it could not be made (the test was skipped or failed).
-#define CVM_ENV(var, opts)                \
-  std::unique_ptr<ConversionEnv> var;     \
-  make_env(var, (opts));                  \
-  if (!var) return
-
-// Asserts that a conversion succeeded, with its description on failure.
-#define CVM_ASSERT_CONVERTED(expr)                               \
-  do {                                                           \
-    const ::cvm::ConversionResult cvm_r_ = (expr);               \
-    ASSERT_TRUE(cvm_r_.ok()) << #expr << ": " << cvm_r_.describe(); \
-  } while (0)
 
 }  // namespace cvm::suites

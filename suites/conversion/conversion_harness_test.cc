@@ -37,10 +37,8 @@ class ConversionHarness : public ::testing::Test {
   }
   // Why payload guests cannot run on the default VM type, or nullopt (tests that boot one).
   static std::optional<std::string> no_payloads() { return default_platform().cannot_run_payloads(); }
-  std::unique_ptr<ConversionEnv> make(ConversionAbi abi, ConversionEnvOptions o) {
-    auto e = ConversionEnv::create(*kvm_, default_platform(), abi, o);
-    EXPECT_TRUE(e.ok()) << e.error();
-    return e.ok() ? std::move(e.value()) : nullptr;
+  Result<std::unique_ptr<ConversionEnv>> make(ConversionAbi abi, const ConversionEnvOptions& o) {
+    return ConversionEnv::create(*kvm_, default_platform(), abi, o);
   }
   std::optional<Kvm> kvm_;
   VmTypeCaps caps_;
@@ -49,11 +47,7 @@ class ConversionHarness : public ::testing::Test {
 TEST_F(ConversionHarness, InPlaceLayoutIsTheGuestMemfdMapping) {
   if (auto why = no_gmem(3)) GTEST_SKIP() << *why;
   if (auto why = no_payloads()) GTEST_SKIP() << *why;
-  ConversionEnvOptions o;
-  o.pages = 4;
-  o.guest = true;
-  auto env = make(ConversionAbi::InPlaceV8, o);
-  ASSERT_TRUE(env);
+  CVM_ASSIGN_OR_FAIL(auto env, make(ConversionAbi::GmemAttributesIoctl, {.pages = 4, .guest = true}));
   EXPECT_EQ(env->gmem().flags(), uapi::kGmemFlagMmap | uapi::kGmemFlagInitShared);
   EXPECT_EQ(env->states(), "SSSS") << "the host observer reads through the guest_memfd mapping";
   ASSERT_EQ(env->host_fill(2, 0x3c), "");
@@ -73,30 +67,23 @@ TEST_F(ConversionHarness, InPlaceLayoutIsTheGuestMemfdMapping) {
 
 TEST_F(ConversionHarness, InPlaceObserverSeesPrivateAsSigbus) {
   if (auto why = no_gmem(1)) GTEST_SKIP() << *why;
-  ConversionEnvOptions o;
-  o.pages = 2;
-  o.init_shared = false;  // MMAP without INIT_SHARED: every page private (mainline)
-  auto env = make(ConversionAbi::InPlaceV8, o);
-  ASSERT_TRUE(env);
+  // MMAP without INIT_SHARED: every page private (mainline)
+  CVM_ASSIGN_OR_FAIL(auto env,
+                     make(ConversionAbi::GmemAttributesIoctl, {.pages = 2, .init_shared = false}));
   EXPECT_EQ(env->states(), "PP");
   EXPECT_NE(env->host_check(0, 0), "") << "reading a private page is reported, not fatal";
 }
 
 TEST_F(ConversionHarness, PerVmLayoutKeepsSharedMemorySeparate) {
   if (auto why = no_gmem()) GTEST_SKIP() << *why;
-  ConversionEnvOptions o;
-  o.pages = 4;
-  auto env = make(ConversionAbi::PerVmAttributes, o);
-  ASSERT_TRUE(env);
+  CVM_ASSIGN_OR_FAIL(auto env, make(ConversionAbi::PerVmAttributes, {.pages = 4}));
   EXPECT_EQ(env->gmem().flags(), 0u) << "the per-VM file only backs private memory";
   EXPECT_FALSE(env->can_observe_state()) << "without a guest the per-VM state is invisible";
   EXPECT_FALSE(env->state(0).ok());
   env.reset();
   // The rest needs the guest that observes the per-VM state.
   if (auto why = no_payloads()) GTEST_SKIP() << *why;
-  o.guest = true;
-  env = make(ConversionAbi::PerVmAttributes, o);
-  ASSERT_TRUE(env);
+  CVM_ASSIGN_OR_FAIL(env, make(ConversionAbi::PerVmAttributes, {.pages = 4, .guest = true}));
   EXPECT_EQ(env->states(), "SSSS") << "the guest sees the host's markers in the shared memory";
   ASSERT_EQ(env->host_fill(3, 0x21), "");
   EXPECT_EQ(env->guest_check(3, 0x21), "");
@@ -116,35 +103,28 @@ TEST_F(ConversionHarness, PerVmLayoutKeepsSharedMemorySeparate) {
 TEST_F(ConversionHarness, TwoMemslotsCoverConsecutiveGpasAndOffsets) {
   if (auto why = no_gmem(3)) GTEST_SKIP() << *why;
   if (auto why = no_payloads()) GTEST_SKIP() << *why;
-  ConversionEnvOptions o;
-  o.pages = 4;
-  o.slots = 2;
-  o.guest = true;
-  auto env = make(ConversionAbi::InPlaceV8, o);
-  ASSERT_TRUE(env);
+  CVM_ASSIGN_OR_FAIL(auto env, make(ConversionAbi::GmemAttributesIoctl,
+                                    {.pages = 4, .guest = true, .slots = 2}));
   for (uint64_t p = 0; p < 4; p++) ASSERT_EQ(env->host_fill(p, static_cast<uint8_t>(0x70 + p)), "");
   for (uint64_t p = 0; p < 4; p++)
     EXPECT_EQ(env->guest_check(p, static_cast<uint8_t>(0x70 + p)), "") << "page " << p;
   GpaMap m = env->gpa_map();
-  auto second = m.lookup(env->gpa(3), page_size());
-  ASSERT_TRUE(second.ok()) << second.error();
-  EXPECT_EQ(second->offset, env->offset(3));
+  CVM_ASSIGN_OR_FAIL(const GmemRange second, m.lookup(env->gpa(3), page_size()));
+  EXPECT_EQ(second.offset, env->offset(3));
   EXPECT_EQ(m.lookup(env->gpa(1), 2 * page_size()).err(), EINVAL) << "crosses the two slots";
   EXPECT_EQ(env->range(1, 2).offset, env->offset(1));
   EXPECT_EQ(env->range(1, 2).gpa, env->gpa(1));
 }
 
 TEST_F(ConversionHarness, PteProbe) {
-  auto m = Mapping::map(2 * page_size(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  ASSERT_TRUE(m.ok());
-  auto before = pte_present(m->data() + page_size());
-  ASSERT_TRUE(before.ok()) << before.error();
-  EXPECT_FALSE(before.value());
-  m->data()[page_size()] = 1;
-  auto after = pte_present(m->data() + page_size());
-  ASSERT_TRUE(after.ok());
-  EXPECT_TRUE(after.value());
-  EXPECT_FALSE(pte_present(m->data()).value()) << "the other page was not touched";
+  CVM_ASSIGN_OR_FAIL(auto m, Mapping::map(2 * page_size(), PROT_READ | PROT_WRITE,
+                                          MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  CVM_ASSIGN_OR_FAIL(const bool before, pte_present(m.data() + page_size()));
+  EXPECT_FALSE(before);
+  m.data()[page_size()] = 1;
+  CVM_ASSIGN_OR_FAIL(const bool after, pte_present(m.data() + page_size()));
+  EXPECT_TRUE(after);
+  EXPECT_FALSE(pte_present(m.data()).value()) << "the other page was not touched";
 }
 
 TEST_F(ConversionHarness, FaultInjectionIsUsableOrSaysExactlyWhy) {
@@ -154,15 +134,13 @@ TEST_F(ConversionHarness, FaultInjectionIsUsableOrSaysExactlyWhy) {
     EXPECT_FALSE(ThreadFaultInjection::setup().ok());
     return;
   }
-  auto fi = ThreadFaultInjection::setup();
-  ASSERT_TRUE(fi.ok()) << fi.error();
+  CVM_ASSIGN_OR_FAIL(auto fi, ThreadFaultInjection::setup());
   // eventfd() allocates its context: failing the first injection point makes it fail.
-  ASSERT_TRUE(fi.value()->arm(1).ok());
+  ASSERT_TRUE(ok(fi->arm(1)));
   int fd = eventfd(0, EFD_CLOEXEC);
   const int err = errno;
-  auto injected = fi.value()->disarm();
-  ASSERT_TRUE(injected.ok()) << injected.error();
-  EXPECT_TRUE(injected.value()) << "eventfd() reached an injection point";
+  CVM_ASSIGN_OR_FAIL(const bool injected, fi->disarm());
+  EXPECT_TRUE(injected) << "eventfd() reached an injection point";
   EXPECT_LT(fd, 0) << "and failed there";
   if (fd < 0) {
     EXPECT_EQ(err, ENOMEM);

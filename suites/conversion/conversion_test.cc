@@ -48,12 +48,12 @@ std::string classify(const std::string& check_preserved, const std::string& chec
 CVM_TEST_P(Conversion, InitialState, "CONV-001") {
   for (bool init_shared : {true, false}) {
     SCOPED_TRACE(init_shared ? "file created to start shared" : "file created to start private");
-    ConversionEnvOptions o;
-    o.pages = 2;
-    o.init_shared = init_shared;
-    o.raw_initial_state = true;
-    o.guest = payloads_ok();
-    CVM_ENV(env, o);
+    const ConversionEnvOptions o{.pages = 2,
+                                 .init_shared = init_shared,
+                                 .raw_initial_state = true,
+                                 .guest = payloads_ok()};
+    CVM_SKIP_IF(env_unsupported(o));
+    CVM_ASSIGN_OR_FAIL(auto env, new_env(o));
     const bool shared = conversion_initially_shared(abi(), init_shared);
     EXPECT_EQ(env->states(), shared ? "SS" : "PP") << env->describe();
     if (!env->cmd()) continue;
@@ -76,15 +76,15 @@ CVM_TEST_P(Conversion, InitialState, "CONV-001") {
 }
 
 CVM_TEST_P(Conversion, OnePageLeavesNeighbours, "CONV-002") {
-  ConversionEnvOptions o;
-  o.pages = 4;
-  CVM_ENV(env, o);
+  const ConversionEnvOptions o{.pages = 4};
+  CVM_SKIP_IF(env_unsupported(o));
+  CVM_ASSIGN_OR_FAIL(auto env, new_env(o));
   for (uint64_t i = 0; i < 4; i++) ASSERT_EQ(env->host_fill(i, static_cast<uint8_t>(0x10 + i)), "");
   // Highest index first, as the v8 selftest does, so off-by-one indexing shows.
   for (int t = 3; t >= 0; t--) {
     const uint64_t tp = static_cast<uint64_t>(t);
     SCOPED_TRACE("converting page " + std::to_string(t));
-    CVM_ASSERT_CONVERTED(env->to_private(tp));
+    ASSERT_TRUE(ok(env->to_private(tp)));
     std::string want = "SSSS";
     want[tp] = 'P';
     EXPECT_EQ(env->states(), want);
@@ -92,7 +92,7 @@ CVM_TEST_P(Conversion, OnePageLeavesNeighbours, "CONV-002") {
       if (i != tp) {
         EXPECT_EQ(env->host_check(i, static_cast<uint8_t>(0x10 + i)), "") << "neighbour " << i;
       }
-    CVM_ASSERT_CONVERTED(env->to_shared(tp));
+    ASSERT_TRUE(ok(env->to_shared(tp)));
     EXPECT_EQ(env->states(), "SSSS");
     for (uint64_t i = 0; i < 4; i++)
       if (i != tp) {
@@ -107,47 +107,45 @@ CVM_TEST_P(Conversion, BeforeAllocation, "CONV-003") {
   const uint64_t ps = page_size();
   {
     SCOPED_TRACE("never-touched shared page to private and back");
-    ConversionEnvOptions o;
-    o.pages = 2;
-    CVM_ENV(env, o);
-    CVM_ASSERT_CONVERTED(env->to_private(0));
+    const ConversionEnvOptions o{.pages = 2};
+    CVM_SKIP_IF(env_unsupported(o));
+    CVM_ASSIGN_OR_FAIL(auto env, new_env(o));
+    ASSERT_TRUE(ok(env->to_private(0)));
     EXPECT_EQ(env->states(), "PS");
     // Allocating the page after the conversion gives it the converted state.
-    ASSERT_TRUE(env->gmem().allocate(0, ps).ok());
+    ASSERT_TRUE(ok(env->gmem().allocate(0, ps)));
     EXPECT_EQ(env->states(), "PS") << "a page allocated after conversion is private";
-    CVM_ASSERT_CONVERTED(env->to_shared(0));
+    ASSERT_TRUE(ok(env->to_shared(0)));
     EXPECT_EQ(env->states(), "SS");
     EXPECT_EQ(env->host_check(0, 0), "") << "a page never written reads zero";
   }
   {
     SCOPED_TRACE("never-touched private page to shared");
-    ConversionEnvOptions o;
-    o.pages = 2;
-    o.init_shared = false;
-    CVM_ENV(env, o);
-    CVM_ASSERT_CONVERTED(env->to_shared(0));
+    const ConversionEnvOptions o{.pages = 2, .init_shared = false};
+    CVM_SKIP_IF(env_unsupported(o));
+    CVM_ASSIGN_OR_FAIL(auto env, new_env(o));
+    ASSERT_TRUE(ok(env->to_shared(0)));
     EXPECT_EQ(env->states(), "SP");
     EXPECT_EQ(env->host_check(0, 0), "") << "a page never written reads zero";
-    ASSERT_TRUE(env->gmem().allocate(ps, ps).ok());
+    ASSERT_TRUE(ok(env->gmem().allocate(ps, ps)));
     EXPECT_EQ(env->states(), "SP") << "allocating the private page does not share it";
   }
 }
 
 CVM_TEST_P(Conversion, PartlyAllocated, "CONV-003") {
-  ConversionEnvOptions o;
-  o.pages = 8;
-  CVM_ENV(env, o);
+  const ConversionEnvOptions o{.pages = 8};
+  CVM_SKIP_IF(env_unsupported(o));
+  CVM_ASSIGN_OR_FAIL(auto env, new_env(o));
   ASSERT_EQ(env->host_fill(1, 'A'), "");
   ASSERT_EQ(env->host_fill(4, 'A'), "");
-  CVM_ASSERT_CONVERTED(env->to_private(0, 8));
+  ASSERT_TRUE(ok(env->to_private(0, 8)));
   EXPECT_EQ(env->states(), "PPPPPPPP");
   std::string touched;
   for (uint64_t p = 0; p < 8; p++) {
     SCOPED_TRACE("page " + std::to_string(p));
-    CVM_ASSERT_CONVERTED(env->to_shared(p));
-    auto st = env->state(p);
-    ASSERT_TRUE(st.ok()) << st.error();
-    EXPECT_EQ(st.value(), PageState::Shared);
+    ASSERT_TRUE(ok(env->to_shared(p)));
+    CVM_ASSIGN_OR_FAIL(const PageState st, env->state(p));
+    EXPECT_EQ(st, PageState::Shared);
     if (p == 1 || p == 4) {
       touched += (touched.empty() ? "" : ", ") + std::string("page ") + std::to_string(p) + ": " +
                  classify(env->host_check(p, 'A'), env->host_check(p, 0), env->host_check(p, 'A'));
@@ -165,28 +163,27 @@ CVM_TEST_P(Conversion, PartlyAllocated, "CONV-003") {
 
 CVM_TEST_P(Conversion, PunchHoleKeepsState, "CONV-004") {
   const uint64_t ps = page_size();
-  ConversionEnvOptions o;
-  o.pages = 2;
-  o.guest = payloads_ok();
-  CVM_ENV(env, o);
+  const ConversionEnvOptions o{.pages = 2, .guest = payloads_ok()};
+  CVM_SKIP_IF(env_unsupported(o));
+  CVM_ASSIGN_OR_FAIL(auto env, new_env(o));
   ASSERT_EQ(env->host_fill(0, 0x77), "");
   ASSERT_EQ(env->host_fill(1, 0x78), "");
-  ASSERT_TRUE(env->gmem().punch_hole(0, ps).ok());
+  ASSERT_TRUE(ok(env->gmem().punch_hole(0, ps)));
   EXPECT_EQ(env->states(), "SS") << "punching a shared page keeps it shared";
   if (env->in_place()) {
     EXPECT_EQ(env->host_check(0, 0), "") << "and it reads zero";
   }
   EXPECT_EQ(env->host_check(1, 0x78), "") << "the neighbour keeps its data";
-  CVM_ASSERT_CONVERTED(env->to_private(0));
+  ASSERT_TRUE(ok(env->to_private(0)));
   if (env->cmd()) {
     ASSERT_EQ(env->guest_fill(0, 0x99), "");
   }
-  ASSERT_TRUE(env->gmem().punch_hole(0, ps).ok());
+  ASSERT_TRUE(ok(env->gmem().punch_hole(0, ps)));
   EXPECT_EQ(env->states(), "PS") << "punching a private page keeps it private";
   if (env->cmd()) {
     EXPECT_EQ(env->guest_check(0, 0), "") << "and the guest reads zero from it";
   }
-  CVM_ASSERT_CONVERTED(env->to_shared(0));
+  ASSERT_TRUE(ok(env->to_shared(0)));
   EXPECT_EQ(env->states(), "SS");
   if (env->in_place() && !env->cmd()) {
     EXPECT_EQ(env->host_check(0, 0), "") << "nothing wrote it since the punch";
@@ -207,14 +204,13 @@ CVM_TEST_P(Conversion, ToPrivateZapsHostMappings, "CONV-005") {
                  << "the per-vm-attributes back-end keeps shared memory outside guest_memfd, so "
                     "conversion to private unmaps nothing from the host (api.rst 4.141)";
   const size_t ps = page_size();
-  ConversionEnvOptions o;
-  o.pages = 2;
-  CVM_ENV(env, o);
+  const ConversionEnvOptions o{.pages = 2};
+  CVM_SKIP_IF(env_unsupported(o));
+  CVM_ASSIGN_OR_FAIL(auto env, new_env(o));
   ASSERT_EQ(env->host_fill(0, 0x5a), "");
   ASSERT_EQ(env->host_fill(1, 0x5b), "");
-  auto before = pte_present(env->shared_hva(0));
-  ASSERT_TRUE(before.ok()) << before.error();
-  EXPECT_TRUE(before.value()) << "the written page is mapped in this process";
+  CVM_ASSIGN_OR_FAIL(const bool before, pte_present(env->shared_hva(0)));
+  EXPECT_TRUE(before) << "the written page is mapped in this process";
 
   int to_child[2], from_child[2];
   ASSERT_EQ(pipe2(to_child, O_CLOEXEC), 0);
@@ -237,10 +233,9 @@ CVM_TEST_P(Conversion, ToPrivateZapsHostMappings, "CONV-005") {
   const bool ready = wait_byte(from_child[0], 'r', 20000);
   EXPECT_TRUE(ready) << "the child never mapped the page";
   if (ready) {
-    CVM_ASSERT_CONVERTED(env->to_private(0));
-    auto after = pte_present(env->shared_hva(0));
-    ASSERT_TRUE(after.ok()) << after.error();
-    EXPECT_FALSE(after.value()) << "conversion to private must tear down this process's mapping";
+    ASSERT_TRUE(ok(env->to_private(0)));
+    CVM_ASSIGN_OR_FAIL(const bool after, pte_present(env->shared_hva(0)));
+    EXPECT_FALSE(after) << "conversion to private must tear down this process's mapping";
     FaultResult r = probe_read(env->shared_hva(0));
     EXPECT_TRUE(r.sigbus()) << "host read of the private page: " << r.describe();
     FaultResult w = probe_write(env->shared_hva(0), 1);
@@ -259,41 +254,36 @@ CVM_TEST_P(Conversion, ToSharedIsLazilyAccessible, "CONV-007") {
     GTEST_SKIP() << testing::kNotApplicable
                  << "the per-vm-attributes back-end never unmaps the host's separate shared "
                     "memory, so there is nothing to fault back in (api.rst 4.141)";
-  ConversionEnvOptions o;
-  o.pages = 2;
-  o.init_shared = false;
-  CVM_ENV(env, o);
+  const ConversionEnvOptions o{.pages = 2, .init_shared = false};
+  CVM_SKIP_IF(env_unsupported(o));
+  CVM_ASSIGN_OR_FAIL(auto env, new_env(o));
   EXPECT_EQ(env->states(), "PP");
-  CVM_ASSERT_CONVERTED(env->to_shared(0));
-  auto eager = pte_present(env->shared_hva(0));
-  ASSERT_TRUE(eager.ok()) << eager.error();
-  EXPECT_FALSE(eager.value()) << "conversion to shared must not map the page into the host eagerly";
+  ASSERT_TRUE(ok(env->to_shared(0)));
+  CVM_ASSIGN_OR_FAIL(const bool eager, pte_present(env->shared_hva(0)));
+  EXPECT_FALSE(eager) << "conversion to shared must not map the page into the host eagerly";
   EXPECT_EQ(env->host_fill(0, 0x42), "") << "the host can write the page again";
   EXPECT_EQ(env->host_check(0, 0x42), "") << "and read it";
-  auto lazy = pte_present(env->shared_hva(0));
-  ASSERT_TRUE(lazy.ok());
-  EXPECT_TRUE(lazy.value()) << "the access faulted the page in";
-  auto other = env->state(1);
-  ASSERT_TRUE(other.ok()) << other.error();
-  EXPECT_EQ(other.value(), PageState::Private) << "the other page is still private";
+  CVM_ASSIGN_OR_FAIL(const bool lazy, pte_present(env->shared_hva(0)));
+  EXPECT_TRUE(lazy) << "the access faulted the page in";
+  CVM_ASSIGN_OR_FAIL(const PageState other, env->state(1));
+  EXPECT_EQ(other, PageState::Private) << "the other page is still private";
 }
 
 CVM_TEST_P(Conversion, ContentAcrossConversionRecorded, "CONV-008") {
-  ConversionEnvOptions o;
-  o.pages = 1;
-  o.guest = payloads_ok();
-  CVM_ENV(env, o);
+  const ConversionEnvOptions o{.pages = 1, .guest = payloads_ok()};
+  CVM_SKIP_IF(env_unsupported(o));
+  CVM_ASSIGN_OR_FAIL(auto env, new_env(o));
   ASSERT_EQ(env->host_fill(0, 0xab), "");
   if (env->cmd()) {
     ASSERT_EQ(env->guest_check(0, 0xab), "") << "shared: the guest sees the host's data";
   }
-  CVM_ASSERT_CONVERTED(env->to_private(0));
+  ASSERT_TRUE(ok(env->to_private(0)));
   std::string to_private = "not observed (no guest)";
   if (env->cmd()) {
     to_private = classify(env->guest_check(0, 0xab), env->guest_check(0, 0), env->guest_check(0, 0xab));
     ASSERT_EQ(env->guest_fill(0, 0xcd), "");
   }
-  CVM_ASSERT_CONVERTED(env->to_shared(0));
+  ASSERT_TRUE(ok(env->to_shared(0)));
   const uint8_t last = env->cmd() ? 0xcd : 0xab;  // the last value written to the page
   std::string to_shared = classify(env->host_check(0, last), env->host_check(0, 0), env->host_check(0, last));
   if (!env->in_place() && env->host_check(0, 0xab).empty())
@@ -312,13 +302,12 @@ CVM_TEST_P(Conversion, ContentAcrossConversionRecorded, "CONV-008") {
 }
 
 CVM_TEST_P(ConversionGuest, GuestAccessAfterConversion, "CONV-006") {
-  ConversionEnvOptions o;
-  o.pages = 2;
-  o.guest = true;
-  CVM_ENV(env, o);
+  const ConversionEnvOptions o{.pages = 2, .guest = true};
+  CVM_SKIP_IF(env_unsupported(o));
+  CVM_ASSIGN_OR_FAIL(auto env, new_env(o));
   ASSERT_EQ(env->guest_fill(0, 0x11), "");
   EXPECT_EQ(env->host_check(0, 0x11), "") << "shared: the host sees the guest's write";
-  CVM_ASSERT_CONVERTED(env->to_private(0));
+  ASSERT_TRUE(ok(env->to_private(0)));
   EXPECT_EQ(env->guest_fill(0, 0x22), "") << "the guest writes the private page";
   EXPECT_EQ(env->guest_check(0, 0x22), "") << "and reads it back";
   if (env->in_place()) {
@@ -327,7 +316,7 @@ CVM_TEST_P(ConversionGuest, GuestAccessAfterConversion, "CONV-006") {
   } else {
     EXPECT_EQ(env->host_check(0, 0x11), "") << "the host's shared copy never sees private data";
   }
-  CVM_ASSERT_CONVERTED(env->to_shared(0));
+  ASSERT_TRUE(ok(env->to_shared(0)));
   EXPECT_EQ(env->guest_fill(0, 0x33), "") << "the guest writes the page shared again";
   EXPECT_EQ(env->guest_check(0, 0x33), "");
   EXPECT_EQ(env->host_check(0, 0x33), "") << "and the host sees it";
@@ -348,11 +337,9 @@ CVM_TEST_P(ConversionGuest, WhileVcpusFault, "CONV-009") {
   // The vCPUs' watchdog outlasts the longest the race may run.
   const auto watchdog =
       std::max({budget.duration, budget.iteration_time_cap, testing::stress_budget().duration}) + 60s;
-  ConversionEnvOptions o;
-  o.pages = kPages;
-  o.guest = true;
-  o.vcpus = 1 + kWorkers;
-  CVM_ENV(env, o);
+  const ConversionEnvOptions o{.pages = kPages, .guest = true, .vcpus = 1 + kWorkers};
+  CVM_SKIP_IF(env_unsupported(o));
+  CVM_ASSIGN_OR_FAIL(auto env, new_env(o));
   GuestVm& g = *env->guest();
   // A conversion racing a fault may make KVM_RUN exit with KVM_EXIT_MEMORY_FAULT: re-entered.
   auto memory_fault_exits = std::make_shared<std::atomic<uint64_t>>(0);
@@ -408,7 +395,7 @@ CVM_TEST_P(ConversionGuest, WhileVcpusFault, "CONV-009") {
     CVM_EXPECT_SYNC(ev, 1);
     EXPECT_GT(ev.args.size() > 1 ? ev.args[1] : 0, 0u) << "the vCPU made no progress";
   }
-  CVM_ASSERT_CONVERTED(env->to_shared(0, kPages));
+  ASSERT_TRUE(ok(env->to_shared(0, kPages)));
   EXPECT_EQ(env->states(), std::string(kPages, 'S'));
 }
 
@@ -422,23 +409,22 @@ CVM_TEST_P(ConversionGuest, ImplicitConversionViaMemoryFault, "CONV-011") {
   const uint64_t ps = page_size();
   std::vector<ExitInfo> faults;           // outlive the environment (its exit handler uses them)
   std::vector<ConversionResult> fixes;
-  ConversionEnvOptions o;
-  o.pages = 1;
-  o.guest = true;
-  CVM_ENV(env, o);
+  const ConversionEnvOptions o{.pages = 1, .guest = true};
+  CVM_SKIP_IF(env_unsupported(o));
+  CVM_ASSIGN_OR_FAIL(auto env, new_env(o));
   // A memslot of ordinary memory: it can back shared accesses only.
   const uint64_t gpa = CVM_TEST_MEM_GPA + 0x40000000;
-  auto mem = Mapping::map(ps, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-  ASSERT_TRUE(mem.ok()) << mem.error();
-  std::memset(mem->data(), 0x42, ps);
+  CVM_ASSIGN_OR_FAIL(auto mem, Mapping::map(ps, PROT_READ | PROT_WRITE,
+                                            MAP_SHARED | MAP_ANONYMOUS, -1, 0));
+  std::memset(mem.data(), 0x42, ps);
   MemslotSpec s;
   s.slot = 9;
   s.gpa = gpa;
   s.size = ps;
-  s.hva = reinterpret_cast<uint64_t>(mem->data());
-  ASSERT_TRUE(env->vm().set_memslot(s).ok());
+  s.hva = reinterpret_cast<uint64_t>(mem.data());
+  ASSERT_TRUE(ok(env->vm().set_memslot(s)));
   // The page is private by attribute: the guest's access is private and mismatches the slot.
-  CVM_ASSERT_CONVERTED(env->apply({GmemRange{-1, 0, ps, gpa}, true}));
+  ASSERT_TRUE(ok(env->apply({GmemRange{-1, 0, ps, gpa}, true})));
   env->guest()->set_exit_handler([&](int, Vcpu&, const ExitInfo& e) {
     auto req = decode_memory_fault(e);
     if (!req || !faults.empty()) return false;

@@ -49,7 +49,7 @@ class GuestRequest : public ::testing::TestWithParam<const Platform*> {
     auto g = GuestVm::create(*kvm_, o);
     ASSERT_TRUE(g.ok()) << testing::harness_error("GuestVm::create", g.error());
     guest_ = std::move(g.value());
-    ASSERT_TRUE(enable_map_gpa_range_exit(guest_->vm()).ok());
+    ASSERT_TRUE(ok(enable_map_gpa_range_exit(guest_->vm())));
     if (selection_.backend) backend_ = make_conversion_backend(*selection_.backend, guest_->vm());
     RecordProperty("conversion_backend",
                    backend_ ? backend_->name() : "none: " + selection_.reason);
@@ -141,9 +141,8 @@ CVM_TEST_P(GuestRequest, AppliedThroughBackend, "CONV-010") {
   opts.guest_requests = true;
   CVM_SKIP_IF(conversion_env_unsupported(
       *selection_.backend, platform(), *cached_capabilities().vm(platform().vm_type()), opts));
-  auto env = ConversionEnv::create(*kvm_, platform(), *selection_.backend, opts);
-  ASSERT_TRUE(env.ok()) << env.error();
-  ConversionEnv& e = *env.value();
+  CVM_ASSIGN_OR_FAIL(auto env, new_conversion_env(*kvm_, platform(), *selection_.backend, opts));
+  ConversionEnv& e = *env;
   RecordProperty("conversion_backend", e.backend().name());
   for (uint64_t p = 0; p < 4; p++) ASSERT_EQ(e.host_fill(p, static_cast<uint8_t>(0x60 + p)), "");
   GuestCmd& cmd = *e.cmd();

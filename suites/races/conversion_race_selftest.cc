@@ -418,12 +418,12 @@ TEST_P(ConversionRaceHarness, RefusedConversionsAreTheOnlyViolations) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, ConversionRaceHarness,
-                         ::testing::Combine(::testing::Values(ConversionAbi::InPlaceV8,
+                         ::testing::Combine(::testing::Values(ConversionAbi::GmemAttributesIoctl,
                                                               ConversionAbi::PerVmAttributes),
                                             ::testing::Bool()),
                          [](const ::testing::TestParamInfo<std::tuple<ConversionAbi, bool>>& i) {
-                           return std::string(std::get<0>(i.param) == ConversionAbi::InPlaceV8
-                                                  ? "InPlaceV8"
+                           return std::string(std::get<0>(i.param) == ConversionAbi::GmemAttributesIoctl
+                                                  ? "GmemAttributesIoctl"
                                                   : "PerVmAttributes") +
                                   (std::get<1>(i.param) ? "_VsPunch" : "_VsFaults");
                          });
@@ -448,7 +448,7 @@ class RemapBackend final : public ConversionBackend {
  public:
   RemapBackend(uint8_t* base, int gmem_fd, GuestMemfd sigbus, Flaw f)
       : base_(base), gmem_fd_(gmem_fd), sigbus_(std::move(sigbus)), flaw_(f) {}
-  ConversionAbi abi() const override { return ConversionAbi::InPlaceV8; }
+  ConversionAbi abi() const override { return ConversionAbi::GmemAttributesIoctl; }
   int issue(const ConversionRequest& r, uint64_t* raw_error_offset) const override {
     *raw_error_offset = kErrorOffsetUnset;
     const uint64_t ps = page_size();
@@ -507,7 +507,7 @@ class EmulatedConversionRace : public ::testing::TestWithParam<EmulatedCase> {
       GTEST_SKIP() << "not applicable: a stress budget was given on the command line";
     // Host-only: KVM on some hosts (PVM) reaches guest_memfd memslots through their host
     // mapping too, which the emulation remaps, so a guest would see the emulation, not memory.
-    make_harness_env(ConversionAbi::InPlaceV8, false, h_);
+    make_harness_env(ConversionAbi::GmemAttributesIoctl, false, h_);
     if (IsSkipped()) return;
     ASSERT_TRUE(h_.env);
     auto sig = h_.env->vm().create_guest_memfd(page_size(), uapi::kGmemFlagMmap);

@@ -3,16 +3,18 @@
 // rebase), plus the host side of guest-initiated conversion (KVM_HC_MAP_GPA_RANGE exits) and
 // implicit conversion (KVM_EXIT_MEMORY_FAULT).
 //
-// Back-ends (api.rst 4.141; in-place series v8; RFC v2):
-//   per-vm-attributes  KVM_SET_MEMORY_ATTRIBUTES on the VM fd, by GPA (mainline 6.8+). Private
-//                      memory is the guest_memfd, shared memory is separate host memory (the
-//                      memslot's userspace_addr). No error offset in the ABI.
-//   in-place-v8        KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd fd, by file offset (in-place
-//                      conversion series v8; RFC v4/v5 share the ioctl). Shared pages live in the
-//                      guest_memfd itself and are host-mapped through it. error_offset on failure.
-//   rfc-v2             KVM_GMEM_CONVERT_SHARED / KVM_GMEM_CONVERT_PRIVATE on the guest_memfd fd
-//                      (1G hugetlb + conversion RFC v2, May 2025). Bit 1 of the creation flags
-//                      means INIT_PRIVATE there, the opposite of mainline's INIT_SHARED.
+// Back-ends (Documentation/virt/kvm/api.rst 4.141; the in-place conversion series v8; the 1G
+// hugetlb + conversion RFC v2), each named for the ioctls it issues:
+//   per-vm-attributes     KVM_SET_MEMORY_ATTRIBUTES on the VM fd, by GPA (mainline 6.8+). Private
+//                         memory is the guest_memfd, shared memory is separate host memory (the
+//                         memslot's userspace_addr). No error offset in the ABI.
+//   gmem-set-attributes2  KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd fd, by file offset (the
+//                         in-place conversion series v8; RFC v4/v5 share the ioctl). Shared pages
+//                         live in the guest_memfd itself and are host-mapped through it.
+//                         error_offset on failure.
+//   gmem-convert-ioctls   KVM_GMEM_CONVERT_SHARED / KVM_GMEM_CONVERT_PRIVATE on the guest_memfd fd
+//                         (the 1G hugetlb + conversion RFC v2, May 2025). Bit 1 of the creation
+//                         flags means INIT_PRIVATE there, the opposite of mainline's INIT_SHARED.
 //
 // Everything that can be decided without a kernel (request encoding, back-end selection from
 // probe facts, errno/error-offset interpretation, exit decoding) is a pure function here so the
@@ -32,8 +34,9 @@
 
 namespace cvm {
 
-enum class ConversionAbi { PerVmAttributes, InPlaceV8, RfcV2 };
-// "per-vm-attributes", "in-place-v8", "rfc-v2": the names used in reports and the fingerprint.
+enum class ConversionAbi { PerVmAttributes, GmemAttributesIoctl, GmemConvertIoctls };
+// "per-vm-attributes", "gmem-set-attributes2", "gmem-convert-ioctls": the names used in reports
+// and the fingerprint.
 const char* conversion_abi_name(ConversionAbi abi);
 
 // A range of guest memory to convert, named both ways: by guest_memfd file offset (in-place
@@ -50,9 +53,9 @@ struct GmemRange {
 struct ConversionRequest {
   GmemRange range;
   bool to_private = false;
-  uint64_t extra_flags = 0;       // OR'ed into flags (per-VM, v8): must be refused
-  uint64_t extra_attributes = 0;  // OR'ed into attributes (per-VM, v8): must be refused
-  bool nonzero_reserved = false;  // a reserved word set (v8, RFC v2): must be refused
+  uint64_t extra_flags = 0;       // OR'ed into flags (per-VM, gmem-set-attributes2): refused
+  uint64_t extra_attributes = 0;  // OR'ed into attributes (per-VM, gmem-set-attributes2): refused
+  bool nonzero_reserved = false;  // a reserved word set (both gmem ioctls): refused
 };
 
 // Written into the out-field error_offset before the ioctl; a value still equal to it after a
@@ -61,19 +64,19 @@ inline constexpr uint64_t kErrorOffsetUnset = ~0ULL;
 
 // --- request encoding (pure) -----------------------------------------------------------------
 uapi::kvm_memory_attributes encode_per_vm_request(const ConversionRequest& r);
-uapi::kvm_memory_attributes2 encode_v8_request(const ConversionRequest& r);
-struct RfcV2Encoded {
+uapi::kvm_memory_attributes2 encode_gmem_attributes2_request(const ConversionRequest& r);
+struct GmemConvertEncoded {
   unsigned long ioctl = 0;  // KVM_GMEM_CONVERT_PRIVATE or KVM_GMEM_CONVERT_SHARED
   uapi::kvm_gmem_convert arg{};
 };
-RfcV2Encoded encode_rfc_v2_request(const ConversionRequest& r);
+GmemConvertEncoded encode_gmem_convert_request(const ConversionRequest& r);
 
 // KVM_CREATE_GUEST_MEMFD flags that make a file the back-end can convert, starting shared
 // (init_shared) or private, and host-mappable where the back-end maps shared pages in place.
 // per-VM: 0 (the file holds only private memory and is never mapped; its initial state is the
 //         VM's attributes, which start shared).
-// v8:     MMAP | (init_shared ? INIT_SHARED : 0)
-// RFC v2: SUPPORT_SHARED | (init_shared ? 0 : INIT_PRIVATE)   -- bit 1 inverted
+// gmem-set-attributes2: MMAP | (init_shared ? INIT_SHARED : 0)
+// gmem-convert-ioctls:  SUPPORT_SHARED | (init_shared ? 0 : INIT_PRIVATE)   -- bit 1 inverted
 uint64_t conversion_gmem_flags(ConversionAbi abi, bool init_shared);
 // Whether a file created with conversion_gmem_flags(abi, init_shared) starts shared.
 bool conversion_initially_shared(ConversionAbi abi, bool init_shared);
@@ -154,13 +157,15 @@ std::string probe_errno_text(int e);
 struct ConversionSelection {
   std::optional<ConversionAbi> backend;  // the back-end tests use
   std::vector<ConversionAbi> available;  // every back-end that answered correctly
-  // backend set: the evidence ("in-place-v8: KVM_SET_MEMORY_ATTRIBUTES2 ..."); otherwise why
-  // none, one clause per back-end ("per-VM attributes: ...; in-place v8: ...; RFC v2: ...").
+  // backend set: the evidence ("gmem-set-attributes2: KVM_SET_MEMORY_ATTRIBUTES2 ..."); otherwise
+  // why none, one clause per back-end ("per-vm-attributes: ...; gmem-set-attributes2: ...;
+  // gmem-convert-ioctls: ...").
   std::string reason;
 };
 
-// Pure: which back-end the facts support. Preference when several answer: in-place v8, then
-// RFC v2 (the file's own state wins over per-VM attributes there), then per-VM.
+// Pure: which back-end the facts support. Preference when several answer: gmem-set-attributes2
+// (in-place conversion v8), then gmem-convert-ioctls (RFC v2: the file's own state wins over
+// per-VM attributes there), then per-vm-attributes.
 ConversionSelection select_conversion_backend(const ConversionProbeFacts& f);
 
 // Asks the kernel, on vm (a VM of the type being probed) whose KVM_CAP_GUEST_MEMFD and
