@@ -50,7 +50,28 @@ class Undo : public ConversionTest {
   void SetUp() override {
     ConversionTest::SetUp();
     if (IsSkipped() || HasFatalFailure()) return;
+    ASSERT_EQ(unknown_case_names(), "") << testing::harness_error(
+        "the Undo case table", "it names tests this suite does not have (renamed?)");
     fail_conversion();
+  }
+
+  // Names in kFailedConversions that no test of this binary has: a renamed test would
+  // otherwise run without its prepared situation.
+  static std::string unknown_case_names() {
+    const ::testing::UnitTest* all = ::testing::UnitTest::GetInstance();
+    std::string unknown;
+    for (const FailedConversionCase& c : kFailedConversions) {
+      bool found = false;
+      for (int s = 0; s < all->total_test_suite_count() && !found; s++) {
+        const ::testing::TestSuite* suite = all->GetTestSuite(s);
+        for (int i = 0; i < suite->total_test_count() && !found; i++) {
+          std::string name = suite->GetTestInfo(i)->name();
+          found = name.substr(0, name.find('/')) == c.test;
+        }
+      }
+      if (!found) unknown += std::string(unknown.empty() ? "" : " ") + c.test;
+    }
+    return unknown;
   }
 
   // Pins are the failure cause for in-place back-ends only.
@@ -125,6 +146,8 @@ class UndoGuest : public Undo {
     ConversionTest::SetUp();
     if (IsSkipped() || HasFatalFailure()) return;
     CVM_SKIP_IF(payloads_unsupported());
+    ASSERT_EQ(unknown_case_names(), "") << testing::harness_error(
+        "the Undo case table", "it names tests this suite does not have (renamed?)");
     fail_conversion();
   }
 };
