@@ -49,10 +49,90 @@ bool check_pinned(Race& race, uint64_t it, const std::vector<uint8_t>& data, uin
   return true;
 }
 
+// One iteration's pinned range and what the page model said about it.
+struct PinnedRange {
+  uint64_t first = 0, n = 0;
+  std::vector<uint64_t> end_fill;   // punch_end of each page when its fill began
+  std::vector<uint64_t> want;       // the tag written into each page before the pin
+  std::vector<uint64_t> begin_pin;  // punch_begin of each page once pinned
+  std::vector<bool> clean;          // no punch overlapped the fill and the pin
+};
+
+// Reads through the pin (twice when the provider can: the two reads must agree; once, checked
+// against the fill, when it cannot), punching part of the range from here every other time.
+bool check_reads_through_pin(Race& race, uint64_t it, std::mt19937_64& rng, PageModel& model,
+                             const GuestMemfd& g, Pin& pin, bool rereadable,
+                             const PinnedRange& r) {
+  const uint64_t ps = page_size();
+  std::vector<uint8_t> first_read;
+  if (rereadable) {
+    auto a = pin.read_through(0, r.n * ps);
+    if (!a) {
+      race.violation(it, "pinner", "reading through the pin: " + a.error().message());
+      return false;
+    }
+    first_read = std::move(a.value());
+    if (!check_pinned(race, it, first_read, r.first, r.want, r.clean, "right after pinning"))
+      return false;
+  }
+  if (Race::chance(rng, 1, 2)) {
+    // Punch part of the pinned range from here too, so every other iteration has a punch
+    // while the pin is held, whatever the puncher thread does.
+    const Race::Range sub = Race::pick_range(rng, r.first, r.first + r.n, r.n);
+    model.punch(g, sub.first, sub.n, "pinner", it);
+  }
+  Race::jitter(rng, 200);
+  auto b = pin.read_through(0, r.n * ps);
+  if (!b) {
+    race.violation(it, "pinner", "reading through the pin again: " + b.error().message());
+    return false;
+  }
+  if (!rereadable) return check_pinned(race, it, b.value(), r.first, r.want, r.clean, "after the punches");
+  if (b.value() == first_read) return true;
+  size_t at = 0;
+  while (at < first_read.size() && b.value()[at] == first_read[at]) at++;
+  race.violation(it, "pinner", "the pinned buffer changed at byte " + std::to_string(at) +
+                                   " (page " + std::to_string(r.first + at / ps) +
+                                   ") between two reads through the pin");
+  return false;
+}
+
+// The file after the pin's reads: where a punch that began after the pin has returned, both
+// mappings read zeroes; a page no punch touched since its fill still shows the data.
+void check_file_after_pin(Race& race, uint64_t it, PageModel& model, const PinnedRange& r,
+                          uint8_t* racing, const uint8_t* second, PinRaceCounters& c) {
+  const uint64_t ps = page_size();
+  const uint64_t words = ps / sizeof(uint64_t);
+  for (uint64_t k = 0; k < r.n; k++) {
+    const uint64_t p = r.first + k;
+    if (model.punch_end(p) >= r.begin_pin[k] + 1) {
+      c.punched_while_pinned++;
+      if (!model.verify_zero(racing, p, "the racing mapping", "pinner", it) ||
+          !model.verify_zero(second, p, "a second mapping", "pinner", it))
+        return;
+      continue;
+    }
+    if (!r.clean[k]) continue;
+    // Read first, then ask: a punch may start at any moment.
+    std::vector<uint64_t> now(words);
+    const volatile uint64_t* m = reinterpret_cast<const volatile uint64_t*>(racing + p * ps);
+    for (uint64_t i = 0; i < words; i++) now[i] = m[i];
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (model.punch_begin(p) != r.end_fill[k]) continue;
+    c.intact_pages++;
+    for (uint64_t i = 0; i < words; i++) {
+      if (now[i] == r.want[k]) continue;
+      race.violation(it, "pinner", "page " + std::to_string(p) + " word " + std::to_string(i) +
+                                       " reads " + hex(now[i]) + " through the mapping, expected " +
+                                       hex(r.want[k]) + " (no punch touched it)");
+      return;
+    }
+  }
+}
+
 PinRaceCounters run_pin_race(Race& race, const PinProvider& provider, bool rereadable,
                              const GuestMemfd& g, uint8_t* racing, const uint8_t* second) {
   const uint64_t ps = page_size();
-  const uint64_t words = ps / sizeof(uint64_t);
   PageModel model(race, kPages, 1);  // the driver is the only writer
   PinRaceCounters c;
 
@@ -77,92 +157,31 @@ PinRaceCounters run_pin_race(Race& race, const PinProvider& provider, bool rerea
   auto rng = race.rng(0);
   while (race.next_iteration()) {
     const uint64_t it = race.iteration();
-    const auto [first, n] = Race::pick_range(rng, 0, kPages, kMaxRange);
-    std::vector<uint64_t> end_fill(n), want(n), begin_pin(n);
-    std::vector<bool> clean(n);
-    for (uint64_t k = 0; k < n; k++) end_fill[k] = model.punch_end(first + k);
-    for (uint64_t k = 0; k < n; k++) {
-      model.write_page(racing + (first + k) * ps, first + k, "pinner", it);
-      want[k] = PageModel::tag(first + k, model.gen(first + k));
+    PinnedRange r;
+    const Race::Range picked = Race::pick_range(rng, 0, kPages, kMaxRange);
+    r.first = picked.first;
+    r.n = picked.n;
+    for (uint64_t k = 0; k < r.n; k++) r.end_fill.push_back(model.punch_end(r.first + k));
+    for (uint64_t k = 0; k < r.n; k++) {
+      model.write_page(racing + (r.first + k) * ps, r.first + k, "pinner", it);
+      r.want.push_back(PageModel::tag(r.first + k, model.gen(r.first + k)));
     }
-    auto pin = provider.pin(racing + first * ps, n * ps);
+    auto pin = provider.pin(racing + r.first * ps, r.n * ps);
     if (!pin) {
-      race.violation(it, "pinner", "pinning shared pages [" + std::to_string(first) + ", " +
-                                       std::to_string(first + n) + "): " + pin.error().message());
+      race.violation(it, "pinner", "pinning shared pages [" + std::to_string(r.first) + ", " +
+                                       std::to_string(r.first + r.n) + "): " + pin.error().message());
       continue;
     }
     c.pins++;
     race.ops();
-    for (uint64_t k = 0; k < n; k++) {
-      begin_pin[k] = model.punch_begin(first + k);
-      clean[k] = !(begin_pin[k] > end_fill[k]);
+    for (uint64_t k = 0; k < r.n; k++) {
+      r.begin_pin.push_back(model.punch_begin(r.first + k));
+      r.clean.push_back(!(r.begin_pin[k] > r.end_fill[k]));
     }
-    std::vector<uint8_t> first_read;
-    bool ok = true;
-    if (rereadable) {
-      auto a = pin.value()->read_through(0, n * ps);
-      if (!a) {
-        race.violation(it, "pinner", "reading through the pin: " + a.error().message());
-        ok = false;
-      } else {
-        first_read = std::move(a.value());
-        ok = check_pinned(race, it, first_read, first, want, clean, "right after pinning");
-      }
-    }
-    if (ok && Race::chance(rng, 1, 2)) {
-      // Punch part of the pinned range from here too, so every other iteration has a punch
-      // while the pin is held, whatever the puncher thread does.
-      const Race::Range sub = Race::pick_range(rng, first, first + n, n);
-      model.punch(g, sub.first, sub.n, "pinner", it);
-    }
-    Race::jitter(rng, 200);
-    if (ok) {
-      auto b = pin.value()->read_through(0, n * ps);
-      if (!b) {
-        race.violation(it, "pinner", "reading through the pin again: " + b.error().message());
-        ok = false;
-      } else if (rereadable) {
-        if (b.value() != first_read) {
-          size_t at = 0;
-          while (at < first_read.size() && b.value()[at] == first_read[at]) at++;
-          race.violation(it, "pinner", "the pinned buffer changed at byte " + std::to_string(at) +
-                                           " (page " + std::to_string(first + at / ps) +
-                                           ") between two reads through the pin");
-          ok = false;
-        }
-      } else {
-        ok = check_pinned(race, it, b.value(), first, want, clean, "after the punches");
-      }
-    }
-    for (uint64_t k = 0; ok && k < n; k++) {
-      const uint64_t p = first + k;
-      if (model.punch_end(p) >= begin_pin[k] + 1) {
-        // A punch that began after the pin was taken has returned: the file reads zeroes.
-        c.punched_while_pinned++;
-        ok = model.verify_zero(racing, p, "the racing mapping", "pinner", it) &&
-             model.verify_zero(second, p, "a second mapping", "pinner", it);
-      } else if (clean[k]) {
-        // If no punch touched the page since it was filled, the file still holds the data.
-        // Read first, then ask: a punch may start at any moment.
-        std::vector<uint64_t> now(words);
-        const volatile uint64_t* m = reinterpret_cast<const volatile uint64_t*>(racing + p * ps);
-        for (uint64_t i = 0; i < words; i++) now[i] = m[i];
-        std::atomic_thread_fence(std::memory_order_seq_cst);
-        if (model.punch_begin(p) != end_fill[k]) continue;
-        c.intact_pages++;
-        for (uint64_t i = 0; i < words; i++) {
-          if (now[i] != want[k]) {
-            race.violation(it, "pinner", "page " + std::to_string(p) + " word " + std::to_string(i) +
-                                             " reads " + hex(now[i]) + " through the mapping, expected " +
-                                             hex(want[k]) + " (no punch touched it)");
-            ok = false;
-            break;
-          }
-        }
-      }
-    }
-    if (auto r = pin.value()->release(); !r)
-      race.violation(it, "pinner", "releasing the pin: " + r.error().message());
+    if (check_reads_through_pin(race, it, rng, model, g, *pin.value(), rereadable, r))
+      check_file_after_pin(race, it, model, r, racing, second, c);
+    if (auto rel = pin.value()->release(); !rel)
+      race.violation(it, "pinner", "releasing the pin: " + rel.error().message());
   }
   race.join();
   return c;
