@@ -73,11 +73,11 @@ def _fix(bo: str | None, no: str | None) -> bool:
     return bo in BAD and no == PASS
 
 
-def compare(base: dict, new: dict) -> dict:
+def _compare_tests(base: dict, new: dict, levels: dict) -> dict:
+    """The tests of both runs sorted into regressions, fixes, newly exercised/skipped, changed
+    evidence, added and removed."""
     bt = {_key(t): t for t in base["tests"]}
     nt = {_key(t): t for t in new["tests"]}
-    levels = {r["id"]: r.get("level") for r in base["requirements"]}
-    levels.update({r["id"]: r.get("level") for r in new["requirements"]})
     out = {k: [] for k in ("regressions", "fixes", "newly_exercised", "newly_skipped",
                            "changed_evidence", "added", "removed")}
     for key in sorted(set(bt) | set(nt)):
@@ -104,6 +104,11 @@ def compare(base: dict, new: dict) -> dict:
             eb, en = _evidence(b), _evidence(n)
             e["changes"] = sorted(k for k in eb if eb[k] != en[k])
             out["changed_evidence"].append(e)
+    return out
+
+
+def _compare_requirements(base: dict, new: dict) -> list[dict]:
+    """The requirements whose roll-up outcome differs, each with the kind of change."""
     br = {r["id"]: r for r in base["requirements"]}
     nr = {r["id"]: r for r in new["requirements"]}
     reqs = []
@@ -121,36 +126,48 @@ def compare(base: dict, new: dict) -> dict:
                 else "changed")
         reqs.append({"id": rid, "level": (n or b).get("level"), "base": bo, "new": no,
                      "kind": kind, "reason": (n or {}).get("reason", "")})
-    out["requirements"] = reqs
-    req_regressions = [r for r in reqs if r["kind"] == "regression"
-                       and r.get("level") in ("MUST", "SHOULD")]
+    return reqs
 
-    def side(run):
-        fp = run.get("fingerprint", {})
-        k = fp.get("kernel", {})
-        return {"run_id": run["run_id"], "complete": run.get("complete"),
-                "incomplete_reason": run.get("incomplete_reason"),
-                "kernel": k.get("release"), "kernel_version": k.get("version"),
-                "config_sha256": k.get("config_sha256"), "arch": fp.get("arch"),
-                "platforms": fp.get("platforms", {}).get("labels", []),
-                "message_id": run.get("checkout", {}).get("message_id"),
-                "verdict": run.get("summary", {}).get("verdict")}
-    out["base"] = side(base)
-    out["new"] = side(new)
+
+def _side(run: dict) -> dict:
+    fp = run.get("fingerprint", {})
+    k = fp.get("kernel", {})
+    return {"run_id": run["run_id"], "complete": run.get("complete"),
+            "incomplete_reason": run.get("incomplete_reason"),
+            "kernel": k.get("release"), "kernel_version": k.get("version"),
+            "config_sha256": k.get("config_sha256"), "arch": fp.get("arch"),
+            "platforms": fp.get("platforms", {}).get("labels", []),
+            "message_id": run.get("checkout", {}).get("message_id"),
+            "verdict": run.get("summary", {}).get("verdict")}
+
+
+def _notes(b: dict, n: dict) -> list[str]:
+    """What a reader must know before trusting the comparison of sides b and n."""
     notes = []
-    if out["base"]["arch"] != out["new"]["arch"]:
+    if b["arch"] != n["arch"]:
         notes.append("the runs are on different architectures")
-    if set(out["base"]["platforms"]) != set(out["new"]["platforms"]):
+    if set(b["platforms"]) != set(n["platforms"]):
         notes.append("the runs detected different platforms: "
-                     f"{', '.join(out['base']['platforms']) or 'none'} vs "
-                     f"{', '.join(out['new']['platforms']) or 'none'}")
-    for s in ("base", "new"):
-        if not out[s]["complete"]:
-            notes.append(f"{s.upper()} run is incomplete: {out[s]['incomplete_reason']}")
-    out["notes"] = notes
+                     f"{', '.join(b['platforms']) or 'none'} vs "
+                     f"{', '.join(n['platforms']) or 'none'}")
+    for name, s in (("BASE", b), ("NEW", n)):
+        if not s["complete"]:
+            notes.append(f"{name} run is incomplete: {s['incomplete_reason']}")
+    return notes
+
+
+def compare(base: dict, new: dict) -> dict:
+    levels = {r["id"]: r.get("level") for r in base["requirements"]}
+    levels.update({r["id"]: r.get("level") for r in new["requirements"]})
+    out = _compare_tests(base, new, levels)
+    reqs = out["requirements"] = _compare_requirements(base, new)
+    out["base"], out["new"] = _side(base), _side(new)
+    out["notes"] = _notes(out["base"], out["new"])
     from cvmconf import upstream
     out["upstream"] = upstream.compare(base, new)
     # INFO requirements never count towards conformance: their tests are listed, not counted.
+    req_regressions = [r for r in reqs if r["kind"] == "regression"
+                       and r.get("level") in ("MUST", "SHOULD")]
     out["regression"] = bool([e for e in out["regressions"] if not e["info_only"]]
                              or req_regressions)
     out["counts"] = {k: len(out[k]) for k in ("regressions", "fixes", "newly_exercised",
