@@ -1,4 +1,6 @@
 """QEMU runner pieces that need no boot: command lines, kernel resolution errors, accel choice."""
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -140,3 +142,15 @@ def test_qmp_socket_is_on_the_command_line_only_when_asked(tmp_path):
     cmd = vm.qemu_command("arm64", Path("/k"), Path("/i"), tmp_path / "s", tmp_path / "st",
                           tmp_path / "c", "tcg", qmp_sock=tmp_path / "q.sock")
     assert cmd[cmd.index("-qmp") + 1] == f"unix:{tmp_path / 'q.sock'},server=on,wait=off"
+
+
+def test_suite_binaries_reach_the_initramfs_without_debug_sections(build_dir, tmp_path):
+    from cvmconf.qemu import initramfs
+    src = build_dir / "suites" / "cvm_suite_gmem_mmap"
+    dst = tmp_path / "suite"
+    initramfs.stage_binary(src, dst, "x86_64")
+    assert dst.stat().st_size < src.stat().st_size / 2, (dst.stat().st_size, src.stat().st_size)
+    assert os.access(dst, os.X_OK)
+    sections = subprocess.run(["objdump", "-h", str(dst)], capture_output=True, text=True,
+                              check=True).stdout
+    assert ".text" in sections and ".debug_info" not in sections
