@@ -194,7 +194,7 @@ class QemuTarget(Target):
         trees = [(self.upstream_root / "bin", "cvmconf/bin"),
                  (self.upstream_root / "upstream", "cvmconf/upstream")] if self.upstream_root else []
         self.initrd = initramfs.build(self.bundle, self._binaries(suites),
-                                      self.workdir / "initramfs.gz", self.cache, trees)
+                                      self.workdir / "initramfs.cpio", self.cache, trees)
 
     def _boot(self) -> None:
         self._prepare()
