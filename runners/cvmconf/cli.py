@@ -134,7 +134,7 @@ def _pytest_session(args, plugin, suite_dir: Path, binaries, collect_only: bool)
 
 
 QEMU_OPTIONS = ("kernel", "modules", "arch", "append", "pkvm", "accel", "max_reboots",
-                "boot_timeout")
+                "boot_timeout", "memory")
 
 
 def _target_options(args) -> dict:
@@ -878,6 +878,9 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
                    help="times a crashed guest is booted again before the rest is given up (default 3)")
     q.add_argument("--boot-timeout", type=float, metavar="S",
                    help="seconds the guest may take to boot (default 300)")
+    q.add_argument("--memory", type=int, metavar="MB",
+                   help="guest memory (default 2048); the 1 GiB hugetlb pin cases want 4096 with "
+                        "--append 'hugepagesz=1G hugepages=2'")
 
 
 def build_parser() -> argparse.ArgumentParser:

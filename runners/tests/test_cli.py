@@ -77,6 +77,7 @@ def test_unknown_command_is_usage_error():
     ["--max-reboots", "0"],
     ["--kernel", "bzImage"],
     ["--pkvm"],
+    ["--memory", "4096"],
 ])
 def test_qemu_options_with_the_local_target_are_a_usage_error(tmp_path, option):
     r = cvmconf("--build-dir", str(tmp_path), "--catalogue", str(BROKEN_CATALOGUE), "list",

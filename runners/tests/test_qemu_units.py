@@ -154,3 +154,14 @@ def test_suite_binaries_reach_the_initramfs_without_debug_sections(build_dir, tm
     sections = subprocess.run(["objdump", "-h", str(dst)], capture_output=True, text=True,
                               check=True).stdout
     assert ".text" in sections and ".debug_info" not in sections
+
+
+def test_guest_memory_is_an_option(tmp_path):
+    from cvmconf.targets.qemu import QemuTarget
+    with pytest.raises(UsageError, match="--memory 100: a guest needs at least 512 MB"):
+        QemuTarget(tmp_path, memory=100)
+    t = QemuTarget(tmp_path, memory=4096)
+    assert t.memory == 4096
+    cmd = vm.qemu_command("x86_64", Path("/k"), Path("/i"), tmp_path / "a.sock",
+                          tmp_path / "st", tmp_path / "c.log", "tcg", memory_mb=t.memory)
+    assert cmd[cmd.index("-m") + 1] == "4096"

@@ -121,7 +121,7 @@ class QemuTarget(Target):
     def __init__(self, build_dir, kernel: str | None = None, modules: str | None = None,
                  arch: str | None = None, append: str = "", pkvm: bool = False,
                  accel: str | None = None, max_reboots: int = 3, boot_timeout: float = 300.0,
-                 suite_dir: str | None = None):
+                 suite_dir: str | None = None, memory: int | None = None):
         super().__init__()
         self.arch = arch or HOST_ARCH
         if self.arch not in ("x86_64", "arm64"):
@@ -130,6 +130,9 @@ class QemuTarget(Target):
             raise UsageError("--pkvm needs --arch arm64")
         if max_reboots < 0:
             raise UsageError("--max-reboots must be >= 0")
+        if memory is not None and memory < 512:
+            raise UsageError(f"--memory {memory}: a guest needs at least 512 MB")
+        self.memory = memory
         self.main_build = Path(build_dir)
         self.tree = cross_build_dir(self.main_build, self.arch)
         self.kernel_spec, self.modules_spec = kernel, modules
@@ -201,7 +204,8 @@ class QemuTarget(Target):
         assert self.bundle and self.initrd
         if self.vm is None:
             self.vm = vm.QemuVm(self.arch, self.bundle.image, self.initrd, self.workdir, self.accel,
-                                append=self.append, pkvm=self.pkvm, boot_timeout=self.boot_timeout)
+                                append=self.append, pkvm=self.pkvm, boot_timeout=self.boot_timeout,
+                                memory_mb=self.memory)
         try:
             self.vm.start()
         except vm.BootError as e:
