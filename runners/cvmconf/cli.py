@@ -883,15 +883,8 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
                         "--append 'hugepagesz=1G hugepages=2'")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cvmconf", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--build-dir", help="build tree (default: ./build or $CVMCONF_BUILD_DIR)")
-    p.add_argument("--catalogue", help="requirement catalogue (default: suites/requirements.yaml)")
-    p.add_argument("--suite-dir", help="directory of cvm_suite_* binaries (default: BUILD/suites)")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    r = sub.add_parser("run", help="run the conformance suites and write results/<run-id>/")
+def _add_run_options(r: argparse.ArgumentParser) -> None:
+    """The options of `run`: selection, budgets and limits, where results go, KCIDB metadata."""
     _add_selection(r)
     r.add_argument("--duration", type=int, metavar="S",
                    help="stress budget in seconds for stress tests (CVMCONF_DURATION)")
@@ -925,6 +918,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--upstream-source", metavar="SPEC_OR_DIR",
                    help="where the upstream selftests are built from (default: the reference "
                         "source; give your kernel tree to test your tree's selftests)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cvmconf", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--build-dir", help="build tree (default: ./build or $CVMCONF_BUILD_DIR)")
+    p.add_argument("--catalogue", help="requirement catalogue (default: suites/requirements.yaml)")
+    p.add_argument("--suite-dir", help="directory of cvm_suite_* binaries (default: BUILD/suites)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run the conformance suites and write results/<run-id>/")
+    _add_run_options(r)
     r.set_defaults(func=cmd_run)
 
     l = sub.add_parser("list", help="list tests and requirements without running anything")
