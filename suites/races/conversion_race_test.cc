@@ -99,7 +99,10 @@ class ConversionRace : public RaceTest {
 
 CVM_TEST_P(ConversionRace, VsPunch, "RACE-006") {
   const RaceSummary s = run_race(/*punch=*/true);
-  if (s.violations == 0) {
+  // A punch lands inside a conversion only now and then: with a few iterations (a short
+  // --duration, a slow TCG guest) none may, which says nothing about the kernel. Like every
+  // coverage check, it needs enough iterations (coverage_checks says when it was skipped).
+  if (coverage_ && s.violations == 0) {
     EXPECT_GT(stats().checked_punches.load(), 0u) << "no range was punched while converting";
   }
   if (coverage_) {
