@@ -42,6 +42,9 @@ class Pin {
   // Reads `len` bytes at `offset` of the pinned range through the pin (the pinned pages, not
   // the process page table). Not every provider can; those return ENOTSUP.
   virtual Result<std::vector<uint8_t>> read_through(size_t offset, size_t len) = 0;
+  // Whether every read_through costs a copy of the whole pinned range, whatever it asks for
+  // (gup_test's PIN_LONGTERM_TEST_READ copies every pinned page): then read it once.
+  virtual bool reads_whole_range() const { return false; }
   // Writes `data` at `offset` of the pinned range through the pin (e.g. a device or io_uring
   // writing into the pinned pages), not through the page table. Default: ENOTSUP.
   virtual Result<void> write_through(size_t offset, const std::vector<uint8_t>& data);
