@@ -879,7 +879,7 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     q.add_argument("--boot-timeout", type=float, metavar="S",
                    help="seconds the guest may take to boot (default 300)")
     q.add_argument("--memory", type=int, metavar="MB",
-                   help="guest memory (default 2048); the 1 GiB hugetlb pin cases want 4096 with "
+                   help="guest memory (default 2048); the 1 GiB hugetlb pin cases want 6144 with "
                         "--append 'hugepagesz=1G hugepages=2'")
 
 
