@@ -752,7 +752,7 @@ def _print_summary(run: dict, run_dir: Path) -> None:
     print(f"  tests: {s['tests']} ({to})" + (f", {s['flaky']} flaky" if s["flaky"] else ""))
     groups = report.not_exercised_groups(run)
     if groups:
-        print(f"  not exercised, by reason:")
+        print("  not exercised, by reason:")
         shown = 6
         for g in groups[:shown]:
             ids = [rid for rid, _ in g["requirements"]]
