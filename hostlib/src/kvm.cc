@@ -55,8 +55,7 @@ const char* kvm_device_path() {
 
 // --- the one ioctl path ------------------------------------------------------------------------
 bool vm_is_dead(int vm_fd) {
-  return vm_fd >= 0 && ::ioctl(vm_fd, KVM_CHECK_EXTENSION, KVM_CAP_USER_MEMORY) < 0 &&
-         errno == EIO;
+  return vm_fd >= 0 && ioctl_retrying(vm_fd, KVM_CHECK_EXTENSION, KVM_CAP_USER_MEMORY) == -EIO;
 }
 
 Result<long> kvm_ioctl(int fd, int vm_fd, unsigned long request, unsigned long arg,

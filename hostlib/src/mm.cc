@@ -222,11 +222,22 @@ Result<void> HugetlbPool::restore() {
   Result<void> out;
   if (changed_) {
     const std::string dir = size_dir(kHugepagesSysfs, bytes_);
-    auto w = write_long(dir + "/nr_hugepages", original_);
+    // A page can still be held for a moment after its last user went: io_uring drops its
+    // registered buffers in the ring's exit work, after close() returned. Write back again for
+    // up to 2 s before calling the pool leaked.
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+    Result<long> nr = 0L;
+    Result<void> w;
+    for (;;) {
+      w = write_long(dir + "/nr_hugepages", original_);
+      if (!w) break;
+      nr = read_long(dir + "/nr_hugepages");
+      if (!nr || *nr == original_ || std::chrono::steady_clock::now() > deadline) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
     if (!w) {
       out = w;
     } else {
-      auto nr = read_long(dir + "/nr_hugepages");
       if (!nr)
         out = nr.error();
       else if (*nr != original_)

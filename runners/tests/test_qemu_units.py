@@ -156,12 +156,29 @@ def test_suite_binaries_reach_the_initramfs_without_debug_sections(build_dir, tm
     assert ".text" in sections and ".debug_info" not in sections
 
 
-def test_guest_memory_is_an_option(tmp_path):
+def test_guest_memory_reaches_the_guest(tmp_path, monkeypatch):
+    # --memory must reach QemuVm (whose command line then says -m), and no --memory leaves its
+    # default alone.
     from cvmconf.targets.qemu import QemuTarget
     with pytest.raises(UsageError, match="--memory 100: a guest needs at least 512 MB"):
         QemuTarget(tmp_path, memory=100)
-    t = QemuTarget(tmp_path, memory=4096)
-    assert t.memory == 4096
+    made = []
+
+    class FakeVm:
+        def __init__(self, *args, **kw):
+            made.append(kw)
+
+        def start(self):
+            pass
+
+    monkeypatch.setattr(vm, "QemuVm", FakeVm)
+    for memory in (4096, None):
+        t = QemuTarget(tmp_path, memory=memory)
+        monkeypatch.setattr(t, "_prepare", lambda t=t: (setattr(t, "bundle", kernel.KernelBundle(
+            image=Path("/k"), modules_dir=None, release=None, arch="x86_64", source="k")),
+            setattr(t, "initrd", Path("/i"))))
+        t._boot()
+    assert [m["memory_mb"] for m in made] == [4096, None]
     cmd = vm.qemu_command("x86_64", Path("/k"), Path("/i"), tmp_path / "a.sock",
-                          tmp_path / "st", tmp_path / "c.log", "tcg", memory_mb=t.memory)
+                          tmp_path / "st", tmp_path / "c.log", "tcg", memory_mb=4096)
     assert cmd[cmd.index("-m") + 1] == "4096"
