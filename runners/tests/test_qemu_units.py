@@ -133,6 +133,10 @@ def test_vcpu_program_counters_are_named_with_the_guest_symbols():
                     "vCPU 1: svm_vcpu_run [kvm_amd] (3/3 samples)")
     assert cpustate.describe([], syms) == ""
     assert cpustate.describe([pcs], None).startswith("vCPU 0: 0xffffffff81001010 (1/1 samples)")
+    # A vCPU sampled while it ran a user process is said to be there, not given a kernel symbol.
+    in_user = {0: 0xffffffff81001010, 1: 0x40e1b3}
+    assert cpustate.describe([in_user], syms) == ("vCPU 0: exc_int3 (1/1 samples); "
+                                                  "vCPU 1: user space 0x40e1b3 (1/1 samples)")
 
 
 def test_qmp_socket_is_on_the_command_line_only_when_asked(tmp_path):

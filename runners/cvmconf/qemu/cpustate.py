@@ -19,6 +19,9 @@ from pathlib import Path
 _CPU_RE = re.compile(r"^CPU#(\d+)", re.MULTILINE)
 _PC_RE = {"x86_64": re.compile(r"\bRIP=([0-9a-fA-F]{8,16})"),
           "arm64": re.compile(r"\bPC=([0-9a-fA-F]{8,16})")}
+# On x86_64 and arm64 alike the kernel lives in the upper half of the address space; a program
+# counter below it is a vCPU running a user process when the guest was sampled.
+_KERNEL_HALF = 1 << 63
 
 
 class Symbols:
@@ -111,7 +114,11 @@ def describe(samples: list[dict[int, int]], symbols: Symbols | None) -> str:
         seen: dict[str, int] = {}
         for s in samples:
             if cpu in s:
-                where = symbols.name(s[cpu]) if symbols else f"{s[cpu]:#x}"
+                pc = s[cpu]
+                if pc < _KERNEL_HALF:
+                    where = f"user space {pc:#x}"
+                else:
+                    where = symbols.name(pc) if symbols else f"{pc:#x}"
                 where = re.sub(r"\+0x[0-9a-f]+", "", where)   # one function, wherever in it
                 seen[where] = seen.get(where, 0) + 1
         ranked = sorted(seen.items(), key=lambda kv: -kv[1])
