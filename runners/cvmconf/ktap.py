@@ -139,6 +139,21 @@ def _indent_of(line: str) -> int:
     return len(line) - len(line.lstrip(" "))
 
 
+@dataclasses.dataclass
+class _Block:
+    """A block being parsed: its version line, plan and results so far, and what waits for the
+    next result line (diagnostics, a subtest block)."""
+    indent: int
+    start: int                          # line number of its version line
+    version: str
+    plan: int | None = None
+    tests: list[KtapTest] = dataclasses.field(default_factory=list)
+    name: str | None = None             # its '# Subtest:' header
+    header: list[str] = dataclasses.field(default_factory=list)   # diagnostics before the plan
+    pending_diag: list[str] = dataclasses.field(default_factory=list)
+    pending_sub: "_Block | None" = None
+
+
 class _Parser:
     def __init__(self, text: str):
         self.lines = text.split("\n")
@@ -147,21 +162,11 @@ class _Parser:
         self.i = 0
         self.unknown = 0
 
-    def block(self, indent: int) -> tuple[str, int | None, list[KtapTest], int, str | None,
-                                          list[str]]:
-        """Parses a block whose version line is at self.i with the given indentation; returns
-        after its last line (before the parent's result line or the end): version, plan,
-        tests, first line, the '# Subtest:' name and the diagnostics before the plan."""
-        start = self.i + 1
-        version = self.lines[self.i][indent:]
+    def block(self, indent: int) -> _Block:
+        """Parses the block whose version line is at self.i with the given indentation; returns
+        after its last line (before the parent's result line or the end)."""
+        b = _Block(indent=indent, start=self.i + 1, version=self.lines[self.i][indent:])
         self.i += 1
-        plan: int | None = None
-        seen_result = False
-        tests: list[KtapTest] = []
-        pending_diag: list[str] = []
-        pending_sub: tuple[list[KtapTest], int, str | None, list[str]] | None = None
-        name: str | None = None
-        header: list[str] = []
         while self.i < len(self.lines):
             raw = self.lines[self.i]
             n = self.i + 1
@@ -169,73 +174,86 @@ class _Parser:
                 raise KtapError(f"line {n}: tab in indentation")
             ind = _indent_of(raw)
             body = raw[ind:]
-            if not body:
-                self.i += 1
-                continue
-            if ind < indent:
+            if body and ind < indent:
                 break            # belongs to an enclosing block
-            if ind == indent + 2 and VERSION_RE.match(body):
-                if pending_sub is not None:
-                    raise KtapError(f"line {n}: subtest block follows a subtest block "
-                                    f"(line {pending_sub[1]}) that has no result line")
-                _, _, subs, sub_line, sub_name, sub_header = self.block(indent + 2)
-                pending_sub = (subs, sub_line, sub_name, sub_header)
+            if body and ind == indent + 2 and VERSION_RE.match(body):
+                self.subtest_block(b, n)
                 continue
-            if ind != indent:
-                # Deeper than this block: allowed for unknown lines, but a version, plan or
-                # result line there would be a test outside any block (a silent pass).
-                if VERSION_RE.match(body) or PLAN_RE.match(body) or RESULT_START_RE.match(body):
-                    raise KtapError(f"line {n}: indented {ind - indent} spaces deeper than its "
-                                    f"block without a subtest block of its own")
-                self.unknown += 1
-                self.i += 1
-                continue
-            if VERSION_RE.match(body):
-                raise KtapError(f"line {n}: version line in the middle of a block")
-            m = PLAN_RE.match(body)
-            if m:
-                if plan is not None:
-                    raise KtapError(f"line {n}: second plan in one block")
-                if seen_result:
-                    raise KtapError(f"line {n}: plan after result lines")
-                plan = int(m.group(1))
-                header, pending_diag = pending_diag, []
-                self.i += 1
-                continue
-            if body.startswith("#"):
-                sm = SUBTEST_RE.match(body)
-                if sm and plan is None and not seen_result and not pending_diag and name is None \
-                        and not tests:
-                    name = sm.group(1).strip()
-                elif sm:
-                    raise KtapError(f"line {n}: '# Subtest:' header after the start of its block")
-                elif body == "#" or body.startswith("# "):
-                    pending_diag.append(body[2:])
-                else:
-                    self.unknown += 1
-                self.i += 1
-                continue
-            if RESULT_START_RE.match(body):
-                t = self.result(body, n, len(tests) + 1)
-                t.diagnostics = pending_diag
-                pending_diag = []
-                if pending_sub is not None:
-                    t.subtests, _, t.subtest_name, t.header_diagnostics = pending_sub
-                    pending_sub = None
-                    self.check_parent(t)
-                tests.append(t)
-                seen_result = True
-                self.i += 1
-                continue
-            self.unknown += 1
             self.i += 1
-        if pending_sub is not None:
-            raise KtapError(f"line {pending_sub[1]}: subtest block has no result line")
-        if plan is not None and len(tests) != plan:
-            raise KtapError(f"line {start}: plan 1..{plan} but {len(tests)} result line(s)")
-        if plan is None and not tests and pending_diag:
-            header = pending_diag
-        return version, plan, tests, start, name, header
+            if not body:
+                continue
+            if ind == indent:
+                self.line(b, body, n)
+            else:
+                self.deeper_line(body, ind - indent, n)
+        self.finish(b)
+        return b
+
+    def subtest_block(self, b: _Block, n: int) -> None:
+        if b.pending_sub is not None:
+            raise KtapError(f"line {n}: subtest block follows a subtest block "
+                            f"(line {b.pending_sub.start}) that has no result line")
+        b.pending_sub = self.block(b.indent + 2)
+
+    def deeper_line(self, body: str, deeper: int, n: int) -> None:
+        """A line indented deeper than its block: allowed for unknown lines, but a version, plan
+        or result line there would be a test outside any block (a silent pass)."""
+        if VERSION_RE.match(body) or PLAN_RE.match(body) or RESULT_START_RE.match(body):
+            raise KtapError(f"line {n}: indented {deeper} spaces deeper than its "
+                            f"block without a subtest block of its own")
+        self.unknown += 1
+
+    def line(self, b: _Block, body: str, n: int) -> None:
+        """A line at the block's own indentation."""
+        if VERSION_RE.match(body):
+            raise KtapError(f"line {n}: version line in the middle of a block")
+        m = PLAN_RE.match(body)
+        if m:
+            self.plan_line(b, int(m.group(1)), n)
+        elif body.startswith("#"):
+            self.comment_line(b, body, n)
+        elif RESULT_START_RE.match(body):
+            self.result_line(b, body, n)
+        else:
+            self.unknown += 1
+
+    @staticmethod
+    def plan_line(b: _Block, plan: int, n: int) -> None:
+        if b.plan is not None:
+            raise KtapError(f"line {n}: second plan in one block")
+        if b.tests:
+            raise KtapError(f"line {n}: plan after result lines")
+        b.plan = plan
+        b.header, b.pending_diag = b.pending_diag, []
+
+    def comment_line(self, b: _Block, body: str, n: int) -> None:
+        sm = SUBTEST_RE.match(body)
+        if sm and b.plan is None and not b.tests and not b.pending_diag and b.name is None:
+            b.name = sm.group(1).strip()
+        elif sm:
+            raise KtapError(f"line {n}: '# Subtest:' header after the start of its block")
+        elif body == "#" or body.startswith("# "):
+            b.pending_diag.append(body[2:])
+        else:
+            self.unknown += 1
+
+    def result_line(self, b: _Block, body: str, n: int) -> None:
+        t = self.result(body, n, len(b.tests) + 1)
+        t.diagnostics, b.pending_diag = b.pending_diag, []
+        sub, b.pending_sub = b.pending_sub, None
+        if sub is not None:
+            t.subtests, t.subtest_name, t.header_diagnostics = sub.tests, sub.name, sub.header
+            self.check_parent(t)
+        b.tests.append(t)
+
+    @staticmethod
+    def finish(b: _Block) -> None:
+        if b.pending_sub is not None:
+            raise KtapError(f"line {b.pending_sub.start}: subtest block has no result line")
+        if b.plan is not None and len(b.tests) != b.plan:
+            raise KtapError(f"line {b.start}: plan 1..{b.plan} but {len(b.tests)} result line(s)")
+        if b.plan is None and not b.tests and b.pending_diag:
+            b.header = b.pending_diag
 
     @staticmethod
     def result(body: str, n: int, expected: int) -> KtapTest:
@@ -288,13 +306,13 @@ def parse(text: str) -> KtapDocument:
         p.i += 1
     if p.i >= len(p.lines):
         raise KtapError("no KTAP version line")
-    version, plan, tests, _, name, header = p.block(0)
+    top = p.block(0)
     if p.i < len(p.lines):
         raise KtapError(f"line {p.i + 1}: text after the end of the top-level block")
-    if name is not None:
+    if top.name is not None:
         raise KtapError("the top-level block has a '# Subtest:' header")
-    return KtapDocument(version=version, plan=plan, tests=tests, unknown_lines=p.unknown,
-                        diagnostics=header)
+    return KtapDocument(version=top.version, plan=top.plan, tests=top.tests,
+                        unknown_lines=p.unknown, diagnostics=top.header)
 
 
 # ---------------------------------------------------------------------------------------------
