@@ -239,10 +239,10 @@ ConversionSelection select_conversion_backend(const ConversionProbeFacts& f) {
                                            : "no guest_memfd for the probe: " + f.gmem_error;
     attrs2 = convert = "needs guest_memfd (" + g + ")";
   } else {
-    attrs2 = ioctl_probe_problem("KVM_SET_MEMORY_ATTRIBUTES2", f.v8_invalid_errno,
-                                 f.v8_noop_errno, f.v8_gmem_error, "an unknown flag bit");
-    convert = ioctl_probe_problem("KVM_GMEM_CONVERT_PRIVATE", f.rfc_v2_invalid_errno,
-                                  f.rfc_v2_noop_errno, f.rfc_v2_gmem_error, "an unaligned offset");
+    attrs2 = ioctl_probe_problem("KVM_SET_MEMORY_ATTRIBUTES2", f.attrs2_invalid_errno,
+                                 f.attrs2_noop_errno, f.attrs2_gmem_error, "an unknown flag bit");
+    convert = ioctl_probe_problem("KVM_GMEM_CONVERT_PRIVATE", f.convert_invalid_errno,
+                                  f.convert_noop_errno, f.convert_gmem_error, "an unaligned offset");
   }
 
   if (!attrs2) s.available.push_back(ConversionAbi::GmemAttributesIoctl);
@@ -253,12 +253,12 @@ ConversionSelection select_conversion_backend(const ConversionProbeFacts& f) {
     switch (*s.backend) {
       case ConversionAbi::GmemAttributesIoctl:
         s.reason = "gmem-set-attributes2: KVM_SET_MEMORY_ATTRIBUTES2 on guest_memfd refuses an unknown "
-                   "flag with " + std::string(errno_name(f.v8_invalid_errno)) +
+                   "flag with " + std::string(errno_name(f.attrs2_invalid_errno)) +
                    " and accepts a request that changes nothing";
         break;
       case ConversionAbi::GmemConvertIoctls:
         s.reason = "gmem-convert-ioctls: KVM_GMEM_CONVERT_PRIVATE on guest_memfd refuses an unaligned offset "
-                   "with " + std::string(errno_name(f.rfc_v2_invalid_errno)) +
+                   "with " + std::string(errno_name(f.convert_invalid_errno)) +
                    " and accepts a request that changes nothing";
         break;
       case ConversionAbi::PerVmAttributes:
@@ -310,26 +310,26 @@ ConversionProbeFacts probe_conversion(const Vm& vm, long guest_memfd_cap,
   {
     ConversionRequest bad{{plain->fd(), 0, ps, 0}, false};
     bad.extra_flags = 1ULL << 63;
-    f.v8_invalid_errno = attrs2.issue(bad, &raw_offset);
+    f.attrs2_invalid_errno = attrs2.issue(bad, &raw_offset);
   }
-  if (f.v8_invalid_errno != ENOTTY && f.v8_invalid_errno != 0) {
+  if (f.attrs2_invalid_errno != ENOTTY && f.attrs2_invalid_errno != 0) {
     // A file that starts private (MMAP, no INIT_SHARED): setting PRIVATE on it changes nothing.
     auto g = vm.create_guest_memfd(2 * ps, conversion_gmem_flags(ConversionAbi::GmemAttributesIoctl, false));
     if (!g) {
-      f.v8_gmem_error = g.error().message();
+      f.attrs2_gmem_error = g.error().message();
     } else {
-      f.v8_noop_errno = attrs2.issue({{g->fd(), 0, 2 * ps, 0}, true}, &raw_offset);
+      f.attrs2_noop_errno = attrs2.issue({{g->fd(), 0, 2 * ps, 0}, true}, &raw_offset);
     }
   }
   // KVM_GMEM_CONVERT_PRIVATE: an unaligned offset must be refused; ENOTTY means no such ioctl.
-  f.rfc_v2_invalid_errno = convert.issue({{plain->fd(), 1, ps, 0}, true}, &raw_offset);
-  if (f.rfc_v2_invalid_errno != ENOTTY && f.rfc_v2_invalid_errno != 0) {
+  f.convert_invalid_errno = convert.issue({{plain->fd(), 1, ps, 0}, true}, &raw_offset);
+  if (f.convert_invalid_errno != ENOTTY && f.convert_invalid_errno != 0) {
     // SUPPORT_SHARED | INIT_PRIVATE (the RFC v2 meaning of bits 0 and 1): starts private.
     auto g = vm.create_guest_memfd(2 * ps, conversion_gmem_flags(ConversionAbi::GmemConvertIoctls, false));
     if (!g) {
-      f.rfc_v2_gmem_error = g.error().message();
+      f.convert_gmem_error = g.error().message();
     } else {
-      f.rfc_v2_noop_errno = convert.issue({{g->fd(), 0, ps, 0}, true}, &raw_offset);
+      f.convert_noop_errno = convert.issue({{g->fd(), 0, ps, 0}, true}, &raw_offset);
     }
   }
   return f;

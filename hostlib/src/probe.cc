@@ -73,13 +73,15 @@ nlohmann::json conversion_json(const VmTypeCaps& v) {
         {"KVM_CAP_MEMORY_ATTRIBUTES", f.memory_attributes_cap},
         {"KVM_CAP_GUEST_MEMFD", f.guest_memfd_cap},
         {"KVM_SET_MEMORY_ATTRIBUTES_noop", probe_errno_text(f.per_vm_noop_errno)},
-        {"KVM_SET_MEMORY_ATTRIBUTES2_unknown_flag", probe_errno_text(f.v8_invalid_errno)},
-        {"KVM_SET_MEMORY_ATTRIBUTES2_noop", probe_errno_text(f.v8_noop_errno)},
-        {"KVM_GMEM_CONVERT_PRIVATE_unaligned", probe_errno_text(f.rfc_v2_invalid_errno)},
-        {"KVM_GMEM_CONVERT_PRIVATE_noop", probe_errno_text(f.rfc_v2_noop_errno)}};
+        {"KVM_SET_MEMORY_ATTRIBUTES2_unknown_flag", probe_errno_text(f.attrs2_invalid_errno)},
+        {"KVM_SET_MEMORY_ATTRIBUTES2_noop", probe_errno_text(f.attrs2_noop_errno)},
+        {"KVM_GMEM_CONVERT_PRIVATE_unaligned", probe_errno_text(f.convert_invalid_errno)},
+        {"KVM_GMEM_CONVERT_PRIVATE_noop", probe_errno_text(f.convert_noop_errno)}};
     if (!f.gmem_error.empty()) facts["guest_memfd_error"] = f.gmem_error;
-    if (!f.v8_gmem_error.empty()) facts["v8_guest_memfd_error"] = f.v8_gmem_error;
-    if (!f.rfc_v2_gmem_error.empty()) facts["rfc_v2_guest_memfd_error"] = f.rfc_v2_gmem_error;
+    if (!f.attrs2_gmem_error.empty())
+      facts["KVM_SET_MEMORY_ATTRIBUTES2_guest_memfd_error"] = f.attrs2_gmem_error;
+    if (!f.convert_gmem_error.empty())
+      facts["KVM_GMEM_CONVERT_PRIVATE_guest_memfd_error"] = f.convert_gmem_error;
     j["facts"] = facts;
   }
   return j;

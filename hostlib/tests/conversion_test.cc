@@ -100,8 +100,8 @@ ConversionProbeFacts base_facts() {
   f.vm_creatable = true;
   f.guest_memfd_cap = 1;
   f.memory_attributes_cap = 0;
-  f.v8_invalid_errno = ENOTTY;
-  f.rfc_v2_invalid_errno = ENOTTY;
+  f.attrs2_invalid_errno = ENOTTY;
+  f.convert_invalid_errno = ENOTTY;
   return f;
 }
 
@@ -119,8 +119,8 @@ TEST(ConversionSelection, PerVmAttributesOnMainline68) {
 
 TEST(ConversionSelection, GmemAttributesIoctl) {
   ConversionProbeFacts f = base_facts();
-  f.v8_invalid_errno = EINVAL;
-  f.v8_noop_errno = 0;
+  f.attrs2_invalid_errno = EINVAL;
+  f.attrs2_noop_errno = 0;
   ConversionSelection s = select_conversion_backend(f);
   ASSERT_TRUE(s.backend);
   EXPECT_EQ(*s.backend, ConversionAbi::GmemAttributesIoctl);
@@ -131,8 +131,8 @@ TEST(ConversionSelection, GmemConvertIoctlsPreferredOverPerVmAttributes) {
   ConversionProbeFacts f = base_facts();
   f.memory_attributes_cap = 0x8;
   f.per_vm_noop_errno = 0;
-  f.rfc_v2_invalid_errno = EINVAL;
-  f.rfc_v2_noop_errno = 0;
+  f.convert_invalid_errno = EINVAL;
+  f.convert_noop_errno = 0;
   ConversionSelection s = select_conversion_backend(f);
   ASSERT_TRUE(s.backend);
   EXPECT_EQ(*s.backend, ConversionAbi::GmemConvertIoctls);
@@ -179,15 +179,15 @@ TEST(ConversionSelection, IoctlPresentButUnusableIsNotSelected) {
   // The default VM of a kernel with KVM_SET_MEMORY_ATTRIBUTES2 (v8): the ioctl exists, but a
   // no-op is refused (no private memory).
   ConversionProbeFacts f = base_facts();
-  f.v8_invalid_errno = EINVAL;
-  f.v8_noop_errno = EINVAL;
+  f.attrs2_invalid_errno = EINVAL;
+  f.attrs2_noop_errno = EINVAL;
   ConversionSelection s = select_conversion_backend(f);
   EXPECT_FALSE(s.backend);
   EXPECT_NE(s.reason.find("refuses a request that changes nothing with EINVAL"), std::string::npos)
       << s.reason;
   // An ioctl that accepts an invalid request is not the documented ABI.
-  f.v8_invalid_errno = 0;
-  f.v8_noop_errno = 0;
+  f.attrs2_invalid_errno = 0;
+  f.attrs2_noop_errno = 0;
   s = select_conversion_backend(f);
   EXPECT_FALSE(s.backend);
   EXPECT_NE(s.reason.find("accepted an unknown flag bit"), std::string::npos) << s.reason;
@@ -459,8 +459,8 @@ void expect_probe_answers_again(const Vm& vm, const ConversionProbeFacts& f) {
   unknown_flag.extra_flags = 1ULL << 63;
   const ConversionRequest unaligned{{plain.fd(), 1, ps, 0}, true};
   const InPlace in_place[] = {
-      {ConversionAbi::GmemAttributesIoctl, f.v8_invalid_errno, f.v8_noop_errno, unknown_flag, 2 * ps},
-      {ConversionAbi::GmemConvertIoctls, f.rfc_v2_invalid_errno, f.rfc_v2_noop_errno, unaligned, ps}};
+      {ConversionAbi::GmemAttributesIoctl, f.attrs2_invalid_errno, f.attrs2_noop_errno, unknown_flag, 2 * ps},
+      {ConversionAbi::GmemConvertIoctls, f.convert_invalid_errno, f.convert_noop_errno, unaligned, ps}};
   for (const InPlace& b : in_place) {
     auto backend = make_conversion_backend(b.abi, vm);
     EXPECT_EQ(probe_errno_text(backend->issue(b.invalid, &raw)), probe_errno_text(b.invalid_errno))
@@ -503,8 +503,8 @@ TEST(ConversionProbe, BackendsBehaveAsTheFactsSayForEveryVmType) {
     if (f.guest_memfd_cap > 0) {
       // Each ioctl probe got an answer: the probe files were created whenever the VM has
       // guest_memfd.
-      EXPECT_NE(f.v8_invalid_errno, -1);
-      EXPECT_NE(f.rfc_v2_invalid_errno, -1);
+      EXPECT_NE(f.attrs2_invalid_errno, -1);
+      EXPECT_NE(f.convert_invalid_errno, -1);
     }
     auto vm = kvm.create_vm(t.type);
     ASSERT_TRUE(vm.ok()) << "the probe created this VM type: " << vm.error();

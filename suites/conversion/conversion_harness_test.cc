@@ -55,7 +55,7 @@ TEST_F(ConversionHarness, InPlaceLayoutIsTheGuestMemfdMapping) {
   ASSERT_EQ(env->guest_fill(1, 0x4d), "");
   EXPECT_EQ(env->host_check(1, 0x4d), "");
   EXPECT_NE(env->host_check(1, 0x4e), "") << "a mismatch is reported";
-  if (caps_.conversion_facts.v8_invalid_errno == ENOTTY) {
+  if (caps_.conversion_facts.attrs2_invalid_errno == ENOTTY) {
     // This kernel has no such ioctl: the back-end reports the errno, changes nothing.
     ConversionResult r = env->to_private(0, 2);
     EXPECT_EQ(r.err, ENOTTY) << r.describe();

@@ -144,12 +144,12 @@ struct ConversionProbeFacts {
   long memory_attributes_cap = 0;   // KVM_CAP_MEMORY_ATTRIBUTES on the VM (merged mainline cap)
   int per_vm_noop_errno = -1;       // KVM_SET_MEMORY_ATTRIBUTES(gpa 0, 1 page, attrs 0)
   std::string gmem_error;           // why no guest_memfd could be created for the probe
-  int v8_invalid_errno = -1;        // KVM_SET_MEMORY_ATTRIBUTES2 with an unknown flag bit
-  int v8_noop_errno = -1;           // ... setting PRIVATE on a file that starts private
-  std::string v8_gmem_error;        // creating that file (MMAP, no INIT_SHARED) failed
-  int rfc_v2_invalid_errno = -1;    // KVM_GMEM_CONVERT_PRIVATE with size 0
-  int rfc_v2_noop_errno = -1;       // ... on a SUPPORT_SHARED|INIT_PRIVATE file's first page
-  std::string rfc_v2_gmem_error;    // creating that file failed
+  int attrs2_invalid_errno = -1;    // KVM_SET_MEMORY_ATTRIBUTES2 with an unknown flag bit
+  int attrs2_noop_errno = -1;       // ... setting PRIVATE on a file that starts private
+  std::string attrs2_gmem_error;    // creating that file (MMAP, no INIT_SHARED) failed
+  int convert_invalid_errno = -1;   // KVM_GMEM_CONVERT_PRIVATE at an unaligned offset
+  int convert_noop_errno = -1;      // ... on a SUPPORT_SHARED|INIT_PRIVATE file's first page
+  std::string convert_gmem_error;   // creating that file failed
 };
 // One errno field of the facts as text: "not tried" (-1), "success" (0) or the errno's name.
 std::string probe_errno_text(int e);
