@@ -8,6 +8,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -30,18 +31,23 @@ class DataFile {
     std::vector<char> path(tmpl.begin(), tmpl.end());
     path.push_back(0);
     fd_ = mkstemp(path.data());
-    if (fd_ < 0) return;
+    if (fd_ < 0) {
+      error_ = "mkstemp " + tmpl + ": " + std::strerror(errno);
+      return;
+    }
     path_ = path.data();
     std::string data(page_size(), 0);
     for (size_t i = 0; i < data.size(); i++) data[i] = static_cast<char>(i * 7 + 3);
-    ok_ = pwrite(fd_, data.data(), data.size(), 0) == static_cast<ssize_t>(data.size()) &&
-          fsync(fd_) == 0;
+    if (pwrite(fd_, data.data(), data.size(), 0) != static_cast<ssize_t>(data.size()) ||
+        fsync(fd_) != 0)
+      error_ = "writing " + path_ + ": " + std::strerror(errno);
   }
   ~DataFile() {
     if (fd_ >= 0) close(fd_);
     if (!path_.empty()) unlink(path_.c_str());
   }
-  bool ok() const { return ok_; }
+  bool ok() const { return error_.empty(); }
+  const std::string& error() const { return error_; }
   int fd() const { return fd_; }
   const std::string& path() const { return path_; }
   static uint8_t expected(size_t i) { return static_cast<uint8_t>(i * 7 + 3); }
@@ -49,7 +55,7 @@ class DataFile {
  private:
   int fd_ = -1;
   std::string path_;
-  bool ok_ = false;
+  std::string error_;
 };
 
 class GmemKernelAccess : public PlatformTest {
@@ -59,7 +65,7 @@ class GmemKernelAccess : public PlatformTest {
     gmem_ = new_gmem(1, flags);
     ASSERT_TRUE(gmem_.valid());
     auto m = gmem_.map(page_size());
-    ASSERT_TRUE(m.ok()) << m.error();
+    ASSERT_TRUE(ok(m));
     map_ = std::move(m.value());
   }
   GuestMemfd gmem_;
@@ -70,7 +76,7 @@ CVM_TEST_P(GmemKernelAccess, ReadIntoPrivatePageFails, "MMAP-008") {
   CVM_SKIP_IF(gmem_flags_unsupported(kMmap));
   map_one(kMmap);
   DataFile f;
-  ASSERT_TRUE(f.ok());
+  ASSERT_TRUE(f.ok()) << testing::harness_error("creating the data file", f.error());
   errno = 0;
   ssize_t n = pread(f.fd(), map_.data(), page_size(), 0);
   EXPECT_EQ(n, -1);
@@ -81,7 +87,7 @@ CVM_TEST_P(GmemKernelAccess, ReadIntoSharedPageWorks, "MMAP-009") {
   CVM_SKIP_IF(gmem_flags_unsupported(kShared));
   map_one(kShared);
   DataFile f;
-  ASSERT_TRUE(f.ok());
+  ASSERT_TRUE(f.ok()) << testing::harness_error("creating the data file", f.error());
   ssize_t n = pread(f.fd(), map_.data(), page_size(), 0);
   ASSERT_EQ(n, static_cast<ssize_t>(page_size())) << strerror(errno);
   EXPECT_EQ(map_.data()[100], DataFile::expected(100));
@@ -100,7 +106,7 @@ CVM_TEST_P(GmemKernelAccess, DirectIoIntoPrivatePageFails, "MMAP-008") {
   CVM_SKIP_IF(gmem_flags_unsupported(kMmap));
   map_one(kMmap);
   DataFile f;
-  ASSERT_TRUE(f.ok());
+  ASSERT_TRUE(f.ok()) << testing::harness_error("creating the data file", f.error());
   int dfd;
   CVM_SKIP_IF(open_direct(f, dfd));
   errno = 0;
@@ -115,7 +121,7 @@ CVM_TEST_P(GmemKernelAccess, DirectIoIntoSharedPageWorks, "MMAP-009") {
   CVM_SKIP_IF(gmem_flags_unsupported(kShared));
   map_one(kShared);
   DataFile f;
-  ASSERT_TRUE(f.ok());
+  ASSERT_TRUE(f.ok()) << testing::harness_error("creating the data file", f.error());
   int dfd;
   CVM_SKIP_IF(open_direct(f, dfd));
   ssize_t n = pread(dfd, map_.data(), page_size(), 0);

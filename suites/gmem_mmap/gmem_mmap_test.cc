@@ -105,7 +105,7 @@ CVM_TEST_P(GmemMmap, ProtExecBehaviourRecorded, "MMAP-005") {
   GuestMemfd g = new_gmem(1, kShared);
   ASSERT_TRUE(g.valid());
   auto rw = g.map(page_size());
-  ASSERT_TRUE(rw.ok()) << rw.error();
+  ASSERT_TRUE(ok(rw));
   std::memset(rw->data(), 0xc3, page_size());
   auto x = g.map(page_size(), PROT_READ | PROT_EXEC);
   if (!x.ok()) {
@@ -149,7 +149,7 @@ CVM_TEST_P(GmemMmap, PastEndOfFileSigbus, "MMAP-007") {
   GuestMemfd g = new_gmem(4, kShared);
   ASSERT_TRUE(g.valid());
   auto m = g.map(8 * ps);  // mapping twice the file size is allowed; the tail must SIGBUS
-  ASSERT_TRUE(m.ok()) << m.error();
+  ASSERT_TRUE(ok(m));
   FaultResult w = probe_write(m->data(), 0xaa, 4 * ps);
   EXPECT_FALSE(w.faulted()) << "inside the file: " << w.describe();
   EXPECT_EQ(expect_all_sigbus(m->data() + 4 * ps, 4 * ps), "");

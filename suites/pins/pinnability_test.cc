@@ -155,7 +155,7 @@ class SecretmemPinnability : public ::testing::TestWithParam<const PinProvider*>
     if (!m.ok() && (m.err() == ENOMEM || m.err() == EAGAIN || m.err() == EPERM))
       GTEST_SKIP() << kCapabilityAbsent << "mapping memfd_secret memory (it is mlocked; "
                    << "RLIMIT_MEMLOCK?): " << m.error();
-    ASSERT_TRUE(m.ok()) << m.error();
+    ASSERT_TRUE(m.ok()) << testing::harness_error("mapping memfd_secret memory", m.error());
     secret_ = std::move(m.value());
   }
   void TearDown() override { secret_.reset(); }

@@ -146,7 +146,7 @@ CVM_TEST_F(Pkvm, PsciCpuOnStartsASecondVcpu, "PKVM-001", "PKVM-008") {
   o.platform = find_platform("arm64-pkvm");
   o.vcpus = 2;
   auto gv = GuestVm::create(*kvm_, o);
-  ASSERT_TRUE(gv.ok()) << gv.error();
+  ASSERT_TRUE(gv.ok()) << testing::harness_error("GuestVm::create", gv.error());
   GuestVm& g = *gv.value();
   ASSERT_TRUE(ok(g.start(1, "hello", {0x99})));
   kvm_mp_state off{KVM_MP_STATE_STOPPED};
@@ -158,7 +158,7 @@ CVM_TEST_F(Pkvm, PsciCpuOnStartsASecondVcpu, "PKVM-001", "PKVM-008") {
   if (started.ok()) e0 = g.run(0);
   if (!started.ok() || e0.kind != Kind::Sync) g.vcpu(1).kick();
   second.join();
-  ASSERT_TRUE(started.ok()) << started.error();
+  ASSERT_TRUE(ok(started));
   ASSERT_EQ(e0.kind, Kind::Sync) << e0.describe();
   EXPECT_EQ(e0.args.at(1), 0u) << "PSCI CPU_ON must return SUCCESS";
   ASSERT_EQ(e1.kind, Kind::Sync) << e1.describe();
@@ -194,10 +194,10 @@ CVM_TEST_F(Pkvm, HostAccessFromAnotherThreadWhileVcpuRunsIsSigsegv, "PKVM-002", 
     o.platform = find_platform("arm64-pkvm");
     return GuestVm::create(*kvm_, o);
   }();
-  ASSERT_TRUE(g.ok()) << g.error();
+  ASSERT_TRUE(g.ok()) << testing::harness_error("GuestVm::create", g.error());
   GuestVm& gvm = *g.value();
   auto mem = Mapping::anonymous(kPages * page_size());
-  ASSERT_TRUE(mem.ok()) << mem.error();
+  ASSERT_TRUE(mem.ok()) << testing::harness_error("mapping the memslot's memory", mem.error());
   MemslotSpec s;
   s.slot = kTestSlot;
   s.gpa = CVM_TEST_MEM_GPA;
@@ -465,7 +465,7 @@ CVM_TEST_F(Pkvm, FileBackedMemoryCannotBackThePvm, "PKVM-006", "PKVM-008") {
   if (fd >= 0) close(fd);
   umount2(dir, MNT_DETACH);  // the mapping keeps the file; the mount point goes now
   rmdir(dir);
-  ASSERT_TRUE(m.ok()) << m.error();
+  ASSERT_TRUE(m.ok()) << testing::harness_error("mapping a tmpfs file", m.error());
   std::memset(m->data(), 0x21, kPages * page_size());
   CVM_ASSIGN_OR_FAIL(Pvm p, Pvm::create(*kvm_, 1, std::move(m.value())));
   auto c = p.cmd->read8(p.gpa(0));

@@ -511,10 +511,11 @@ class EmulatedConversionRace : public ::testing::TestWithParam<EmulatedCase> {
     if (IsSkipped()) return;
     ASSERT_TRUE(h_.env);
     auto sig = h_.env->vm().create_guest_memfd(page_size(), uapi::kGmemFlagMmap);
-    ASSERT_TRUE(sig.ok()) << sig.error();
+    ASSERT_TRUE(sig.ok())
+        << testing::harness_error("creating the SIGBUS guest_memfd", sig.error());
     // The emulation's "private" page must really raise SIGBUS on this kernel.
     auto m = sig->map(page_size());
-    ASSERT_TRUE(m.ok()) << m.error();
+    ASSERT_TRUE(m.ok()) << testing::harness_error("mapping the SIGBUS guest_memfd", m.error());
     FaultResult f = probe_read(m->data());
     if (!f.sigbus())
       GTEST_SKIP()
