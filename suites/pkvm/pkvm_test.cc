@@ -148,7 +148,8 @@ CVM_TEST_F(Pkvm, PsciCpuOnStartsASecondVcpu, "PKVM-001", "PKVM-008") {
   auto gv = GuestVm::create(*kvm_, o);
   ASSERT_TRUE(gv.ok()) << testing::harness_error("GuestVm::create", gv.error());
   GuestVm& g = *gv.value();
-  ASSERT_TRUE(ok(g.start(1, "hello", {0x99})));
+  auto loaded = g.start(1, "hello", {0x99});
+  ASSERT_TRUE(loaded.ok()) << testing::harness_error("loading vCPU 1's payload", loaded);
   kvm_mp_state off{KVM_MP_STATE_STOPPED};
   ASSERT_TRUE(ok(g.vcpu(1).ioctl(KVM_SET_MP_STATE, &off, "KVM_SET_MP_STATE")));
   UcallEvent e1;
@@ -158,7 +159,7 @@ CVM_TEST_F(Pkvm, PsciCpuOnStartsASecondVcpu, "PKVM-001", "PKVM-008") {
   if (started.ok()) e0 = g.run(0);
   if (!started.ok() || e0.kind != Kind::Sync) g.vcpu(1).kick();
   second.join();
-  ASSERT_TRUE(ok(started));
+  ASSERT_TRUE(started.ok()) << testing::harness_error("starting vCPU 0", started);
   ASSERT_EQ(e0.kind, Kind::Sync) << e0.describe();
   EXPECT_EQ(e0.args.at(1), 0u) << "PSCI CPU_ON must return SUCCESS";
   ASSERT_EQ(e1.kind, Kind::Sync) << e1.describe();
@@ -209,9 +210,9 @@ CVM_TEST_F(Pkvm, HostAccessFromAnotherThreadWhileVcpuRunsIsSigsegv, "PKVM-002", 
   auto* count = reinterpret_cast<volatile uint64_t*>(gvm.boot_hva(slot_gpa + kCountOff));
   *stop = 0;
   *count = 0;
-  ASSERT_TRUE(gvm.start(0, "touch_until_stopped", {CVM_TEST_MEM_GPA, kPages * page_size(),
-                                                   slot_gpa + kStopOff, slot_gpa + kCountOff})
-                  .ok());
+  auto started = gvm.start(0, "touch_until_stopped", {CVM_TEST_MEM_GPA, kPages * page_size(),
+                                                      slot_gpa + kStopOff, slot_gpa + kCountOff});
+  ASSERT_TRUE(started.ok()) << testing::harness_error("starting the payload", started);
   UcallEvent ev;
   std::thread vcpu([&] { ev = gvm.run(0, 60s); });
   // The counter's page is the guest's from its first touch until it shares it back at entry:
