@@ -188,7 +188,8 @@ def test_missing_kernel_is_a_usage_error(build_dir, tmp_path):
 
 def test_a_wedged_guest_is_reported_with_where_its_vcpus_were(build_dir, monkeypatch):
     """A guest frozen with QMP 'stop' cannot answer the agent's kill: the batch ends as wedged,
-    and the error names the kernel function each vCPU sat in (from the guest's kallsyms)."""
+    and the error names the kernel function each vCPU sat in (from the guest's kallsyms) or says
+    it was in user space."""
     need("qemu-system-x86_64")
     from cvmconf.qemu import cpustate, vm
     from cvmconf.targets.qemu import QemuTarget
